@@ -1,0 +1,77 @@
+"""relaybus: a durable, typed event bus for Python microservices on Redis Streams.
+
+Layers, bottom up: :class:`MessageQueue` (queue pairs with dead-letter queues on
+Redis Streams), :class:`Event` (typed pydantic events), :class:`EventBus` (shared,
+durable subscriptions and routing) and :class:`Microservice` (handlers, retries,
+graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .codec import Message
+from .errors import (
+    BrokerError,
+    BrokerOutOfMemoryError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DuplicateEventTypeError,
+    EmbeddedServerError,
+    EventError,
+    EventValidationError,
+    HandlerOutcome,
+    InvalidNameError,
+    MessageTooLargeError,
+    QueueNotFoundError,
+    Reject,
+    RelaybusError,
+    Retry,
+    SerializationError,
+    UnknownEventTypeError,
+    UnsupportedServerError,
+)
+from .events import (
+    EVENT_TYPES,
+    Event,
+    deserialize_event,
+    deserialize_event_strict,
+    serialize_event,
+)
+from .queue import LeanMQ, MessageQueue, Queue, QueueInfo, Transaction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENT_TYPES",
+    "BrokerError",
+    "BrokerOutOfMemoryError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "DuplicateEventTypeError",
+    "EmbeddedServerError",
+    "Event",
+    "EventError",
+    "EventValidationError",
+    "HandlerOutcome",
+    "InvalidNameError",
+    "LeanMQ",
+    "Message",
+    "MessageQueue",
+    "MessageTooLargeError",
+    "Queue",
+    "QueueInfo",
+    "QueueNotFoundError",
+    "Reject",
+    "RelaybusError",
+    "Retry",
+    "SerializationError",
+    "Transaction",
+    "UnknownEventTypeError",
+    "UnsupportedServerError",
+    "deserialize_event",
+    "deserialize_event_strict",
+    "serialize_event",
+]
+
+logging.getLogger("relaybus").addHandler(logging.NullHandler())

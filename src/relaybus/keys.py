@@ -1,0 +1,106 @@
+"""Every Redis key relaybus uses, built in one place.
+
+Layout for a queue pair named ``NAME`` under prefix ``P`` (default ``mq:``)::
+
+    P{NAME}            stream: the queue's messages (consumer group ``relaybus``)
+    P{NAME}:dlq        stream: its dead-letter queue (same group name)
+    P{NAME}:meta       hash: settings (visibility_timeout, created_at, ...)
+    P{NAME}:delayed    sorted set: retries waiting for their due time (score: due ms)
+    P{NAME}:done       sorted set: dedup keys recently acknowledged (score: ms)
+    P{NAME}:routed     sorted set: event ids already copied into this queue (score: ms)
+    Pqueues            set: names of every queue pair under the prefix
+    Psubscriptions     hash: service name -> JSON list of event types (EventBus)
+
+Every key of one pair carries the hash tag ``{NAME}``, so each atomic step (a Lua
+script touching a stream, its DLQ and its sorted sets) stays inside one Redis Cluster
+slot. Names are validated by :func:`validate_name`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidNameError
+
+__all__ = ["GROUP", "MAX_NAME_LENGTH", "QueueKeys", "DLQ_SUFFIX", "validate_name"]
+
+#: The consumer group every relaybus queue uses.
+GROUP = "relaybus"
+#: Longest accepted queue or service name, in characters.
+MAX_NAME_LENGTH = 200
+#: Suffix of a dead-letter queue's name (``orders`` -> ``orders:dlq``).
+DLQ_SUFFIX = ":dlq"
+_FORBIDDEN = set("{}*?[]")
+
+
+def validate_name(name: object, what: str = "queue name") -> str:
+    """Return ``name`` if relaybus can use it as a queue or service name.
+
+    Raises :class:`InvalidNameError` for a non-string, an empty name, one over
+    :data:`MAX_NAME_LENGTH` characters, or one with whitespace, control characters,
+    braces (they would break the hash tag) or glob characters.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(f"{what} must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidNameError(f"{what} must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"{what} is {len(name)} characters; the limit is {MAX_NAME_LENGTH}")
+    for ch in name:
+        if ch.isspace() or not ch.isprintable():
+            raise InvalidNameError(f"{what} {name!r} contains whitespace or a control character")
+        if ch in _FORBIDDEN:
+            raise InvalidNameError(f"{what} {name!r} contains the forbidden character {ch!r}")
+    if name.endswith(DLQ_SUFFIX):
+        raise InvalidNameError(f"{what} {name!r} must not end with {DLQ_SUFFIX!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """The keys of one queue pair (all share the hash tag ``{name}``)."""
+
+    prefix: str
+    name: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.prefix}{{{self.name}}}"
+
+    @property
+    def stream(self) -> str:
+        return self.tag
+
+    @property
+    def dlq(self) -> str:
+        return self.tag + DLQ_SUFFIX
+
+    @property
+    def meta(self) -> str:
+        return self.tag + ":meta"
+
+    @property
+    def delayed(self) -> str:
+        return self.tag + ":delayed"
+
+    @property
+    def done(self) -> str:
+        return self.tag + ":done"
+
+    @property
+    def routed(self) -> str:
+        return self.tag + ":routed"
+
+    def all(self) -> list[str]:
+        """Every key of the pair (for deletion)."""
+        return [self.stream, self.dlq, self.meta, self.delayed, self.done, self.routed]
+
+
+def registry_key(prefix: str) -> str:
+    """The set of queue-pair names under ``prefix``."""
+    return f"{prefix}queues"
+
+
+def subscriptions_key(prefix: str) -> str:
+    """The hash of EventBus subscriptions under ``prefix``."""
+    return f"{prefix}subscriptions"

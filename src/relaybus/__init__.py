@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from .bus import EventBus
 from .codec import Message
 from .errors import (
     BrokerError,
@@ -51,6 +52,7 @@ __all__ = [
     "DuplicateEventTypeError",
     "EmbeddedServerError",
     "Event",
+    "EventBus",
     "EventError",
     "EventValidationError",
     "HandlerOutcome",

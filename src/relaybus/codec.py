@@ -7,6 +7,7 @@ An entry's fields (short names keep Redis memory per message low)::
     h   headers: JSON object of str -> str (absent when empty)
     x   expiry, integer milliseconds since the epoch (absent without a TTL)
     k   dedup key: an event id (absent for plain queue messages)
+    e   routing key: the event type (events only; lets routers route without parsing)
     n   attempts made before this entry was (re)queued by a retry (absent when 0)
     f   failure records: JSON list, oldest first (DLQ entries and retries)
 
@@ -57,6 +58,8 @@ class Message:
     dedup_key: str | None = None
     previous_attempts: int = 0
     queue: str = ""
+    #: The entry's raw stream fields, for passing it on unchanged (routing, requeue).
+    fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def reason(self) -> str | None:
@@ -80,6 +83,7 @@ def encode_entry(
     headers: Mapping[str, str] | None = None,
     ttl: float | None = None,
     dedup_key: str | None = None,
+    routing_key: str | None = None,
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> dict[str, str | int]:
     """Build the stream fields for one message (see the module docstring)."""
@@ -100,6 +104,8 @@ def encode_entry(
         fields["x"] = int((now + ttl) * 1000)
     if dedup_key:
         fields["k"] = dedup_key
+    if routing_key:
+        fields["e"] = routing_key
     return fields
 
 
@@ -147,6 +153,7 @@ def decode_entry(
             dedup_key=_text(fields["k"]) if "k" in fields else None,
             previous_attempts=int(fields.get("n", 0)),
             queue=queue,
+            fields=fields,
         )
     except SerializationError:
         raise

@@ -522,10 +522,11 @@ class MessageQueue:
                 raise
 
     def _encode(self, data: Mapping[str, Any], *, ttl: float | None = None,
-                headers: Mapping[str, str] | None = None,
-                dedup_key: str | None = None) -> dict[str, str | int]:
+                headers: Mapping[str, str] | None = None, dedup_key: str | None = None,
+                routing_key: str | None = None) -> dict[str, str | int]:
         return codec.encode_entry(data, now=time.time(), headers=headers, ttl=ttl,
-                                  dedup_key=dedup_key, max_size=self.max_message_size)
+                                  dedup_key=dedup_key, routing_key=routing_key,
+                                  max_size=self.max_message_size)
 
     def _ensure_pair_meta(self, name: str, visibility_timeout: float | None) -> float:
         keys = QueueKeys(self.prefix, name)

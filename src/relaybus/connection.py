@@ -66,11 +66,14 @@ def resolve_url(
 
         path = urlparse(chosen).path if chosen.startswith("embedded://") else ""
         return EmbeddedServer(path or None).start().url
-    scheme = urlparse(chosen).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    parsed = urlparse(chosen)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(
             f"unsupported URL {chosen!r}: use redis://, rediss://, unix:// or embedded"
         )
+    db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
+    if db and not db.isdigit():  # redis-py would silently use database 0
+        raise ConfigurationError(f"bad URL {chosen!r}: the database must be a number, not {db!r}")
     return chosen
 
 
@@ -82,11 +85,21 @@ def _address(client: redis.Redis) -> str:
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    """True when the server said the consumer group (or its stream) does not exist."""
-    return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
+    """True when the server said the consumer group (or its stream) does not exist.
+
+    That includes a blocking read cut short because its stream or group was deleted
+    (Redis 7 replies ``UNBLOCKED the stream key no longer exists``).
+    """
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    return "NOGROUP" in text or text.startswith("UNBLOCKED")
 
 
 def _is_oom(exc: BaseException) -> bool:
+    # redis-py turns an "-OOM ..." reply into OutOfMemoryError and strips the prefix
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
     return isinstance(exc, redis.ResponseError) and "OOM" in str(exc).split(" ", 2)[:2]
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .errors import EmbeddedServerError
 
@@ -79,9 +81,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _no_retry() -> Retry:
+    """Fail fast: redis-py's default retries a refused connection with backoff for
+    seconds, and a server that is down (or shutting down) refuses by design."""
+    return Retry(NoBackoff(), 0)
+
+
 def _answers(port: int, timeout: float = 0.5) -> bool:
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
-                         socket_connect_timeout=timeout)
+                         socket_connect_timeout=timeout, retry=_no_retry())
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -184,7 +192,8 @@ class EmbeddedServer:
             (self.data_dir / _STATE).unlink(missing_ok=True)
             if state is None:
                 return False
-            client = redis.Redis(host="127.0.0.1", port=state.port, socket_timeout=timeout)
+            client = redis.Redis(host="127.0.0.1", port=state.port, socket_timeout=timeout,
+                                 retry=_no_retry())
             with contextlib.suppress(redis.RedisError, OSError):
                 client.shutdown(nosave=True)
             client.close()

@@ -3,12 +3,21 @@
 -- ARGV[1] group, ARGV[2] failure record (JSON object), ARGV[3] due ms for a retry
 -- ('' = dead-letter), ARGV[4..] entry ids.
 -- The entry keeps its fields; its failure list 'f' gains the record (with the entry id).
+-- An 'f' that is not a JSON list (an entry written by another tool) starts a new list,
+-- the old value kept in the record as 'invalid_history'; a non-numeric 'n' counts as 0.
 -- A retry also increments the attempt counter 'n' by the entry's deliveries.
 -- Returns the number of entries moved.
 local src, dst = KEYS[1], KEYS[2]
 local group = ARGV[1]
 local due = ARGV[3]
 local moved = 0
+local function decode_history(raw)
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' and (next(decoded) == nil or decoded[1] ~= nil) then
+    return decoded, nil
+  end
+  return {}, raw
+end
 for k = 4, #ARGV do
   local id = ARGV[k]
   local r = redis.call('XRANGE', src, id, id)
@@ -16,12 +25,13 @@ for k = 4, #ARGV do
     local f = r[1][2]
     local fields = {}
     local history = {}
+    local invalid = nil
     local attempts = 0
     for i = 1, #f, 2 do
       if f[i] == 'f' then
-        history = cjson.decode(f[i + 1])
+        history, invalid = decode_history(f[i + 1])
       elseif f[i] == 'n' then
-        attempts = tonumber(f[i + 1])
+        attempts = tonumber(f[i + 1]) or 0
       else
         fields[#fields + 1] = f[i]
         fields[#fields + 1] = f[i + 1]
@@ -33,6 +43,7 @@ for k = 4, #ARGV do
     local record = cjson.decode(ARGV[2])
     record['message_id'] = id
     record['attempt'] = attempts + deliveries
+    if invalid then record['invalid_history'] = invalid end
     history[#history + 1] = record
     fields[#fields + 1] = 'f'
     fields[#fields + 1] = cjson.encode(history)

@@ -1,0 +1,223 @@
+"""Connecting: URL resolution, RELAYBUS_URL precedence, bad URLs, the bounded retry."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from relaybus import (
+    BrokerError,
+    BrokerOutOfMemoryError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    MessageQueue,
+    Queue,
+    RelaybusError,
+)
+from relaybus.connection import DEFAULT_RETRY_TIMEOUT, Connection, is_nogroup, resolve_url
+from relaybus.embedded import EmbeddedServer
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> int:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # really nobody there
+    return port
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections but never answers (a hung server)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield int(sock.getsockname()[1])
+    sock.close()
+
+
+# -- resolving the URL ------------------------------------------------------------------
+
+
+def test_defaults_build_url_from_host_port_db() -> None:
+    assert resolve_url() == "redis://localhost:6379/0"
+    assert resolve_url(redis_host="h", redis_port=1234, redis_db=3) == "redis://h:1234/3"
+    assert resolve_url(redis_host="h", redis_password="pw") == "redis://:pw@h:6379/0"
+
+
+def test_env_url_wins_over_host_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", "redis://envhost:7000/4")
+    assert resolve_url() == "redis://envhost:7000/4"
+    assert resolve_url(redis_host="h", redis_port=1, redis_db=2) == "redis://envhost:7000/4"
+
+
+def test_explicit_url_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", "redis://envhost:7000/4")
+    assert resolve_url("redis://mine:1/1") == "redis://mine:1/1"
+
+
+def test_empty_env_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", "")
+    assert resolve_url(redis_port=7001) == "redis://localhost:7001/0"
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/0", "redis://:pw@h:1/2", "rediss://h:6380/0",
+                                 "unix:///tmp/redis.sock", "unix:///tmp/redis.sock?db=2",
+                                 "redis://h", "redis://h:1/"])
+def test_supported_schemes_pass_through(url: str) -> None:
+    assert resolve_url(url) == url
+
+
+def test_tls_and_unix_clients_are_configured() -> None:
+    tls = Connection("rediss://example.invalid:6380/0")
+    assert tls.address == "example.invalid:6380"
+    assert "SSL" in tls.client.connection_pool.connection_class.__name__
+    unix = Connection("unix:///tmp/relaybus-test.sock")
+    assert unix.address == "/tmp/relaybus-test.sock"
+
+
+@pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379", "ftp://h/",
+                                 "redis://localhost:notaport/0", "redis://localhost:6379/notadb",
+                                 "redis://localhost:6379/1/2"])
+def test_bad_url_raises_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MessageQueue(url)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RelaybusError)
+
+
+def test_bad_env_url_raises_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", "http://nope")
+    with pytest.raises(ConfigurationError):
+        MessageQueue()
+
+
+# -- connecting to the test server ------------------------------------------------------
+
+
+def test_env_url_used_by_message_queue(monkeypatch: pytest.MonkeyPatch, redis_url: str,
+                                       prefix: str, closed_port: int) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", redis_url)
+    with MessageQueue(redis_host="127.0.0.1", redis_port=closed_port, prefix=prefix,
+                      retry_timeout=1) as mq:
+        assert mq.connection.url == redis_url
+        q, _ = mq.create_queue_pair("env")
+        q.send_message({"via": "env"})
+        assert [m.data for m in q.get_messages()] == [{"via": "env"}]
+
+
+def test_explicit_url_beats_env_in_message_queue(monkeypatch: pytest.MonkeyPatch,
+                                                 redis_url: str, prefix: str,
+                                                 closed_port: int) -> None:
+    monkeypatch.setenv("RELAYBUS_URL", f"redis://127.0.0.1:{closed_port}/0")
+    with MessageQueue(redis_url, prefix=prefix, retry_timeout=1) as mq:
+        assert mq.ping()
+
+
+def test_server_version_reported(mq: MessageQueue) -> None:
+    name, version = mq.connection.server_version().split(" ")
+    assert name in ("redis", "valkey")
+    assert tuple(int(p) for p in version.split(".")[:2]) >= (6, 2)
+
+
+def test_injected_client_is_used(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with MessageQueue(client=client, prefix=prefix) as mq:
+        assert mq.client is client
+        q, _ = mq.create_queue_pair("injected")
+        q.send_message({"a": 1})
+        assert client.xlen(q.key) == 1
+
+
+# -- an unreachable server ---------------------------------------------------------------
+
+
+def test_closed_port_raises_broker_unavailable_within_bound(closed_port: int) -> None:
+    mq = MessageQueue(f"redis://127.0.0.1:{closed_port}/0", retry_timeout=0.5)  # lazy: no error
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as info:
+        mq.create_queue_pair("orders")
+    elapsed = time.monotonic() - start
+    assert 0.4 <= elapsed < 2.0  # retried with backoff, then gave up at the bound
+    assert info.value.address == f"127.0.0.1:{closed_port}"
+    assert f"127.0.0.1:{closed_port}" in str(info.value)
+    assert isinstance(info.value, BrokerError) and isinstance(info.value, ConnectionError)
+    mq.close()
+
+
+def test_every_operation_is_bounded(closed_port: int) -> None:
+    mq = MessageQueue(f"redis://127.0.0.1:{closed_port}/0", retry_timeout=0.2)
+    queue = Queue(mq, "orders")  # built without asking the server
+    for op in (mq.ping, mq.list_queues, lambda: queue.send_message({"a": 1}),
+               lambda: queue.get_messages(block_for_seconds=5),
+               lambda: queue.acknowledge_messages(["1-1"]), queue.get_info):
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailableError):
+            op()
+        assert time.monotonic() - start < 1.5
+
+
+def test_default_retry_bound_is_at_most_ten_seconds(closed_port: int) -> None:
+    assert DEFAULT_RETRY_TIMEOUT <= 10
+    mq = MessageQueue(f"redis://127.0.0.1:{closed_port}/0")
+    assert mq.connection.retry_timeout == DEFAULT_RETRY_TIMEOUT
+
+
+def test_silent_server_raises_broker_unavailable(silent_port: int) -> None:
+    conn = Connection(f"redis://127.0.0.1:{silent_port}/0", retry_timeout=0.3,
+                      socket_timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as info:
+        conn.call(conn.client.ping)
+    assert time.monotonic() - start < 2.0
+    assert str(silent_port) in str(info.value)
+    conn.close()
+
+
+def test_missing_unix_socket_raises_broker_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "nobody.sock"
+    conn = Connection(f"unix://{path}", retry_timeout=0.2)
+    with pytest.raises(BrokerUnavailableError) as info:
+        conn.call(conn.client.ping)
+    assert str(path) in str(info.value)
+
+
+def test_out_of_memory_raises_and_writes_nothing(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "oom")
+    state = server.start()
+    try:
+        with MessageQueue(state.url, retry_timeout=1) as mq:
+            q, dlq = mq.create_queue_pair("orders")
+            held = q.send_message({"held": True})
+            q.get_messages()
+            mq.client.config_set("maxmemory", "1")
+            mq.client.config_set("maxmemory-policy", "noeviction")
+            with pytest.raises(BrokerOutOfMemoryError):
+                q.send_message({"a": 1})
+            with pytest.raises(BrokerOutOfMemoryError):
+                q.send_messages([{"a": 1}, {"a": 2}])
+            with pytest.raises(BrokerOutOfMemoryError):
+                q.move_to_dlq(held, "no room")
+            mq.client.config_set("maxmemory", "0")
+            assert mq.client.xlen(q.key) == 1 and mq.client.xlen(dlq.key) == 0
+            assert mq.client.xpending(q.key, "relaybus")["pending"] == 1  # still held
+    finally:
+        server.stop()
+
+
+def test_is_nogroup_recognises_group_errors() -> None:
+    assert is_nogroup(redis.ResponseError("NOGROUP No such key 'x' or consumer group 'g'"))
+    assert is_nogroup(redis.ResponseError("UNBLOCKED the stream key no longer exists"))
+    assert not is_nogroup(redis.ResponseError("BUSYGROUP Consumer Group name already exists"))
+    assert not is_nogroup(ValueError("NOGROUP"))

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -82,6 +82,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _id_order(stream_id: str) -> tuple[int, int]:
+    """A stream id (``ms-seq``) as a tuple that sorts like the stream does."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Queue:
     """One stream of a queue pair: the main queue or its dead-letter queue.
 
@@ -101,6 +107,7 @@ class Queue:
         self.visibility_timeout = float(visibility_timeout)
         #: Delete acknowledged entries (work queues); False keeps them (the event log).
         self.delete_on_ack = delete_on_ack
+        self._claim_cursor = "0-0"
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} key={self.key!r}>"
@@ -156,7 +163,11 @@ class Queue:
         while True:
             entries, next_due = self._fetch(consumer, count)
             messages = self._screen(entries)
-            if messages or block_for_seconds is None or block_for_seconds <= 0:
+            if messages:
+                return messages
+            if entries:  # every one was dead-lettered: look again before reporting empty
+                continue
+            if block_for_seconds is None or block_for_seconds <= 0:
                 return messages
             wait = deadline - time.monotonic()
             if next_due is not None:
@@ -174,9 +185,12 @@ class Queue:
     def _fetch(self, consumer: str, count: int) -> tuple[list[tuple[Any, Any, int]], float | None]:
         keys = [self.key, self.keys.delayed, self.keys.done]
         args = [GROUP, consumer, count, int(self.visibility_timeout * 1000),
-                int(time.time() * 1000), 1]
+                int(time.time() * 1000), 1, self._claim_cursor]
         res = self.mq._group_call(self, lambda: self.mq.scripts("fetch", keys, args))
-        entries, gone, dups, next_due = res
+        entries, gone, dups, next_due, cursor = res
+        # resume the reclaim scan where it stopped, so entries behind many live leases
+        # are reached too; the scan wraps to 0-0 once it has passed the end
+        self._claim_cursor = _text(cursor)
         if gone:
             self.mq._count("gone", gone)
             logger.warning("queue %s: %d pending entries had lost their payload; acknowledged",
@@ -252,6 +266,10 @@ class Queue:
         """Read up to ``count`` messages from ``start_id`` on, without consuming them."""
         rows = self.mq._call(lambda: self.mq.client.xrange(self.key, min=start_id or "-",
                                                            count=count))
+        return self._decode_rows(rows)
+
+    def _decode_rows(self, rows: Iterable[Any]) -> list[Message]:
+        """Decode read-only rows; an undecodable one is shown with its reason, not raised."""
         out = []
         for entry_id, raw in rows:
             try:
@@ -260,6 +278,37 @@ class Queue:
                 out.append(Message(_text(entry_id), {}, 0.0, 0,
                                    failures=[{"reason": str(exc)}], queue=self.name))
         return out
+
+    def follow(self, after_id: str = "$", *, count: int = 100,
+               block_for_seconds: float | None = None) -> tuple[str, list[Message]]:
+        """Read messages added after ``after_id`` without consuming them; for tailing.
+
+        A plain XREAD: no consumer group is involved, so nothing is delivered, claimed
+        or acknowledged. ``"$"`` means after the newest message now in the stream.
+        Returns ``(cursor, messages)``; pass the cursor back to read on from there.
+        When nothing is new, waits up to ``block_for_seconds`` (None or 0: do not wait;
+        one call waits at most a few seconds so the socket never times out).
+        """
+        cursor = after_id
+        if cursor == "$":
+            last = self.mq._call(lambda: self.mq.client.xrevrange(self.key, count=1))
+            cursor = _text(last[0][0]) if last else "0-0"
+        block = None
+        if block_for_seconds is not None and block_for_seconds > 0:
+            block = max(1, int(min(block_for_seconds, _MAX_BLOCK) * 1000))
+        reply = self.mq._call(lambda: self.mq.client.xread({self.key: cursor}, count=count,
+                                                           block=block))
+        if not reply:
+            return cursor, []
+        # RESP2: [[stream, [(id, {fields})...]]]; RESP3: {stream: [[(id, fields)...]]}
+        rows: list[Any] = []
+        for stream_rows in (reply.values() if isinstance(reply, dict) else [s[1] for s in reply]):
+            if stream_rows and isinstance(stream_rows[0], list) and \
+                    stream_rows[0] and isinstance(stream_rows[0][0], (list, tuple)):
+                stream_rows = stream_rows[0]
+            rows.extend(stream_rows)
+        messages = self._decode_rows(rows)
+        return (messages[-1].id if messages else cursor), messages
 
     # -- settling -----------------------------------------------------------------
 
@@ -332,6 +381,30 @@ class Queue:
         dest = destination.key if destination is not None else self.keys.stream
         return int(self.mq._call(lambda: self.mq.scripts("requeue", [self.key, dest],
                                                          [GROUP, *id_list])))
+
+    def requeue_where(self, predicate: Callable[[Message], bool] | None = None,
+                      destination: Queue | None = None, *, batch_size: int = 500) -> int:
+        """Requeue every message that ``predicate`` accepts (all when None); return how many.
+
+        Scans this queue (usually a DLQ) page by page with :meth:`peek`, so nothing is
+        consumed, and moves each page's matches with :meth:`requeue_messages`: each page
+        moves atomically, the whole scan does not. Messages that arrive after the call
+        started are left alone, so a requeued message that fails again is not looped.
+        """
+        last = self.mq._call(lambda: self.mq.client.xrevrange(self.key, count=1))
+        if not last:
+            return 0
+        end = _id_order(_text(last[0][0]))
+        start, moved = "-", 0
+        while True:
+            page = self.peek(count=batch_size, start_id=start)
+            in_range = [m for m in page if _id_order(m.id) <= end]
+            chosen = [m.id for m in in_range if predicate is None or predicate(m)]
+            if chosen:
+                moved += self.requeue_messages(chosen, destination)
+            if len(page) < batch_size or len(in_range) < len(page):
+                return moved
+            start = "(" + page[-1].id
 
     def extend_lease(self, ids: str | Iterable[str], consumer_id: str | None = None) -> int:
         """Reset the idle time of messages this consumer still holds; return how many.
@@ -603,6 +676,33 @@ class MessageQueue:
         for name in self.queue_names():
             queues += [Queue(self, name), Queue(self, name, is_dlq=True)]
         return self._infos(queues)
+
+    def entries_added(self, names: Iterable[str]) -> dict[str, int | None]:
+        """How many entries each named queue (``NAME`` or ``NAME:dlq``) ever received.
+
+        XINFO STREAM's ``entries-added`` (Redis >= 7.0), in one round trip; None for a
+        stream that does not exist or a server that does not count. Rates come from the
+        difference between two calls (``relaybus top``).
+        """
+        pairs = []
+        for name in names:
+            base = name[: -len(DLQ_SUFFIX)] if name.endswith(DLQ_SUFFIX) else name
+            keys = QueueKeys(self.prefix, base)
+            pairs.append((name, keys.dlq if name.endswith(DLQ_SUFFIX) else keys.stream))
+        if not pairs:
+            return {}
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for _, key in pairs:
+                pipe.xinfo_stream(key)
+            return pipe.execute(raise_on_error=False)
+
+        out: dict[str, int | None] = {}
+        for (name, _), info in zip(pairs, self._call(run), strict=True):
+            added = info.get("entries-added") if isinstance(info, dict) else None
+            out[name] = int(added) if added is not None else None
+        return out
 
     def _infos(self, queues: list[Queue]) -> list[QueueInfo]:
         if not queues:

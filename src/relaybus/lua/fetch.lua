@@ -1,16 +1,18 @@
 -- Fetch up to COUNT messages for one consumer in one round trip.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] min idle ms (reclaim),
--- ARGV[5] now ms, ARGV[6] '1' to drop entries whose dedup key is in the done set
+-- ARGV[5] now ms, ARGV[6] '1' to drop entries whose dedup key is in the done set,
+-- ARGV[7] where the reclaim scan of the pending list starts (the cursor returned last time)
 -- Steps: move due retries back into the stream; reclaim entries idle past the
 -- visibility timeout (a dead consumer's); read new entries.
--- Returns {entries, gone, duplicates, next_due_ms}; entry = {id, fields, deliveries}.
+-- Returns {entries, gone, duplicates, next_due_ms, cursor}; entry = {id, fields, deliveries}.
 local stream, delayed, done = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer = ARGV[1], ARGV[2]
 local count = tonumber(ARGV[3])
 local min_idle = tonumber(ARGV[4])
 local now = tonumber(ARGV[5])
 local check_done = ARGV[6] == '1'
+local cursor = ARGV[7] or '0-0'
 
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
 for _, member in ipairs(due) do
@@ -21,7 +23,7 @@ end
 
 local out = {}
 local gone = 0
-local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0', 'COUNT', count)
+local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, cursor, 'COUNT', count)
 for _, e in ipairs(claimed[2]) do
   if type(e) == 'table' and type(e[2]) == 'table' then
     local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
@@ -69,4 +71,4 @@ end
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local next_due = -1
 if nxt[2] then next_due = tonumber(nxt[2]) end
-return {out, gone, dups, next_due}
+return {out, gone, dups, next_due, claimed[1]}

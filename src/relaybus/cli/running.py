@@ -1,0 +1,122 @@
+"""``relaybus demo``, ``relaybus run`` and ``relaybus router``: commands that run things.
+
+Supervision (signals, graceful shutdown) lives in the library (``EventBus.stop``,
+``relaybus.runner``); these commands only parse options, set up logging and call it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from ..bus import EventBus
+from ._common import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    PrefixOption,
+    TimeoutOption,
+    UrlOption,
+    guarded,
+)
+
+logger = logging.getLogger("relaybus.cli")
+
+
+class LogLevel(str, enum.Enum):
+    """Logging levels offered by ``--log-level``."""
+
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+LogLevelOption = Annotated[LogLevel, typer.Option(
+    "--log-level", envvar="RELAYBUS_LOG_LEVEL", case_sensitive=False,
+    help="How much to log on stderr.")]
+
+
+def setup_logging(level: LogLevel) -> None:
+    """Readable log lines on stderr (for the running commands only)."""
+    logging.basicConfig(level=level.value.upper(), stream=sys.stderr, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+@guarded
+def demo(
+    orders: Annotated[int, typer.Option("--orders", min=1, help="Orders to create.")] = 10,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the random generator (which payments fail).")] = 7,
+    processes: Annotated[bool, typer.Option(
+        "--processes", help="Run each service and the router in its own OS process.")] = False,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Keep the server and its data afterwards.")] = False,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.1, help="Seconds to wait for every order to finish.")] = 60.0,
+    url: Annotated[str | None, typer.Option(
+        "--url", envvar="RELAYBUS_URL", show_default=False,
+        help="Broker to use (default: $RELAYBUS_URL, else a private embedded server, "
+             "removed afterwards).")] = None,
+) -> None:
+    """Run the order-flow demo: order, payment, shipping and notification services."""
+    from ..demo import run_demo  # imported late: it pulls in the services
+
+    raise typer.Exit(int(run_demo(url=url, orders=orders, seed=seed, processes=processes,
+                                  keep=keep, timeout=timeout)))
+
+
+@guarded
+def run(
+    target: Annotated[str, typer.Argument(
+        metavar="MODULE:ATTRIBUTE", show_default=False,
+        help="The service: a Microservice instance, subclass or factory.")],
+    url: UrlOption = DEFAULT_URL,
+    log_level: LogLevelOption = LogLevel.info,
+) -> None:
+    """Run one service until SIGTERM or Ctrl-C (in-flight events finish first).
+
+    --url wins over the service's own connection settings, so that every relaybus
+    command without --url talks to the same server.
+    """
+    from ..runner import load_service, run_service  # imported late: it pulls in the worker
+
+    setup_logging(log_level)
+    run_service(load_service(target, url=url))
+
+
+@guarded
+def router(
+    url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT, log_level: LogLevelOption = LogLevel.info,
+) -> None:
+    """Route events from the log to the subscriptions until SIGTERM or Ctrl-C.
+
+    Only needed when services run with their own routing turned off; any number of
+    routers can run side by side.
+    """
+    setup_logging(log_level)
+    bus = EventBus(url, prefix=prefix, retry_timeout=timeout)
+
+    received: list[int] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)  # no logging here: it could re-enter a stderr write
+        bus.stop()  # run() returns once the batch in progress is settled
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        logger.info("routing events under prefix %r at %s; SIGTERM or Ctrl-C stops",
+                    prefix, bus.mq.connection.address)
+        bus.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bus.close()
+    logger.info("router stopped%s", f" on {signal.Signals(received[0]).name}" if received else "")

@@ -40,6 +40,9 @@ from .events import (
     serialize_event,
 )
 from .queue import LeanMQ, MessageQueue, Queue, QueueInfo, Transaction
+from .retry import RetryPolicy
+from .runner import load_service, run_service
+from .service import Microservice
 
 __version__ = "0.1.0"
 
@@ -61,18 +64,22 @@ __all__ = [
     "Message",
     "MessageQueue",
     "MessageTooLargeError",
+    "Microservice",
     "Queue",
     "QueueInfo",
     "QueueNotFoundError",
     "Reject",
     "RelaybusError",
     "Retry",
+    "RetryPolicy",
     "SerializationError",
     "Transaction",
     "UnknownEventTypeError",
     "UnsupportedServerError",
     "deserialize_event",
     "deserialize_event_strict",
+    "load_service",
+    "run_service",
     "serialize_event",
 ]
 

@@ -2,7 +2,7 @@
 
 Commands, by help panel::
 
-    Running     demo, run, router, server {start,stop,status}
+    Running     demo, run, router, server {start,stop,status}, bench
     Inspecting  queues, subscriptions, tail, top
     Repairing   dlq {list,show,requeue,purge}, publish
 
@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import dlq, inspect, live, publish, running, server
+from . import bench, dlq, inspect, live, publish, running, server
 from ._common import PANEL_INSPECTING, PANEL_REPAIRING, PANEL_RUNNING
 
 __all__ = ["app", "main"]
@@ -58,6 +58,7 @@ app.command(rich_help_panel=PANEL_RUNNING)(running.demo)
 app.command(rich_help_panel=PANEL_RUNNING)(running.run)
 app.command(rich_help_panel=PANEL_RUNNING)(running.router)
 app.add_typer(server.app, rich_help_panel=PANEL_RUNNING)
+app.command(rich_help_panel=PANEL_RUNNING)(bench.bench)
 app.command(rich_help_panel=PANEL_INSPECTING)(inspect.queues)
 app.command(rich_help_panel=PANEL_INSPECTING)(inspect.subscriptions)
 app.command(rich_help_panel=PANEL_INSPECTING)(live.tail)

@@ -1,0 +1,202 @@
+"""The order-flow demo: four services talking only through events.
+
+``relaybus demo`` runs it: an order service creates orders (``OrderCreated``); a
+payment service charges them, declining about 10% (``PaymentProcessed``); a shipping
+service ships paid orders (``OrderShipped``); a notification service subscribes to
+every event. The order service follows each order to a final state (shipped or
+payment failed). By default everything runs in one process on a private embedded
+server that is removed afterwards; ``processes=True`` runs each service and a router
+in its own OS process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from relaybus.embedded import EmbeddedServer
+from relaybus.service import Microservice
+
+from .services import (
+    FINAL_STATES,
+    SERVICES,
+    build_service,
+    create_orders,
+    notifications_key,
+    orders_key,
+)
+
+__all__ = ["DemoResult", "run_demo"]
+
+#: Key prefix the demo uses (the CLI's default, so ``relaybus queues`` shows it with --keep).
+DEMO_PREFIX = "events:"
+
+
+@dataclass
+class DemoResult:
+    """What a demo run ended with."""
+
+    orders: dict[str, dict[str, object]] = field(default_factory=dict)
+    notifications: int = 0
+    elapsed: float = 0.0
+    complete: bool = False
+
+    @property
+    def stuck(self) -> list[str]:
+        """Order ids that did not reach a final state."""
+        return sorted(o for o, r in self.orders.items() if r.get("status") not in FINAL_STATES)
+
+
+@contextlib.contextmanager
+def _server(url: str | None, keep: bool, console: Console) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    if keep:
+        state = EmbeddedServer().start()
+        console.print(f"[dim]embedded server {state.url} (data in {state.data_dir}; "
+                      "stop it with `relaybus server stop`)[/dim]")
+        yield state.url
+        return
+    tmp = tempfile.mkdtemp(prefix="relaybus-demo-")
+    server = EmbeddedServer(tmp)
+    try:
+        yield server.start().url
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _snapshot(client: redis.Redis, prefix: str, run: str) -> tuple[dict[str, dict[str, object]], int]:
+    raw = client.hgetall(orders_key(prefix, run))
+    orders = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+    notes = int(client.get(notifications_key(prefix, run)) or 0)
+    return orders, notes
+
+
+def _spawn(name: str, url: str, prefix: str, run: str, seed: int, orders: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "relaybus.demo.worker", name, url, prefix, run, str(seed),
+           str(orders)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
+
+
+def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 7, processes: bool = False,
+             keep: bool = False, timeout: float = 60.0, console: Console | None = None,
+             ) -> int:
+    """Run the order flow; print progress and a table; return the exit code.
+
+    0 when every order reached a final state within ``timeout`` seconds, 1 otherwise
+    (the stuck orders are named).
+    """
+    console = console or Console()
+    result = DemoResult()
+    run = uuid.uuid4().hex[:8]
+    with _server(url, keep, console) as server_url:
+        client = redis.Redis.from_url(server_url)
+        started = time.monotonic()
+        services: list[Microservice] = []
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            if processes:
+                procs.append(_spawn("router", server_url, DEMO_PREFIX, run, seed, orders))
+                procs += [_spawn(n, server_url, DEMO_PREFIX, run, seed, orders) for n in SERVICES]
+            else:
+                services = [build_service(n, url=server_url, prefix=DEMO_PREFIX, run=run,
+                                          seed=seed, run_router=(n == "order"))
+                            for n in SERVICES]
+                for svc in services:
+                    svc.start()
+                create_orders(services[0], run, orders, seed)
+            result = _watch(client, run, orders, timeout, started, console, procs)
+        finally:
+            # stop the services side by side: each waits out its blocking read
+            stoppers = [threading.Thread(target=svc.close) for svc in services]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            client.close()
+    _report(result, orders, processes, console)
+    return 0 if result.complete else 1
+
+
+def _watch(client: redis.Redis, run: str, orders: int, timeout: float, started: float,
+           console: Console, procs: list[subprocess.Popen[bytes]]) -> DemoResult:
+    result = DemoResult()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("orders settled", total=orders, note="")
+        while True:
+            result.orders, result.notifications = _snapshot(client, DEMO_PREFIX, run)
+            done = sum(1 for r in result.orders.values() if r.get("status") in FINAL_STATES)
+            progress.update(task, completed=done,
+                            note=f"{result.notifications} notifications")
+            result.elapsed = time.monotonic() - started
+            # complete once every order is final and every event has been notified
+            expected_notes = len(result.orders) + sum(
+                1 + (r.get("status") == "shipped") for r in result.orders.values()
+                if r.get("status") in FINAL_STATES)
+            if len(result.orders) == orders and done == orders and \
+                    result.notifications >= expected_notes:
+                result.complete = True
+                return result
+            if result.elapsed > timeout:
+                return result
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                console.print(f"[red]{len(dead)} demo process(es) exited early[/red]")
+                return result
+            time.sleep(0.05)
+
+
+def _report(result: DemoResult, orders: int, processes: bool, console: Console) -> None:
+    table = Table(title=f"Orders ({'one process per service' if processes else 'one process'})")
+    for col in ("order", "status", "amount", "payment", "carrier", "tracking"):
+        table.add_column(col)
+    for oid in sorted(result.orders):
+        r = result.orders[oid]
+        style = {"shipped": "green", "payment_failed": "red"}.get(str(r.get("status")), "yellow")
+        table.add_row(oid, f"[{style}]{r.get('status')}[/{style}]", f"{r.get('amount', '')}",
+                      str(r.get("payment", "")), str(r.get("carrier", "")),
+                      str(r.get("tracking", "")))
+    console.print(table)
+    shipped = sum(1 for r in result.orders.values() if r.get("status") == "shipped")
+    failed = sum(1 for r in result.orders.values() if r.get("status") == "payment_failed")
+    # every order: created (payment, notification), payment (order, shipping,
+    # notification), shipped (order, notification)
+    handled = 2 * len(result.orders) + 3 * (shipped + failed) + 2 * shipped
+    console.print(f"{orders} orders: {shipped} shipped, {failed} payment failed; "
+                  f"{result.notifications} notifications; {handled} events handled in "
+                  f"{result.elapsed:.2f}s ({handled / max(result.elapsed, 1e-9):.0f}/s)")
+    if not result.complete:
+        stuck = result.stuck or ["(orders not all created)"]
+        console.print(f"[red]not finished: stuck orders: {', '.join(stuck[:20])}[/red]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_demo(processes=os.environ.get("DEMO_PROCESSES") == "1"))

@@ -96,13 +96,13 @@ def _spawn(name: str, url: str, prefix: str, run: str, seed: int, orders: int) -
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
 
 
-def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 7, processes: bool = False,
+def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, processes: bool = False,
              keep: bool = False, timeout: float = 60.0, console: Console | None = None,
-             ) -> int:
+             prefix: str = DEMO_PREFIX) -> int:
     """Run the order flow; print progress and a table; return the exit code.
 
     0 when every order reached a final state within ``timeout`` seconds, 1 otherwise
-    (the stuck orders are named).
+    (the stuck orders are named). ``prefix`` is the key prefix of the bus.
     """
     console = console or Console()
     result = DemoResult()
@@ -114,16 +114,16 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 7, process
         procs: list[subprocess.Popen[bytes]] = []
         try:
             if processes:
-                procs.append(_spawn("router", server_url, DEMO_PREFIX, run, seed, orders))
-                procs += [_spawn(n, server_url, DEMO_PREFIX, run, seed, orders) for n in SERVICES]
+                procs.append(_spawn("router", server_url, prefix, run, seed, orders))
+                procs += [_spawn(n, server_url, prefix, run, seed, orders) for n in SERVICES]
             else:
-                services = [build_service(n, url=server_url, prefix=DEMO_PREFIX, run=run,
+                services = [build_service(n, url=server_url, prefix=prefix, run=run,
                                           seed=seed, run_router=(n == "order"))
                             for n in SERVICES]
                 for svc in services:
                     svc.start()
                 create_orders(services[0], run, orders, seed)
-            result = _watch(client, run, orders, timeout, started, console, procs)
+            result = _watch(client, prefix, run, orders, timeout, started, console, procs)
         finally:
             # stop the services side by side: each waits out its blocking read
             stoppers = [threading.Thread(target=svc.close) for svc in services]
@@ -144,7 +144,7 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 7, process
     return 0 if result.complete else 1
 
 
-def _watch(client: redis.Redis, run: str, orders: int, timeout: float, started: float,
+def _watch(client: redis.Redis, prefix: str, run: str, orders: int, timeout: float, started: float,
            console: Console, procs: list[subprocess.Popen[bytes]]) -> DemoResult:
     result = DemoResult()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -152,7 +152,7 @@ def _watch(client: redis.Redis, run: str, orders: int, timeout: float, started: 
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("orders settled", total=orders, note="")
         while True:
-            result.orders, result.notifications = _snapshot(client, DEMO_PREFIX, run)
+            result.orders, result.notifications = _snapshot(client, prefix, run)
             done = sum(1 for r in result.orders.values() if r.get("status") in FINAL_STATES)
             progress.update(task, completed=done,
                             note=f"{result.notifications} notifications")

@@ -581,6 +581,26 @@ def test_extend_lease_does_not_steal_reclaimed_message(
     assert q.extend_lease(["1-1"], consumer_id="fast") == 0
 
 
+def test_release_hands_back_unstarted_messages_and_drops_idle_consumer(
+        mq: MessageQueue, raw: redis.Redis) -> None:
+    q, _ = mq.create_queue_pair("orders", visibility_timeout=30)
+    ids = q.send_messages([{"n": i} for i in range(3)])
+    q.get_messages(count=3, consumer_id="stopping")
+    # two were never started: another consumer gets them at once, not after 30 s
+    assert q.release(ids[1:], consumer_id="stopping") == (2, False)
+    taken = q.get_messages(count=5, consumer_id="other")
+    assert sorted(m.id for m in taken) == ids[1:]
+    assert all(m.delivery_count == 2 for m in taken)
+    # the consumer still holds its running message, so it stays in the group
+    consumers = {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)}
+    assert b"stopping" in consumers or "stopping" in consumers
+    q.acknowledge_messages([ids[0]])
+    assert q.release([], consumer_id="stopping") == (0, True)
+    names = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
+             for c in raw.xinfo_consumers(q.key, GROUP)}
+    assert "stopping" not in names and "other" in names
+
+
 def test_max_deliveries_dead_letters_with_reason(
         make_mq: Callable[..., MessageQueue], raw: redis.Redis) -> None:
     mq = make_mq(max_deliveries=2)

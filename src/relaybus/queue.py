@@ -132,11 +132,15 @@ class Queue:
 
     def send_messages(self, messages: Sequence[Mapping[str, Any]], *,
                       ttl: float | None = None) -> list[str]:
-        """Append many messages in one round trip (all are encoded before any is sent)."""
+        """Append many messages in one round trip, all or none (one MULTI/EXEC).
+
+        All are encoded before any is sent; when the server refuses one (out of
+        memory), none is written.
+        """
         encoded = [self.mq._encode(m, ttl=ttl) for m in messages]
 
         def run() -> list[Any]:
-            pipe = self.mq.client.pipeline(transaction=False)
+            pipe = self.mq.client.pipeline(transaction=True)
             for fields in encoded:
                 pipe.xadd(self.key, fields)  # type: ignore[arg-type]
             return pipe.execute()
@@ -418,6 +422,20 @@ class Queue:
             return 0
         args = [GROUP, consumer_id or self.mq.consumer_id, *id_list]
         return int(self.mq._call(lambda: self.mq.scripts("extend", [self.key], args)))
+
+    def release(self, ids: str | Iterable[str], consumer_id: str | None = None) -> tuple[int, bool]:
+        """Hand back messages this consumer fetched but will not handle; forget it if idle.
+
+        The messages become reclaimable at once by any other consumer's next
+        :meth:`get_messages` (their delivery count is unchanged), instead of after the
+        visibility timeout. Then, if the consumer holds no message at all, it is removed
+        from the group. Returns ``(messages released, consumer removed)``.
+        """
+        id_list = _ids(ids)
+        idle_ms = int(self.visibility_timeout * 1000) + 1
+        args = [GROUP, consumer_id or self.mq.consumer_id, idle_ms, *id_list]
+        released, deleted = self.mq._call(lambda: self.mq.scripts("release", [self.key], args))
+        return int(released), bool(deleted)
 
     def delete_messages(self, ids: str | Iterable[str]) -> int:
         """Delete messages (pending or not) without dead-lettering; return how many."""

@@ -19,7 +19,7 @@ from redis.commands.core import Script
 __all__ = ["SCRIPT_NAMES", "source", "Scripts"]
 
 #: The scripts shipped in ``relaybus/lua``.
-SCRIPT_NAMES = ("fetch", "ack", "dead_letter", "requeue", "route", "extend", "trim")
+SCRIPT_NAMES = ("fetch", "ack", "dead_letter", "requeue", "route", "extend", "release", "trim")
 
 
 @cache

@@ -23,9 +23,10 @@ message pending for redelivery; the thread goes on.
 
 Stopping (:meth:`Worker.request_stop`, then :meth:`Worker.join`): the fetcher stops
 asking for messages, handler threads finish the message they run (and settle it)
-but start no new one; messages fetched but not started stay pending in the queue,
-owned by this consumer, and are redelivered to another instance once their lease
-lapses (``visibility_timeout``).
+but start no new one; messages fetched but not started are handed back
+(:meth:`Queue.release`), so another instance reclaims them at once instead of after
+the visibility timeout, and a consumer left holding nothing leaves the group. If
+the broker is unreachable then, they stay pending and lapse as after a crash.
 """
 
 from __future__ import annotations
@@ -275,9 +276,30 @@ class Worker:
                 logger.warning("%s: the fetcher did not return in time (broker unreachable?)",
                                self.name)
         with self._lock:
-            left = len(self._held) - len(self._running)
+            unstarted = [i for i in self._held if i not in self._running]
             finished = self._settled_while_stopping
-        return StopReport(finished=finished, abandoned=abandoned, left_pending=left)
+        self._release(unstarted, fetcher_done=self._fetcher is None or
+                      not self._fetcher.is_alive())
+        return StopReport(finished=finished, abandoned=abandoned, left_pending=len(unstarted))
+
+    def _release(self, ids: list[str], *, fetcher_done: bool) -> None:
+        """Hand fetched-but-unstarted messages back at once; drop the consumer if idle.
+
+        Best effort: if the broker cannot be reached, the messages simply stay pending
+        and are reclaimed after the visibility timeout, as after a crash.
+        """
+        if not ids and not fetcher_done:
+            return
+        try:
+            released, removed = self.queue.release(ids, self.consumer_id)
+        except _OUTAGE_ERRORS as exc:
+            logger.warning("%s: could not hand back %d unstarted events (%s); they will be "
+                           "redelivered after the visibility timeout", self.name, len(ids), exc)
+            return
+        if released:
+            logger.info("%s: handed back %d fetched but unstarted events", self.name, released)
+        if removed:
+            logger.debug("%s: consumer %s left the group", self.name, self.consumer_id)
 
     # -- fetching -------------------------------------------------------------------
 

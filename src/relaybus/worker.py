@@ -53,6 +53,9 @@ logger = logging.getLogger("relaybus.worker")
 #: Longest blocking read of the fetcher, in seconds: an idle worker sends about two
 #: commands per period, and stopping may wait this long for the fetcher to return.
 DEFAULT_BLOCK_FOR_SECONDS = 2.0
+#: Longest blocking read, in seconds, while handlers run (one of them may schedule a
+#: retry due sooner than an idle-length read would notice).
+BUSY_BLOCK_FOR_SECONDS = 0.1
 #: Longest pause, in seconds, between two attempts while the broker is unreachable.
 MAX_OUTAGE_BACKOFF = 5.0
 #: First pause, in seconds, after a failed attempt during an outage.
@@ -313,10 +316,13 @@ class Worker:
                 if self._stopping.is_set() or self._halted:
                     return
                 room = self.prefetch - len(self._held)
+                # a running handler may schedule a retry due before a long blocking read
+                # would end: wait briefly while busy, fully only when idle
+                block = self.block_for_seconds if not self._held else \
+                    min(self.block_for_seconds, BUSY_BLOCK_FOR_SECONDS)
             try:
                 dups_before = mq_stats.get("duplicates", 0)
-                messages = self.queue.get_messages(count=room,
-                                                   block_for_seconds=self.block_for_seconds,
+                messages = self.queue.get_messages(count=room, block_for_seconds=block,
                                                    consumer_id=self.consumer_id)
                 dups = mq_stats.get("duplicates", 0) - dups_before
             except _OUTAGE_ERRORS as exc:

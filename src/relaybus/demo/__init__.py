@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from relaybus.embedded import EmbeddedServer
+from relaybus.keys import QueueKeys
 from relaybus.service import Microservice
 
 from .services import (
@@ -40,6 +41,7 @@ from .services import (
     create_orders,
     notifications_key,
     orders_key,
+    retries_key,
 )
 
 __all__ = ["DemoResult", "run_demo"]
@@ -54,6 +56,8 @@ class DemoResult:
 
     orders: dict[str, dict[str, object]] = field(default_factory=dict)
     notifications: int = 0
+    bounced: int = 0
+    retries: int = 0
     elapsed: float = 0.0
     complete: bool = False
 
@@ -83,11 +87,18 @@ def _server(url: str | None, keep: bool, console: Console) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _snapshot(client: redis.Redis, prefix: str, run: str) -> tuple[dict[str, dict[str, object]], int]:
-    raw = client.hgetall(orders_key(prefix, run))
-    orders = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
-    notes = int(client.get(notifications_key(prefix, run)) or 0)
-    return orders, notes
+def _snapshot(client: redis.Redis, prefix: str, run: str, result: DemoResult) -> None:
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hgetall(orders_key(prefix, run))
+        pipe.get(notifications_key(prefix, run))
+        pipe.xlen(QueueKeys(prefix, "sub:notification").dlq)
+        pipe.get(retries_key(prefix, run))
+        raw, notes, bounced, retries = pipe.execute()
+    result.orders = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
+                     for k, v in raw.items()}
+    result.notifications = int(notes or 0)
+    result.bounced = int(bounced or 0)
+    result.retries = int(retries or 0)
 
 
 def _spawn(name: str, url: str, prefix: str, run: str, seed: int, orders: int) -> subprocess.Popen[bytes]:
@@ -152,7 +163,7 @@ def _watch(client: redis.Redis, prefix: str, run: str, orders: int, timeout: flo
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("orders settled", total=orders, note="")
         while True:
-            result.orders, result.notifications = _snapshot(client, prefix, run)
+            _snapshot(client, prefix, run, result)
             done = sum(1 for r in result.orders.values() if r.get("status") in FINAL_STATES)
             progress.update(task, completed=done,
                             note=f"{result.notifications} notifications")
@@ -162,7 +173,7 @@ def _watch(client: redis.Redis, prefix: str, run: str, orders: int, timeout: flo
                 1 + (r.get("status") == "shipped") for r in result.orders.values()
                 if r.get("status") in FINAL_STATES)
             if len(result.orders) == orders and done == orders and \
-                    result.notifications >= expected_notes:
+                    result.notifications + result.bounced >= expected_notes:
                 result.complete = True
                 return result
             if result.elapsed > timeout:
@@ -191,8 +202,11 @@ def _report(result: DemoResult, orders: int, processes: bool, console: Console) 
     # notification), shipped (order, notification)
     handled = 2 * len(result.orders) + 3 * (shipped + failed) + 2 * shipped
     console.print(f"{orders} orders: {shipped} shipped, {failed} payment failed; "
-                  f"{result.notifications} notifications; {handled} events handled in "
-                  f"{result.elapsed:.2f}s ({handled / max(result.elapsed, 1e-9):.0f}/s)")
+                  f"{handled} events handled in {result.elapsed:.2f}s "
+                  f"({handled / max(result.elapsed, 1e-9):.0f}/s)")
+    console.print(f"{result.notifications} notifications sent, {result.bounced} bounced "
+                  f"(dead-lettered: relaybus dlq list sub:notification); {result.retries} "
+                  "carrier time-outs retried")
     if not result.complete:
         stuck = result.stuck or ["(orders not all created)"]
         console.print(f"[red]not finished: stuck orders: {', '.join(stuck[:20])}[/red]")

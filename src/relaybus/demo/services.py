@@ -14,13 +14,14 @@ from typing import Any
 
 import redis
 
+from relaybus.errors import Reject
 from relaybus.events import Event
 from relaybus.service import Microservice
 
 from .events import OrderCreated, OrderShipped, PaymentProcessed
 
 __all__ = ["SERVICES", "build_service", "create_orders", "orders_key", "notifications_key",
-           "FINAL_STATES"]
+           "retries_key", "FINAL_STATES"]
 
 #: Service names, in the order they are started.
 SERVICES = ("order", "payment", "shipping", "notification")
@@ -28,6 +29,10 @@ SERVICES = ("order", "payment", "shipping", "notification")
 FINAL_STATES = ("shipped", "payment_failed")
 #: Share of payments the payment service declines.
 DECLINE_RATE = 0.1
+#: Share of shipments whose carrier API times out once (retried with backoff).
+CARRIER_TIMEOUT_RATE = 0.2
+#: Share of customers whose mailbox bounces (their confirmation is dead-lettered).
+BOUNCE_RATE = 0.1
 _CARRIERS = ("UPS", "DHL", "FedEx", "PostNL")
 _ITEMS = ("book", "lamp", "mug", "chair", "pen", "kettle", "rug")
 
@@ -40,6 +45,11 @@ def orders_key(prefix: str, run: str) -> str:
 def notifications_key(prefix: str, run: str) -> str:
     """The counter of notifications sent in one demo run."""
     return f"{prefix}demo:{run}:notifications"
+
+
+def retries_key(prefix: str, run: str) -> str:
+    """The counter of simulated carrier time-outs (each one retried) in one demo run."""
+    return f"{prefix}demo:{run}:retries"
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -91,13 +101,21 @@ def create_orders(svc: Microservice, run: str, count: int, seed: int) -> list[st
 
 
 class NotificationService(Microservice):
-    """Subscribes to every event and "sends" a notification for each (seed style)."""
+    """Subscribes to every event and "sends" a notification for each (seed style).
 
-    def __init__(self, run: str, **options: Any) -> None:
+    Some customers' mailboxes bounce: their order confirmations are rejected and land
+    in the service's dead-letter queue with the reason, for ``relaybus dlq`` to show.
+    """
+
+    def __init__(self, run: str, seed: int, **options: Any) -> None:
         super().__init__("notification", event_types=None, **options)
         self.run = run
+        self.seed = seed
 
     def handle_event(self, event: Event) -> bool:
+        customer = getattr(event, "customer_id", None)
+        if customer and _rng(self.seed, "mailbox", customer).random() < BOUNCE_RATE:
+            raise Reject(f"mailbox of {customer} unavailable (550): confirmation not sent")
         self.mq.client.incr(notifications_key(self.mq.prefix, self.run))
         return True
 
@@ -140,6 +158,7 @@ def build_service(name: str, *, url: str, prefix: str, run: str, seed: int,
         return svc
     if name == "shipping":
         svc = Microservice("shipping", **common)
+        timed_out: set[str] = set()
 
         @svc.on(PaymentProcessed)
         def ship(event: PaymentProcessed) -> None:
@@ -147,6 +166,11 @@ def build_service(name: str, *, url: str, prefix: str, run: str, seed: int,
                 return
             rng = _rng(seed, "shipping", event.order_id)
             carrier = rng.choice(_CARRIERS)
+            if rng.random() < CARRIER_TIMEOUT_RATE and event.order_id not in timed_out:
+                # the carrier's API times out once: raising makes relaybus retry later
+                timed_out.add(event.order_id)
+                svc.mq.client.incr(retries_key(svc.mq.prefix, run))
+                raise TimeoutError(f"{carrier} API timed out booking {event.order_id}")
             svc.publish_event(OrderShipped(
                 order_id=event.order_id, carrier=carrier,
                 tracking_number=f"{carrier[:2].upper()}{rng.randint(10**9, 10**10 - 1)}",
@@ -154,5 +178,5 @@ def build_service(name: str, *, url: str, prefix: str, run: str, seed: int,
 
         return svc
     if name == "notification":
-        return NotificationService(run, **common)
+        return NotificationService(run, seed, **common)
     raise ValueError(f"unknown demo service {name!r}; choose from {', '.join(SERVICES)}")

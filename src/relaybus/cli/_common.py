@@ -201,9 +201,11 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], *,
                 box=box.SIMPLE_HEAD, title_style="bold", caption_style="dim",
                 collapse_padding=True, pad_edge=False, show_edge=False)
     for c in columns:
+        # ids, names and times never wrap; a column with a max width (a reason, a
+        # payload) gives way: it wraps
         tbl.add_column(c.header, justify="right" if c.numeric else "left",
-                       max_width=c.max_width, overflow="ellipsis" if c.max_width else "fold",
-                       no_wrap=c.max_width is not None or c.numeric)
+                       max_width=c.max_width, overflow="fold", no_wrap=c.max_width is None,
+                       min_width=None if c.max_width else len(c.header))
     for row in rows:
         tbl.add_row(*(Text("-" if row[c.key] is None else c.fmt(row[c.key])) for c in columns))
     return tbl
@@ -239,6 +241,14 @@ def fmt_age(seconds: float) -> str:
 def fmt_time(ts: float) -> str:
     """An epoch time as local ``YYYY-MM-DD HH:MM:SS``."""
     return datetime.fromtimestamp(float(ts)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_short_time(ts: float) -> str:
+    """An epoch time for a table cell: ``HH:MM:SS`` today, else ``MM-DD HH:MM``."""
+    when = datetime.fromtimestamp(float(ts))
+    if when.date() == datetime.now().date():
+        return when.strftime("%H:%M:%S")
+    return when.strftime("%m-%d %H:%M")
 
 
 def iso_time(ts: float) -> str:

@@ -32,6 +32,7 @@ from ._common import (
     console,
     emit,
     fail,
+    fmt_short_time,
     fmt_time,
     guarded,
     iso_time,
@@ -50,10 +51,10 @@ QueueArg = Annotated[str, typer.Argument(
 LIST_COLUMNS = [
     Column("id"),
     Column("event_type"),
-    Column("reason", max_width=60),
+    Column("reason", max_width=44),
     Column("attempts", numeric=True),
-    Column("first_failure", fmt=fmt_time, to_json=iso_time),
-    Column("last_failure", fmt=fmt_time, to_json=iso_time),
+    Column("first_failure", fmt=fmt_short_time, to_json=iso_time),
+    Column("last_failure", fmt=fmt_short_time, to_json=iso_time),
 ]
 
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")

@@ -51,7 +51,7 @@ from .errors import (
 )
 from .events import Event, event_type_name, serialize_event
 from .keys import GROUP, MAX_NAME_LENGTH, QueueKeys, subscriptions_key, validate_name
-from .queue import _MAX_BLOCK, DEFAULT_DEDUP_WINDOW, MessageQueue, Queue
+from .queue import _MAX_BLOCK, DEFAULT_DEDUP_WINDOW, IDLE_RECHECK_MAX, MessageQueue, Queue
 from .scripts import source
 
 __all__ = ["EventBus", "ALL_EVENTS", "EVENTS_QUEUE", "read_subscriptions",
@@ -71,6 +71,10 @@ DEFAULT_RETENTION_SECONDS: float | None = 24 * 3600.0
 DEFAULT_BATCH_SIZE = 500
 #: Seconds between two retention trims of the log by a router.
 TRIM_INTERVAL = 5.0
+#: Longest blocking read of the router loop, in seconds: an idle router sends one
+#: command per period (plus a reclaim check every quarter visibility timeout, 10 s at
+#: most); stopping may wait this long.
+ROUTER_BLOCK_FOR_SECONDS = 2.0
 #: Longest pause, in seconds, between two attempts of a failing router.
 MAX_BACKOFF = 5.0
 
@@ -292,6 +296,11 @@ class EventBus:
         self._last_trim = 0.0
         self._claim_cursor = "0-0"  # where the next reclaim scan of the log's pending list starts
         self._interrupted: list[Any] = []  # a batch a broker failure stopped half-way
+        # an idle router blocks on new events and runs the fetch script (which takes over
+        # a dead router's batches) only every _recheck seconds
+        self._quiet_until = 0.0
+        self._recheck = max(0.05, min(self.visibility_timeout / 4, IDLE_RECHECK_MAX))
+        self._routed_since_trim = True
         #: What this bus's router did: routed, copies, unrouted, dead_lettered, batches,
         #: errors (failed rounds; during an outage one per attempt).
         self.stats: dict[str, int] = {}
@@ -420,14 +429,23 @@ class EventBus:
             entries, self._interrupted = self._interrupted, []
             table = self.subscriptions()
         else:
-            entries, table = self._fetch()
-            if not entries and block_for_seconds is not None and block_for_seconds > 0:
+            blocking = block_for_seconds is not None and block_for_seconds > 0
+            if blocking and time.monotonic() < self._quiet_until:
+                # idle: only the blocking read, until the next reclaim check is due
+                entries, table = [], {}
+            else:
+                entries, table = self._fetch()
+                self._quiet_until = 0.0 if entries else time.monotonic() + self._recheck
+            if not entries and blocking:
+                assert block_for_seconds is not None
                 entries = self.events_queue._block(self.mq.consumer_id, self.batch_size,
                                                    min(block_for_seconds, _MAX_BLOCK))
                 if entries:  # the table read before blocking may predate these events
+                    self._quiet_until = 0.0
                     table = self.subscriptions()
         try:
             settled = self._route(entries, table) if entries else 0
+            self._routed_since_trim = self._routed_since_trim or settled > 0
         except (BrokerUnavailableError, BrokerOutOfMemoryError):
             # the server failed, not the batch: try it again next round (another router
             # taking it over meanwhile adds no copy)
@@ -541,8 +559,11 @@ class EventBus:
         self.mq._call(run)
 
     def _maybe_trim(self) -> int:
-        if time.time() - self._last_trim < self.trim_interval:
+        """Trim every ``trim_interval`` while routing; when idle, once a minute at most."""
+        since = time.time() - self._last_trim
+        if since < self.trim_interval or (not self._routed_since_trim and since < 60.0):
             return 0
+        self._routed_since_trim = False
         return self.trim()
 
     def trim(self) -> int:
@@ -615,7 +636,7 @@ class EventBus:
         delay = 0.1
         while not self._stop.is_set():
             try:
-                self.route_once(block_for_seconds=1.0)
+                self.route_once(block_for_seconds=ROUTER_BLOCK_FOR_SECONDS)
             except Exception as exc:  # nothing may end the router thread
                 failures += 1
                 self.stats["errors"] = self.stats.get("errors", 0) + 1
@@ -633,6 +654,11 @@ class EventBus:
                 logger.warning("routing resumed after %.1fs (%d failed attempts)",
                                time.monotonic() - failing_since, failures)
                 failing_since, failures, last_kind, delay = None, 0, "", 0.1
+        if failing_since is None:  # leave the router group if it holds nothing
+            try:
+                self.events_queue.release([], self.mq.consumer_id)
+            except Exception as exc:  # noqa: BLE001 - best effort: stopping must not fail
+                logger.debug("router could not leave the group: %s", exc)
         logger.info("event bus router stopped (prefix %r)", self.prefix)
 
     def close(self) -> None:

@@ -30,12 +30,35 @@ __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Message", "decode_entry", "encode_entry"
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 
 
-def dumps(data: Any) -> str:
-    """JSON-encode ``data`` compactly, raising :class:`SerializationError` if JSON cannot carry it."""
+def dumps(data: Any, *, lossy: bool = False) -> str:
+    """JSON-encode ``data`` compactly, raising :class:`SerializationError` if JSON cannot carry it.
+
+    Text stays UTF-8, except in a document holding a lone surrogate (which UTF-8
+    cannot carry): that one is written with ``\\u`` escapes, which read back as the
+    same string; with ``lossy`` (failure records, which Lua's cjson must read and
+    refuses such escapes) each lone surrogate becomes ``?`` instead.
+    """
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                if lossy:
+                    return text.encode("utf-8", "replace").decode("utf-8")
+                text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        return text
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"payload cannot be encoded as JSON: {exc}") from exc
+
+
+def _key_text(what: str, value: str) -> str:
+    """A dedup or routing key, which travels as UTF-8 (so no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(f"{what} {value!r} is not valid unicode text: {exc}") from exc
+    return value
 
 
 @dataclass
@@ -103,9 +126,9 @@ def encode_entry(
             raise SerializationError(f"ttl must be a positive number of seconds, not {ttl!r}")
         fields["x"] = int((now + ttl) * 1000)
     if dedup_key:
-        fields["k"] = dedup_key
+        fields["k"] = _key_text("dedup key", dedup_key)
     if routing_key:
-        fields["e"] = routing_key
+        fields["e"] = _key_text("routing key", routing_key)
     return fields
 
 

@@ -159,7 +159,11 @@ class Connection:
                 delay = min(delay * 2, 1.0)
             except redis.ResponseError as exc:
                 if _is_oom(exc):
-                    raise BrokerOutOfMemoryError(f"{self.address}: {exc}") from exc
+                    # a pipeline's error names the command, payload included: keep the reason
+                    reason = str(exc).rpartition(" of pipeline caused error: ")[2]
+                    raise BrokerOutOfMemoryError(
+                        f"server at {self.address} is out of memory and refused the write "
+                        f"(nothing was written): {reason}") from exc
                 raise
 
     def _check_server(self) -> None:

@@ -197,11 +197,12 @@ def _identity(cls: type) -> tuple[str, str]:
 def serialize_event(event: Event) -> dict[str, Any]:
     """Return ``event`` as a JSON-compatible dict (always holding ``event_type``).
 
-    Raises SerializationError if a field value cannot be represented as JSON.
+    Raises SerializationError if a field value cannot be represented as JSON (or is
+    text that is not valid unicode, such as a lone surrogate).
     """
     try:
         return event.model_dump(mode="json")
-    except PydanticSerializationError as exc:
+    except (PydanticSerializationError, UnicodeEncodeError) as exc:
         raise SerializationError(f"cannot serialize {type(event).__name__}: {exc}") from exc
 
 

@@ -45,6 +45,11 @@ DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 10
 #: How long, in seconds, a dedup key stays recorded after its message was acknowledged.
 DEFAULT_DEDUP_WINDOW = 600.0
+#: Longest time, in seconds, an idle blocking consumer goes without running the fetch
+#: script (which reclaims a dead consumer's messages and promotes due retries); it is
+#: also at most a quarter of the visibility timeout. Idle, a consumer sends one
+#: blocking read per ``block_for_seconds`` and one script per this interval.
+IDLE_RECHECK_MAX = 10.0
 #: Longest single blocking read, in seconds (kept under the socket timeout).
 _MAX_BLOCK = 5.0
 
@@ -108,6 +113,9 @@ class Queue:
         #: Delete acknowledged entries (work queues); False keeps them (the event log).
         self.delete_on_ack = delete_on_ack
         self._claim_cursor = "0-0"
+        self._quiet_until = 0.0  # monotonic; see _quiet()
+        self._next_due: float | None = None  # earliest delayed retry the last fetch saw
+        self._local_due: float | None = None  # earliest retry scheduled through this object
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} key={self.key!r}>"
@@ -164,8 +172,22 @@ class Queue:
             raise ValueError(f"count must be a positive integer, not {count!r}")
         consumer = consumer_id or self.mq.consumer_id
         deadline = time.monotonic() + (block_for_seconds or 0.0)
+        entries: list[tuple[Any, Any, int]]
         while True:
-            entries, next_due = self._fetch(consumer, count)
+            if self._quiet(block_for_seconds):
+                # nothing came last time: skip the reclaim/promote script and go straight
+                # to the blocking read, until the next periodic check or a due retry
+                entries, next_due = [], self._earliest_due()
+            else:
+                started = time.time()
+                entries, next_due = self._fetch(consumer, count)
+                self._next_due = next_due
+                if self._local_due is not None and self._local_due <= started:
+                    self._local_due = None  # that fetch promoted it
+                next_due = self._earliest_due()
+                # found nothing: blocking reads alone until the next periodic check
+                self._quiet_until = 0.0 if entries else \
+                    time.monotonic() + self._recheck_interval
             messages = self._screen(entries)
             if messages:
                 return messages
@@ -180,11 +202,31 @@ class Queue:
                 return messages
             entries = self._block(consumer, count, min(wait, _MAX_BLOCK))
             if entries:
+                self._quiet_until = 0.0
                 messages = self._screen(self._drop_done(entries))
                 if messages:
                     return messages
             if time.monotonic() >= deadline:
                 return []
+
+    @property
+    def _recheck_interval(self) -> float:
+        """Seconds an idle consumer goes without the fetch script (reclaim, promote)."""
+        return max(0.05, min(self.visibility_timeout / 4, IDLE_RECHECK_MAX))
+
+    def _earliest_due(self) -> float | None:
+        dues = [d for d in (self._next_due, self._local_due) if d is not None]
+        return min(dues) if dues else None
+
+    def _quiet(self, block_for_seconds: float | None) -> bool:
+        """True while a blocking consumer found nothing and no check or retry is due.
+
+        Retries scheduled through this object are waited for exactly; those scheduled
+        by other processes are seen at the next periodic check.
+        """
+        due = self._earliest_due()
+        return bool(block_for_seconds) and time.monotonic() < self._quiet_until and (
+            due is None or due > time.time())
 
     def _fetch(self, consumer: str, count: int) -> tuple[list[tuple[Any, Any, int]], float | None]:
         keys = [self.key, self.keys.delayed, self.keys.done]
@@ -326,7 +368,10 @@ class Queue:
         them as ``dedup_key`` are dropped instead of delivered.
         """
         id_list = _ids(ids)
-        done = list(record_done)
+        # an event id read from a payload may hold a lone surrogate, which strict UTF-8
+        # refuses: the acknowledgement would fail and the event be handled again
+        done = [k.encode("utf-8", "surrogatepass") if isinstance(k, str) else k
+                for k in record_done]
         if not id_list and not done:
             return 0
         args = [GROUP, "1" if self.delete_on_ack else "0", int(time.time() * 1000),
@@ -362,6 +407,8 @@ class Queue:
         if not id_list:
             return 0
         due = int((time.time() + max(0.0, delay)) * 1000)
+        if self._local_due is None or due / 1000 < self._local_due:
+            self._local_due = due / 1000  # a consumer of this object wakes up for it
         args = [GROUP, self._record(reason, details), due, *id_list]
         keys = [self.key, self.keys.delayed]
         return int(self.mq._call(lambda: self.mq.scripts("dead_letter", keys, args)))
@@ -371,7 +418,7 @@ class Queue:
                                   "queue": self.name}
         if details:
             record.update(details)
-        return codec.dumps(record)
+        return codec.dumps(record, lossy=True)  # the scripts decode it with cjson
 
     def requeue_messages(self, ids: str | Iterable[str], destination: Queue | None = None) -> int:
         """Move messages (usually from a DLQ) to ``destination`` atomically, history kept.

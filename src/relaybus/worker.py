@@ -42,7 +42,7 @@ from typing import Any
 import redis
 
 from .codec import Message
-from .errors import RelaybusError, SerializationError
+from .errors import BrokerError, RelaybusError, SerializationError
 from .queue import Queue
 from .retry import Action, Decision
 
@@ -62,6 +62,14 @@ MAX_OUTAGE_BACKOFF = 5.0
 MIN_OUTAGE_BACKOFF = 0.1
 
 _OUTAGE_ERRORS = (RelaybusError, redis.RedisError, OSError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server ran the command and refused it (a script error): no outage, no retry.
+
+    Broker errors (unreachable, out of memory) and connection errors are outages.
+    """
+    return isinstance(exc, RelaybusError) and not isinstance(exc, BrokerError)
 
 
 @dataclass(frozen=True)
@@ -396,6 +404,13 @@ class Worker:
                 details = None
                 continue
             except _OUTAGE_ERRORS as exc:
+                if _refused(exc):  # not an outage: the same command would fail again
+                    if details is None:
+                        raise
+                    logger.error("%s: settling %s failed (%s); recording the reason only",
+                                 self.name, message.id, exc)
+                    details = None
+                    continue
                 wait = outage.failed(exc)
             if self._abandon.is_set():
                 logger.error("%s: gave up settling message %s (%s) at shutdown; it stays pending "

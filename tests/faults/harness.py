@@ -1,0 +1,381 @@
+"""The scenario harness: a private server we may kill, and the child processes.
+
+:class:`Server` runs the embedded engine's binary in the foreground (its own process
+group, append-only file with ``appendfsync always``, no RDB) on a free loopback port,
+so a scenario can SIGKILL it, SIGSTOP it, and restart it on the same port from its
+append-only file. :class:`Cluster` starts producers, routers and services
+(:mod:`faults.procs`), each in its own process group, and kills every one of them
+when the test ends, passed or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from faults.ledger import DeadLetters, Ledger, bus_dlq_key, sub_dlq_key
+from faults.procs import command
+from relaybus.embedded import find_server_binary
+
+T = TypeVar("T")
+
+PREFIX = "events:"
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)  # polling interval
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server process of the scenario's own, on a fixed port across restarts."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout)
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start (or restart from the append-only file); return seconds until it answered."""
+        assert self.proc is None, "already running"
+        cmd = [find_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+               "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
+               "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "server.log"),
+               *self.args]
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.starts += 1
+        client = self.client(timeout=0.5)
+
+        def answers() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, \
+                f"server exited: {self.log_tail()}"
+            try:
+                return bool(client.ping())
+            except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError included
+                return False
+
+        try:
+            wait_until(answers, timeout, f"the server on port {self.port}", interval=0.02)
+        finally:
+            client.close()
+        return time.monotonic() - t0
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final flush (appendfsync always has flushed each write)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.kill()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.data_dir / "server.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+class Child:
+    """One child process (its own process group), with its logs and status."""
+
+    def __init__(self, kind: str, label: str, args: Sequence[str], root: Path,
+                 ledger: Ledger) -> None:
+        self.kind = kind
+        self.label = label
+        self.ledger = ledger
+        self.err_path = root / "logs" / f"{label}.err"
+        self.err_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RELAYBUS_URL",)}
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(command(kind, *args, "--label", label,
+                                                 "--ledger", str(ledger.root)),
+                                         stdout=err, stderr=err, env=env,
+                                         start_new_session=True)
+        self.started = time.time()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def status(self) -> dict[str, Any] | None:
+        return self.ledger.status().get(self.label)
+
+    def ready(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"{self.label} exited ({self.proc.returncode}) before it was "
+                                 f"ready:\n{self.log_tail()}")
+        st = self.status()
+        return bool(st and (st["ready"] or self.kind == "producer"))
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the process group and reap it."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful stop); SIGKILL if it has not exited within ``timeout``."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.label} did not stop within {timeout}s on SIGTERM:\n"
+                                 f"{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.err_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class Cluster:
+    """The processes of one scenario, all on one server; closed by the fixture."""
+
+    def __init__(self, root: Path, server: Server, prefix: str = PREFIX) -> None:
+        self.root = root
+        self.server = server
+        self.prefix = prefix
+        self.ledger = Ledger(root / "ledger")
+        self.children: list[Child] = []
+        self._client: redis.Redis | None = None
+        self._dead: DeadLetters | None = None
+        self._n = 0
+
+    @property
+    def client(self) -> redis.Redis:
+        """A plain client on the server (for inspecting; it survives restarts)."""
+        if self._client is None:
+            self._client = self.server.client()
+        return self._client
+
+    @property
+    def dead(self) -> DeadLetters:
+        if self._dead is None:
+            self._dead = DeadLetters(self.client, [bus_dlq_key(self.prefix)])
+        return self._dead
+
+    def spawn(self, kind: str, label: str, *args: str, url: str | None = None) -> Child:
+        self._n += 1
+        child = Child(kind, f"{label}-{self._n}", ["--url", url or self.server.url,
+                                                   "--prefix", self.prefix, *args],
+                      self.root, self.ledger)
+        self.children.append(child)
+        return child
+
+    def producer(self, label: str, count: int, *, rate: float = 0.0, types: str = "alpha",
+                 batch: int = 1, retry_timeout: float = 10.0, on_oom: str = "retry",
+                 pad: int = 0, url: str | None = None) -> Child:
+        return self.spawn("producer", label, "--count", str(count), "--rate", str(rate),
+                          "--types", types, "--batch", str(batch),
+                          "--retry-timeout", str(retry_timeout), "--on-oom", on_oom,
+                          "--pad", str(pad), url=url)
+
+    def router(self, label: str = "router", *, vt: float = 30.0, retry_timeout: float = 10.0,
+               url: str | None = None) -> Child:
+        return self.spawn("router", label, "--vt", str(vt),
+                          "--retry-timeout", str(retry_timeout), url=url)
+
+    def service(self, name: str, *, types: str = "*", concurrency: int = 2, prefetch: int = 0,
+                vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5, block: float = 0.5,
+                retry_timeout: float = 10.0, url: str | None = None) -> Child:
+        self.dead.watch(sub_dlq_key(self.prefix, name))
+        return self.spawn("service", f"svc-{name}", "--service", name, "--types", types,
+                          "--concurrency", str(concurrency), "--prefetch", str(prefetch),
+                          "--vt", str(vt), "--delay", str(delay),
+                          "--max-attempts", str(max_attempts), "--block", str(block),
+                          "--retry-timeout", str(retry_timeout), url=url)
+
+    def wait_ready(self, children: Iterable[Child], timeout: float = 60.0) -> None:
+        for child in children:
+            wait_until(child.ready, timeout, f"{child.label} to be ready")
+
+    def wait_exit(self, children: Iterable[Child], timeout: float) -> None:
+        """Wait for children that end on their own (producers with a count)."""
+        for child in children:
+            try:
+                code = child.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{child.label} still running after {timeout:.0f}s:\n"
+                                     f"{child.log_tail()}") from None
+            assert code == 0, f"{child.label} exited with {code}:\n{child.log_tail()}"
+
+    # -- the state of the queues -----------------------------------------------------------
+
+    def backlog(self, services: Iterable[str]) -> dict[str, int]:
+        """What is still in motion: unrouted or pending log entries, queued work per service."""
+        c = self.client
+        log = f"{self.prefix}{{all}}"
+        pipe = c.pipeline(transaction=False)
+        pipe.xinfo_stream(log)
+        pipe.xinfo_groups(log)
+        names = list(services)
+        for name in names:
+            pipe.xlen(f"{self.prefix}{{sub:{name}}}")
+            pipe.zcard(f"{self.prefix}{{sub:{name}}}:delayed")
+        res = pipe.execute()
+        info, groups = res[0], res[1]
+        last = info["last-generated-id"]
+        out: dict[str, int] = {"log_pending": 0, "log_unread": 0}
+        for g in groups:
+            out["log_pending"] += int(g["pending"])
+            if g["last-delivered-id"] != last:
+                out["log_unread"] += 1
+        for i, name in enumerate(names):
+            out[f"{name}_queued"] = int(res[2 + 2 * i])
+            out[f"{name}_delayed"] = int(res[3 + 2 * i])
+        return out
+
+    def quiet(self, services: Iterable[str]) -> bool:
+        """True when every event is settled: routed, and handled or dead-lettered."""
+        try:
+            return not any(self.backlog(services).values())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False
+
+    def wait_quiet(self, services: Iterable[str], timeout: float) -> None:
+        names = list(services)
+        try:
+            wait_until(lambda: self.quiet(names), timeout, "every event to be settled",
+                       interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.backlog(names)}") from None
+
+    def held_by(self, stream: str, pid: int) -> int:
+        """Entries of ``stream`` pending for the consumer of process ``pid``."""
+        summary = self.client.xpending(stream, "relaybus")
+        total = 0
+        for consumer in summary.get("consumers") or []:
+            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) \
+                else str(consumer["name"])
+            if f"-{pid}-" in name or name.endswith(f"-{pid}"):
+                total += int(consumer["pending"])
+        return total
+
+    def kill_holding(self, child: Child, stream: str, rng: random.Random,
+                     timeout: float = 10.0) -> int:
+        """SIGKILL ``child`` at a moment it holds entries of ``stream``; return how many.
+
+        Freezes it (SIGSTOP) at a random moment and looks at what it holds; thaws it and
+        tries again if nothing. Falls back to a plain kill after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            child.signal(signal.SIGSTOP)
+            held = self.held_by(stream, child.pid)
+            if held or time.monotonic() >= deadline:
+                child.kill()
+                return held
+            child.signal(signal.SIGCONT)
+            time.sleep(rng.uniform(0.001, 0.02))  # a random moment for the next try
+
+    def cpu_seconds(self, children: Iterable[Child], window: float) -> float:
+        """CPU seconds the children use over ``window`` seconds (to catch a hot loop)."""
+        pids = [c.pid for c in children]
+
+        def used() -> float:
+            ticks = 0
+            for pid in pids:
+                with open(f"/proc/{pid}/stat") as fh:
+                    parts = fh.read().rsplit(")", 1)[1].split()
+                ticks += int(parts[11]) + int(parts[12])  # utime + stime
+            return ticks / os.sysconf("SC_CLK_TCK")
+
+        before = used()
+        time.sleep(window)  # the measurement window
+        return used() - before
+
+    def check_threads(self, children: Iterable[Child], since: float = 0.0) -> None:
+        """Every child is alive, its status is fresh, and its relaybus threads all run."""
+        for child in children:
+            assert child.alive(), f"{child.label} died:\n{child.log_tail()}"
+            st = wait_until(lambda c=child: (s := c.status()) and s["time"] > since and s,
+                            10, f"a fresh status from {child.label}")
+            if child.kind == "service":
+                threads = st["threads"]
+                name = st.get("label", "")
+                for part in ("fetch", "lease", "handler-0"):
+                    assert any(t.startswith("relaybus-") and t.endswith(part) for t in threads), \
+                        f"{name}: no {part} thread among {threads}"
+                assert st["running"], f"{name} is not running"
+
+    def close(self) -> None:
+        for child in self.children:
+            if child.alive():
+                child.signal(signal.SIGKILL)
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._client is not None:
+            self._client.close()
+
+    def logs(self) -> str:
+        parts = []
+        for child in self.children:
+            tail = child.log_tail(30)
+            if tail:
+                parts.append(f"--- {child.label} (exit {child.proc.poll()}) ---\n{tail}")
+        parts.append(f"--- server ---\n{self.server.log_tail()}")
+        return "\n".join(parts)

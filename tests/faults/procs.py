@@ -1,0 +1,405 @@
+"""Entry points of the suite's child processes, and the events they exchange.
+
+Each child is started by :func:`command` (the harness does that) and imports this
+module by name, so the event classes register under one identity everywhere::
+
+    producer  publish COUNT events (0: until SIGTERM) at RATE per second, recording
+              each one whose publish returned; on BrokerUnavailableError retry the
+              same events (a duplicate is suppressed by event_id); on
+              BrokerOutOfMemoryError retry, or (--on-oom drop) give them up and
+              record them as refused
+    router    EventBus.run() until SIGTERM
+    service   a Microservice whose handler records every completed event
+    host      runs one Microservice per name pushed on a Redis list (odd names)
+
+Every child writes ``status/<label>.json`` five times a second: its threads, its
+counters, its memory; and once more, with ``exited``, when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from faults.ledger import LineLog, write_json_atomic
+from relaybus import (
+    BrokerOutOfMemoryError,
+    BrokerUnavailableError,
+    Event,
+    EventBus,
+    Microservice,
+    Reject,
+)
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+class Work(Event, abstract=True):
+    """The payload of the load events: a sequence number, who sent it, some padding."""
+
+    n: int = 0
+    producer: str = ""
+    pad: str = ""
+
+
+class Alpha(Work, event_type="faults.alpha"):
+    pass
+
+
+class Beta(Work, event_type="faults.beta"):
+    pass
+
+
+class Gamma(Work, event_type="faults.gamma"):
+    pass
+
+
+class Poisoned(Event, event_type="faults.poison"):
+    """An event the poison scenario builds (and mangles). ``n < 0`` picks a handler fault."""
+
+    probe: str = ""
+    n: int = 0
+    data: Any = None
+
+
+class Named(Event, event_type="faults.named"):
+    """Sent to the services of the odd-names scenario."""
+
+    target: str = ""
+
+
+TYPES: dict[str, type[Work]] = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
+
+#: Handler behaviours chosen by ``Poisoned.n``.
+RAISE, RETURN_FALSE, REJECT, SYSTEM_EXIT, BASE_EXC = -1, -2, -3, -4, -5
+
+
+# -- plumbing --------------------------------------------------------------------------
+
+
+def command(*args: str) -> list[str]:
+    """The command line of a child running ``main(args)``."""
+    code = (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); "
+            "from faults.procs import main; main(sys.argv[1:])")
+    return [sys.executable, "-c", code, *args]
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Status:
+    """Writes this process's status file periodically (a daemon thread)."""
+
+    def __init__(self, ledger: Path, label: str, kind: str,
+                 probe: Callable[[], dict[str, Any]]) -> None:
+        self.path = ledger / "status" / f"{label}.json"
+        self.base = {"label": label, "kind": kind, "pid": os.getpid()}
+        self.probe = probe
+        self.max_rss_kb = 0
+        self.ready = False
+        self.exited = False
+        self._lock = threading.Lock()
+
+    def write(self, **extra: Any) -> None:
+        with self._lock:
+            rss = _rss_kb()
+            self.max_rss_kb = max(self.max_rss_kb, rss)
+            data = dict(self.base, time=time.time(), rss_kb=rss, max_rss_kb=self.max_rss_kb,
+                        threads=sorted(t.name for t in threading.enumerate() if t.is_alive()),
+                        ready=self.ready, exited=self.exited)
+            try:
+                data.update(self.probe())
+            except Exception as exc:  # the status must not die with what it reports
+                data["probe_error"] = repr(exc)
+            data.update(extra)
+            write_json_atomic(self.path, data)
+
+    def start(self, interval: float = 0.2) -> None:
+        parent = os.getppid()
+
+        def loop() -> None:
+            while not self.exited:
+                if os.getppid() != parent:  # the test process is gone: do not linger
+                    os._exit(2)
+                self.write()
+                time.sleep(interval)  # a reporting period, not synchronisation
+
+        threading.Thread(target=loop, name="faults-status", daemon=True).start()
+
+    def mark_ready(self) -> None:
+        """Say (in every status from now on) that this process is up and working."""
+        self.ready = True
+        self.write()
+
+    def finish(self, **extra: Any) -> None:
+        self.exited = True
+        self.write(**extra)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(threadName)s %(levelname)s "
+                               "%(name)s: %(message)s")
+
+
+def _on_term(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# -- producer --------------------------------------------------------------------------
+
+
+def producer(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("producer")
+    p.add_argument("--url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--ledger", type=Path, required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--count", type=int, default=0, help="0: until SIGTERM")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (0: flat out)")
+    p.add_argument("--types", default="alpha")
+    p.add_argument("--batch", type=int, default=1, help="> 1: publish_many, alternating "
+                                                       "with single publishes")
+    p.add_argument("--retry-timeout", type=float, default=10.0)
+    p.add_argument("--on-oom", choices=["retry", "drop"], default="retry")
+    p.add_argument("--pad", type=int, default=0)
+    args = p.parse_args(argv)
+    _logging()
+
+    stop = threading.Event()
+    _on_term(stop.set)
+    bus = EventBus(args.url, prefix=args.prefix, retry_timeout=args.retry_timeout)
+    published_log = LineLog(args.ledger / "published" / f"{args.label}.log")
+    refused_log = LineLog(args.ledger / "refused" / f"{args.label}.log")
+    types = [TYPES[t] for t in args.types.split(",")]
+    counts: dict[str, Any] = {"published": 0, "refused": 0, "unavailable": 0, "oom": 0,
+                              "max_publish_seconds": 0.0, "errors": {}}
+    status = Status(args.ledger, args.label, "producer", lambda: dict(counts))
+    status.start()
+    pad = "x" * args.pad
+    n = 0
+    started = time.monotonic()
+    single = True
+    while not stop.is_set() and (args.count == 0 or n < args.count):
+        size = 1 if single or args.batch <= 1 else args.batch
+        if args.count:
+            size = min(size, args.count - n)
+        single = not single
+        events = [types[(n + i) % len(types)](n=n + i, producer=args.label, pad=pad)
+                  for i in range(size)]
+        t0 = time.monotonic()
+        while True:
+            try:
+                if size == 1:
+                    bus.publish(events[0])
+                else:
+                    bus.publish_many(events)
+            except BrokerUnavailableError as exc:
+                counts["unavailable"] += 1
+                counts["errors"]["BrokerUnavailableError"] = str(exc)
+                if stop.is_set():
+                    break
+                continue  # the same events again: a copy that did land is deduplicated
+            except BrokerOutOfMemoryError as exc:
+                counts["oom"] += 1
+                counts["errors"]["BrokerOutOfMemoryError"] = str(exc)
+                if args.on_oom == "drop":
+                    refused_log.write_many([e.event_id, e.event_type, time.time(), str(exc)]
+                                           for e in events)
+                    counts["refused"] += len(events)
+                    break
+                stop.wait(0.05)  # back off before trying again (not synchronisation)
+                continue
+            published_log.write_many([e.event_id, e.event_type, time.time()] for e in events)
+            counts["published"] += len(events)
+            break
+        counts["max_publish_seconds"] = max(counts["max_publish_seconds"],
+                                            time.monotonic() - t0)
+        n += size
+        if args.rate > 0:  # pacing
+            ahead = started + n / args.rate - time.monotonic()
+            if ahead > 0:
+                stop.wait(ahead)
+    status.finish(**counts)
+    bus.close()
+
+
+# -- router ----------------------------------------------------------------------------
+
+
+def router(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("router")
+    p.add_argument("--url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--ledger", type=Path, required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--vt", type=float, default=30.0)
+    p.add_argument("--retry-timeout", type=float, default=10.0)
+    args = p.parse_args(argv)
+    _logging()
+    bus = EventBus(args.url, prefix=args.prefix, visibility_timeout=args.vt,
+                   retry_timeout=args.retry_timeout, consumer_id=f"{args.label}-{os.getpid()}")
+    _on_term(bus.stop)
+    status = Status(args.ledger, args.label, "router", lambda: {"stats": dict(bus.stats)})
+    status.start()
+    status.mark_ready()
+    bus.run()
+    status.finish(stats=dict(bus.stats))
+    bus.close()
+
+
+# -- service ---------------------------------------------------------------------------
+
+
+def _poison_behaviour(event: Event) -> None:
+    if not isinstance(event, Poisoned) or event.n >= 0:
+        return
+    if event.n == RAISE:
+        raise ValueError(f"poisoned handler fault for {event.probe}")
+    if event.n == REJECT:
+        raise Reject(f"rejected poison {event.probe}")
+    if event.n == SYSTEM_EXIT:
+        raise SystemExit(3)
+    if event.n == BASE_EXC:
+        raise KeyboardInterrupt
+
+
+def service(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("service")
+    p.add_argument("--url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--ledger", type=Path, required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--types", default="*", help="comma-separated type names; * = all")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=0)
+    p.add_argument("--vt", type=float, default=30.0)
+    p.add_argument("--delay", type=float, default=0.0, help="seconds of work per event")
+    p.add_argument("--max-attempts", type=int, default=5)
+    p.add_argument("--block", type=float, default=0.5)
+    p.add_argument("--retry-timeout", type=float, default=10.0)
+    args = p.parse_args(argv)
+    _logging()
+
+    names = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
+    types: list[str | type[Event]] = [names.get(t, t) for t in args.types.split(",")]
+    svc = Microservice(args.service, url=args.url, prefix=args.prefix, event_types=types,
+                       concurrency=args.concurrency, prefetch=args.prefetch or None,
+                       visibility_timeout=args.vt, run_router=False,
+                       block_for_seconds=args.block, shutdown_timeout=5.0,
+                       max_attempts=args.max_attempts, retry_backoff=0.01,
+                       retry_backoff_max=0.05, retry_timeout=args.retry_timeout)
+    done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")
+    max_in_flight = [0]
+
+    @svc.on("*")
+    def handle(event: Event) -> bool:
+        worker = svc._worker
+        if worker is not None:
+            max_in_flight[0] = max(max_in_flight[0], worker.in_flight)
+        if args.delay:
+            time.sleep(args.delay)  # the work this service does per event
+        _poison_behaviour(event)
+        if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
+            return False
+        done.write(event.event_id, getattr(event, "probe", ""), time.time())
+        return True
+
+    def probe() -> dict[str, Any]:
+        worker = svc._worker
+        return {"stats": svc.stats, "queue_stats": dict(svc.mq.stats) if svc.running else {},
+                "in_flight": worker.in_flight if worker is not None else 0,
+                "max_in_flight": max_in_flight[0], "prefetch": svc.prefetch,
+                "running": svc.running}
+
+    status = Status(args.ledger, args.label, "service", probe)
+    from relaybus.runner import run_service
+
+    svc.start()  # connect and subscribe before saying "ready"
+    status.start()
+    status.mark_ready()
+    run_service(svc)
+    status.finish(stats=svc.stats)
+
+
+# -- host of services with odd names -------------------------------------------------------
+
+
+def host(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("host")
+    p.add_argument("--url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--ledger", type=Path, required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--ctl", required=True, help="list of names to start; replies on CTL:started")
+    args = p.parse_args(argv)
+    _logging()
+    stop = threading.Event()
+    _on_term(stop.set)
+    client = redis.Redis.from_url(args.url)
+    log = LineLog(args.ledger / "named" / f"{args.label}.log")
+    services: dict[str, Microservice] = {}
+    status = Status(args.ledger, args.label, "host",
+                    lambda: {"services": len(services),
+                             "stats": {n: s.stats for n, s in services.items()}})
+    status.start()
+    status.mark_ready()
+    while not stop.is_set():
+        item = client.blpop([args.ctl], timeout=0.5)
+        if item is None:
+            continue
+        name = item[1].decode("utf-8")
+        reply: str
+        if name in services:
+            reply = "started"
+        else:
+            try:
+                svc = Microservice(name, url=args.url, prefix=args.prefix,
+                                   event_types=[Named], run_router=False, block_for_seconds=0.5,
+                                   shutdown_timeout=2.0)
+                svc.on(Named)(lambda e, n=name: log.write(n, e.event_id, time.time()))
+                svc.start()
+                services[name] = svc
+                reply = "started"
+            except Exception as exc:  # reported to the test, which judges it
+                reply = f"error {type(exc).__name__}: {exc}"
+        client.rpush(args.ctl + ":started", json.dumps([name, reply], ensure_ascii=True))
+    closers = [threading.Thread(target=svc.close) for svc in services.values()]
+    for t in closers:  # each waits for its fetcher's blocking read: stop them together
+        t.start()
+    for t in closers:
+        t.join()
+    status.finish()
+
+
+def main(argv: list[str]) -> None:
+    kind, *rest = argv
+    commands: dict[str, Callable[[list[str]], None]] = {
+        "producer": producer, "router": router, "service": service, "host": host}
+    random.seed()
+    commands[kind](rest)

@@ -17,9 +17,7 @@ import os
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -38,19 +36,6 @@ class Pong(Event, event_type="test.service.pong"):
     """A second event type."""
 
     n: int = 0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Proxy:

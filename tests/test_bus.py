@@ -27,6 +27,7 @@ from relaybus import BrokerOutOfMemoryError, Event, EventBus
 from relaybus.bus import ALL_EVENTS
 from relaybus.embedded import find_server_binary
 from relaybus.keys import GROUP, QueueKeys
+from waiting import wait_for as wait_until
 
 # -- events --------------------------------------------------------------------------
 
@@ -49,19 +50,6 @@ class NobodyListens(Event, event_type="bustest.nobody_listens"):
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def route_all(bus: EventBus, limit: int = 1000) -> int:

@@ -30,20 +30,9 @@ from relaybus.bus import EVENTS_QUEUE
 from relaybus.cli import app
 from relaybus.cli.live import Sample, rates
 from relaybus.embedded import EmbeddedServer
+from waiting import wait_for
 
 T = TypeVar("T")
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
-    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 Invoke = Callable[..., Result]

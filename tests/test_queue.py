@@ -32,23 +32,12 @@ from relaybus import (
     SerializationError,
 )
 from relaybus.keys import GROUP
+from waiting import wait_for
 
 T = TypeVar("T")
 
 #: Small visibility timeout for reclaim tests, in seconds.
 VT = 0.3
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 5.0, interval: float = 0.01) -> T:
-    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def pending_ids(raw: redis.Redis, queue: Queue) -> dict[str, str]:

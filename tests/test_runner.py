@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers_service import Ping, child_command, wait_for
+from helpers_service import Ping, child_command
 from relaybus import ConfigurationError, EventBus, Microservice, load_service, run_service
+from waiting import wait_for
 
 MODULE = '''
 from relaybus import Microservice

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers_service import Ping, Pong, Proxy, child_command, wait_for
+from helpers_service import Ping, Pong, Proxy, child_command
 from relaybus import (
     ConfigurationError,
     Event,
@@ -38,6 +38,7 @@ from relaybus.retry import (
     backoff_ceiling,
     compute_backoff,
 )
+from waiting import wait_for
 
 Factory = Callable[..., Microservice]
 

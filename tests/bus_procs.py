@@ -1,19 +1,25 @@
-"""Processes for tests/test_bus_processes.py: a router and a publisher, as real programs.
+"""Processes for tests/test_bus_processes.py: services, a reader and a publisher, as real programs.
 
-    python tests/bus_procs.py router URL PREFIX [--vt S] [--batch N] [--consumer NAME]
-                                                [--hold S] [--hold-at copy|ack]
+    python tests/bus_procs.py service URL PREFIX NAME [--types T1,T2] [--vt S]
+                                      [--prefetch N] [--hold-after N] [--no-maintenance]
+    python tests/bus_procs.py reader URL PREFIX NAME
     python tests/bus_procs.py publish URL PREFIX N [--chunk C] [--pause S] [--late-type NAME]
 
-Each writes one line per event of interest on stdout:
+- service: a :class:`relaybus.Microservice` named NAME (every type without
+  ``--types``). Its handler records each event it handles on the Redis list
+  ``PREFIX + "ledger:" + NAME`` as ``[event_id, event_type, consumer]`` (the
+  service's side effect, which survives a SIGKILL). ``--hold-after N``: after
+  recording its Nth event the handler never returns (the instance then holds that
+  event and everything it prefetched: the moment a SIGKILL is aimed at).
+- reader: reads the wildcard subscription NAME with the queue API (no event
+  classes involved) and records every message on the same kind of ledger.
+- publisher: publishes N events cycling through :data:`PUBLISHED_TYPES` (or, with
+  ``--late-type``, of a type it defines at run time, which no other process knows).
 
-- router: ``ready {json}`` once it is connected (``event_classes`` lists the event
-  classes it knows: a router needs none), ``holding {json}`` when ``--hold`` makes it
-  pause with a fetched batch (before copying it, or after copying and before
-  acknowledging it: the window a SIGKILL is aimed at), ``stopped {json}`` with its
-  counters after SIGTERM.
-- publisher: ``published {json}``: ``[[event_id, event_type], ...]`` in publishing order.
-
-The event classes are defined inside the publisher only, after the test subscribed.
+Each writes lines on stdout: ``ready {json}`` once subscribed (``consumer``: its
+consumer name), ``holding {json}`` when ``--hold-after`` blocks its handler,
+``stopped {json}`` with its counters after SIGTERM; ``published {json}``:
+``[[event_id, event_type], ...]`` in publishing order.
 """
 
 from __future__ import annotations
@@ -21,70 +27,103 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-from relaybus import EVENT_TYPES, Event, EventBus
+import redis
 
-#: Event types the publisher cycles through (the test subscribes by these names).
+from relaybus import Event, EventBus, Microservice
+
+#: Event types the publisher cycles through (the services subscribe by these names).
 PUBLISHED_TYPES = ("proc.order_placed", "proc.order_paid", "proc.order_shipped",
                    "proc.refunded")
+
+
+class OrderPlaced(Event, event_type="proc.order_placed"):
+    order_id: str
+
+
+class OrderPaid(Event, event_type="proc.order_paid"):
+    order_id: str
+
+
+class OrderShipped(Event, event_type="proc.order_shipped"):
+    order_id: str
+
+
+class Refunded(Event, event_type="proc.refunded"):
+    order_id: str
+
+
+CLASSES: list[type[Event]] = [OrderPlaced, OrderPaid, OrderShipped, Refunded]
 
 
 def say(kind: str, payload: Any) -> None:
     print(f"{kind} {json.dumps(payload)}", flush=True)
 
 
-class HoldingBus(EventBus):
-    """An EventBus that pauses with a batch in hand, so that a kill lands right there."""
-
-    hold = 0.0
-    hold_at = "copy"
-
-    def _copy(self, copies: Mapping[str, Sequence[Any]], now_ms: int) -> int:
-        if self.hold_at == "copy":
-            say("holding", {"at": "copy", "events": max(len(b) for b in copies.values())})
-            time.sleep(self.hold)
-        return super()._copy(copies, now_ms)
-
-    def _settle(self, good: Sequence[Any], bad: Mapping[str, list[bytes]], n_copies: int,
-                n_unrouted: int) -> None:
-        if self.hold_at == "ack":
-            say("holding", {"at": "ack", "events": len(good), "copies": n_copies})
-            time.sleep(self.hold)
-        super()._settle(good, bad, n_copies, n_unrouted)
+def ledger_key(prefix: str, name: str) -> str:
+    """The Redis list where service ``name`` records what it handled."""
+    return f"{prefix}ledger:{name}"
 
 
-def router(args: argparse.Namespace) -> None:
-    cls = HoldingBus if args.hold else EventBus
-    bus = cls(args.url, prefix=args.prefix, visibility_timeout=args.vt,
-              batch_size=args.batch, consumer_id=args.consumer, retry_timeout=10.0)
-    if isinstance(bus, HoldingBus):
-        bus.hold, bus.hold_at = args.hold, args.hold_at
-    signal.signal(signal.SIGTERM, lambda signum, frame: bus.stop())
-    say("ready", {"consumer": bus.mq.consumer_id, "event_classes": sorted(EVENT_TYPES)})
-    try:
-        bus.run()
-    finally:
-        bus.close()
-    say("stopped", bus.stats)
+def service(args: argparse.Namespace) -> None:
+    types = args.types.split(",") if args.types else None
+    svc = Microservice(args.name, url=args.url, prefix=args.prefix, event_types=types,
+                       visibility_timeout=args.vt, prefetch=args.prefetch,
+                       block_for_seconds=0.5, shutdown_timeout=5.0,
+                       maintenance=not args.no_maintenance, retry_timeout=10.0)
+    ledger = redis.Redis.from_url(args.url)
+    key = ledger_key(args.prefix, args.name)
+    handled = 0
+    lock = threading.Lock()
+    never = threading.Event()
+
+    @svc.on("*")
+    def record(event: Event) -> None:
+        nonlocal handled
+        ledger.rpush(key, json.dumps([event.event_id, event.event_type, svc.consumer_id]))
+        with lock:
+            handled += 1
+            hold = handled == args.hold_after
+        if hold:
+            say("holding", {"event_id": event.event_id, "handled": handled})
+            never.wait()  # the instance holds this event (its lease kept alive) until killed
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: svc.stop())
+    svc.start()
+    say("ready", {"consumer": svc.consumer_id})
+    svc.run_forever()
+    stats = svc.stats
+    svc.close()
+    say("stopped", stats)
+
+
+def reader(args: argparse.Namespace) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    with EventBus(args.url, prefix=args.prefix, retry_timeout=10.0) as bus:
+        bus.subscribe(args.name, None)
+        queue, _ = bus.subscription_queue(args.name)
+        ledger = redis.Redis.from_url(args.url)
+        key = ledger_key(args.prefix, args.name)
+        say("ready", {"consumer": bus.mq.consumer_id})
+        read = 0
+        while not stop.is_set():
+            batch = queue.get_messages(count=100, block_for_seconds=0.5)
+            for message in batch:
+                ledger.rpush(key, json.dumps([message.data.get("event_id"),
+                                              message.data.get("event_type"),
+                                              bus.mq.consumer_id]))
+            if batch:
+                queue.acknowledge_messages([m.id for m in batch])
+                read += len(batch)
+    say("stopped", {"read": read})
 
 
 def publish(args: argparse.Namespace) -> None:
-    class OrderPlaced(Event, event_type="proc.order_placed"):
-        order_id: str
-
-    class OrderPaid(Event, event_type="proc.order_paid"):
-        order_id: str
-
-    class OrderShipped(Event, event_type="proc.order_shipped"):
-        order_id: str
-
-    class Refunded(Event, event_type="proc.refunded"):
-        order_id: str
-
-    classes: list[type[Any]] = [OrderPlaced, OrderPaid, OrderShipped, Refunded]
+    classes: list[type[Any]] = list(CLASSES)
     if args.late_type:
         class DefinedLate(Event, event_type=args.late_type):  # defined now, at run time
             order_id: str
@@ -102,14 +141,20 @@ def publish(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("router")
+    s = sub.add_parser("service")
+    s.add_argument("url")
+    s.add_argument("prefix")
+    s.add_argument("name")
+    s.add_argument("--types", default=None, help="comma-separated; default: every type")
+    s.add_argument("--vt", type=float, default=30.0, help="visibility timeout, seconds")
+    s.add_argument("--prefetch", type=int, default=None)
+    s.add_argument("--hold-after", type=int, default=0,
+                   help="block the handler for good after recording this many events")
+    s.add_argument("--no-maintenance", action="store_true")
+    r = sub.add_parser("reader")
     r.add_argument("url")
     r.add_argument("prefix")
-    r.add_argument("--vt", type=float, default=30.0, help="visibility timeout, seconds")
-    r.add_argument("--batch", type=int, default=50)
-    r.add_argument("--consumer", default=None)
-    r.add_argument("--hold", type=float, default=0.0, help="pause with each batch, seconds")
-    r.add_argument("--hold-at", choices=["copy", "ack"], default="copy")
+    r.add_argument("name")
     p = sub.add_parser("publish")
     p.add_argument("url")
     p.add_argument("prefix")
@@ -118,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pause", type=float, default=0.0)
     p.add_argument("--late-type", default=None)
     args = parser.parse_args(argv)
-    {"router": router, "publish": publish}[args.command](args)
+    {"service": service, "reader": reader, "publish": publish}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def make_blocking_service() -> Microservice:
     """Factory for ``run``: settings come from the environment (see the module docstring)."""
     url, prefix, name = (os.environ["SVC_URL"], os.environ["SVC_PREFIX"], os.environ["SVC_NAME"])
     client = redis.Redis.from_url(url)
-    svc = Microservice(name, prefix=prefix, visibility_timeout=1.0, run_router=False,
+    svc = Microservice(name, prefix=prefix, visibility_timeout=1.0, maintenance=False, prefetch=2,
                        block_for_seconds=0.2, shutdown_timeout=20.0)
 
     @svc.on(Ping)
@@ -160,7 +160,7 @@ def make_blocking_service() -> Microservice:
 
 def _hold(url: str, prefix: str, name: str, vt: str) -> None:
     svc = Microservice(name, url=url, prefix=prefix, visibility_timeout=float(vt),
-                       run_router=False, block_for_seconds=0.2, concurrency=1, prefetch=2)
+                       maintenance=False, block_for_seconds=0.2, concurrency=1, prefetch=2)
 
     @svc.on(Ping)
     def handle(event: Ping) -> None:

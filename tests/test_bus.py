@@ -1,5 +1,10 @@
 """Tests for relaybus.bus: the EventBus rules, against a real server (no mocks).
 
+Events travel by native consumer-group fan-out: ``publish`` appends to the event log
+``P{all}``; each subscription reads it through a consumer group of its own. A test
+"receives" by reading a subscription with the queue API (``get_messages`` on
+``bus.subscription_queue(name)[0]``) and acknowledging what it read.
+
 Round trips are counted on the client side with a counting redis-py connection
 class passed through the public ``client=`` seam: exact, and unaffected by other
 clients of a shared test server (server-wide INFO commandstats would not be).
@@ -12,6 +17,7 @@ import json
 import logging
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -23,10 +29,11 @@ from typing import Any, cast
 import pytest
 import redis
 
-from relaybus import BrokerOutOfMemoryError, Event, EventBus
+from relaybus import BrokerOutOfMemoryError, Event, EventBus, Message, Queue
 from relaybus.bus import ALL_EVENTS
 from relaybus.embedded import find_server_binary
-from relaybus.keys import GROUP, QueueKeys
+from relaybus.events import resolve_event_type
+from relaybus.keys import QueueKeys
 from waiting import wait_for as wait_until
 
 # -- events --------------------------------------------------------------------------
@@ -52,21 +59,27 @@ class NobodyListens(Event, event_type="bustest.nobody_listens"):
 # -- helpers -------------------------------------------------------------------------
 
 
-def route_all(bus: EventBus, limit: int = 1000) -> int:
-    """Call route_once until the log has nothing left for this router; return the total."""
-    total = 0
-    for _ in range(limit):
-        n = bus.route_once()
-        if n == 0:
-            return total
-        total += n
-    raise AssertionError("route_all did not drain the log")
+def consume(queue: Queue, *, count: int = 1000, ack: bool = True) -> list[Message]:
+    """Read ``queue`` until a read finds nothing (acknowledging each batch); all it read."""
+    out: list[Message] = []
+    while True:
+        batch = queue.get_messages(count=count)
+        if not batch:
+            return out
+        out += batch
+        if ack:
+            queue.acknowledge_messages([m.id for m in batch])
+
+
+def event_ids(messages: list[Message]) -> list[str]:
+    return [str(m.data["event_id"]) for m in messages]
 
 
 def received(bus: EventBus, service: str) -> list[str]:
-    """Event ids in a service's subscription queue, in order (duplicates kept)."""
+    """Event ids a fresh reader of the service's subscription gets now, in order
+    (acknowledged, so a second call gets only what came since)."""
     queue, _ = bus.subscription_queue(service)
-    return [str(m.data["event_id"]) for m in queue.peek(count=1_000_000)]
+    return event_ids(consume(queue))
 
 
 def log_key(prefix: str) -> str:
@@ -82,8 +95,27 @@ def logged_event_ids(raw: redis.Redis, prefix: str) -> list[str]:
     return [str(json.loads(fields[b"d"])["event_id"]) for _, fields in log_rows(raw, prefix)]
 
 
-def pending_in_log(raw: redis.Redis, prefix: str) -> int:
-    return int(raw.xpending(log_key(prefix), GROUP)["pending"])
+def groups_on_log(raw: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    """XINFO GROUPS of the log (none before the first event made the stream)."""
+    if not raw.exists(log_key(prefix)):
+        return []
+    groups: list[dict[str, Any]] = raw.xinfo_groups(log_key(prefix))
+    return groups
+
+
+def group_on_log(raw: redis.Redis, prefix: str, service: str) -> dict[str, Any] | None:
+    """XINFO GROUPS of the log for the subscription's group ``sub:SERVICE`` (None: none)."""
+    for group in groups_on_log(raw, prefix):
+        if group["name"].decode() == f"sub:{service}":
+            return group
+    return None
+
+
+def settled(raw: redis.Redis, prefix: str, service: str) -> bool:
+    """The subscription's group has read the whole log and holds nothing unacknowledged."""
+    group = group_on_log(raw, prefix, service)
+    assert group is not None, f"no group sub:{service} on the log"
+    return bool(group["pending"] == 0 and group["lag"] == 0)
 
 
 @dataclass
@@ -95,16 +127,28 @@ class Counts:
     def snapshot(self) -> tuple[int, int]:
         return self.round_trips, self.commands
 
-    def count(self, args: Any) -> None:
-        self.commands += 1
-        self.by_name[str(args[0]).upper()] += 1
+    def count_packed(self, data: bytes) -> None:
+        """Count the commands in a buffer of RESP arrays of bulk strings."""
+        pos = 0
+        while pos < len(data):
+            assert data[pos:pos + 1] == b"*", data[pos:pos + 20]
+            end = data.index(b"\r\n", pos)
+            n, pos = int(data[pos + 1:end]), end + 2
+            for i in range(n):
+                end = data.index(b"\r\n", pos)
+                size = int(data[pos + 1:end])
+                if i == 0:
+                    self.commands += 1
+                    self.by_name[data[end + 2:end + 2 + size].decode().upper()] += 1
+                pos = end + 2 + size + 2
 
 
 def counting_client(url: str) -> tuple[redis.Redis, Counts]:
     """A real client whose connections count round trips and commands.
 
     A round trip is a burst of requests written before the client reads a reply: a
-    pipeline is one, however many commands it carries.
+    pipeline is one, however many commands it carries. Commands are counted in what is
+    written to the socket, however it was packed (redis-py's packers or relaybus's own).
     """
     counts = Counts()
 
@@ -115,25 +159,14 @@ def counting_client(url: str) -> tuple[redis.Redis, Counts]:
             if not self._sending:
                 counts.round_trips += 1
                 self._sending = True
+            chunks = [command] if isinstance(command, (bytes, bytearray, memoryview)) \
+                else command
+            counts.count_packed(b"".join(bytes(c) for c in chunks))
             super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
         def read_response(self, *args: Any, **kwargs: Any) -> Any:
             self._sending = False
             return super().read_response(*args, **kwargs)
-
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            counts.count(args)
-            super().send_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-        def pack_command(self, *args: Any) -> Any:
-            counts.count(args)
-            return super().pack_command(*args)  # type: ignore[no-untyped-call]
-
-        def pack_commands(self, commands: Any) -> Any:
-            commands = list(commands)
-            for args in commands:
-                counts.count(args)
-            return super().pack_commands(commands)  # type: ignore[no-untyped-call]
 
     return redis.Redis.from_url(url, connection_class=CountingConnection), counts
 
@@ -211,34 +244,39 @@ def private_server(tmp_path: Path) -> Iterator[PrivateServer]:
 
 
 def test_subscriptions_live_in_redis_and_every_bus_sees_them(
-        make_bus: Callable[..., EventBus], redis_url: str) -> None:
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     first = make_bus()
     assert first.subscribe("billing", [OrderPlaced]) == "sub:billing"
     second = make_bus()  # another EventBus object: same server, same prefix
     assert second.subscriptions() == {"billing": ["bustest.order_placed"]}
-    other_prefix = make_bus(prefix=f"other{uuid.uuid4().hex[:8]}:")
+    assert raw.hgetall(f"{prefix}subscriptions") == {b"billing": b'["bustest.order_placed"]'}
+    other_prefix = make_bus(prefix=f"{prefix}other:")  # cleaned up with the test's prefix
     assert other_prefix.subscriptions() == {}
 
     event = OrderPlaced(order_id="o-1")
     first.publish(event)
-    assert route_all(second) == 1  # routes by a table it never built itself
-    assert received(second, "billing") == [event.event_id]
+    assert received(second, "billing") == [event.event_id]  # read through another bus
+    assert received(other_prefix, "billing") == []  # another prefix sees nothing of it
 
 
-def test_publish_needs_no_running_processor(make_bus: Callable[..., EventBus],
-                                            raw: redis.Redis, prefix: str) -> None:
+def test_publish_needs_no_running_bus(make_bus: Callable[..., EventBus],
+                                      raw: redis.Redis, prefix: str) -> None:
+    subscriber = make_bus()
+    subscriber.subscribe("billing", [OrderPlaced])
     publisher = make_bus()
-    assert not publisher.running
-    publisher.subscribe("billing", [OrderPlaced])
-    msg_id = publisher.publish(OrderPlaced(order_id="o-1"))
-    assert raw.xlen(log_key(prefix)) == 1
-    assert log_rows(raw, prefix)[0][0].decode() == msg_id
-    router = make_bus()
-    assert route_all(router) == 1
-    assert len(received(router, "billing")) == 1
+    assert not publisher.running and not subscriber.running
+    event = OrderPlaced(order_id="o-1")
+    msg_id = publisher.publish(event)
+    assert [r[0].decode() for r in log_rows(raw, prefix)] == [msg_id]
+    queue, _ = subscriber.subscription_queue("billing")
+    (message,) = consume(queue)
+    assert message.id == f"all/{msg_id}"
+    assert message.data["event_id"] == event.event_id
+    assert not publisher.running and publisher.processor_thread is None
 
 
-def test_subscribe_takes_classes_and_names(make_bus: Callable[..., EventBus]) -> None:
+def test_subscribe_takes_classes_and_names(make_bus: Callable[..., EventBus],
+                                           raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
     bus.subscribe("mixed", [OrderPaid, "bustest.order_placed", "made.up.name"])
     bus.subscribe("one_class", OrderShipped)
@@ -248,17 +286,26 @@ def test_subscribe_takes_classes_and_names(make_bus: Callable[..., EventBus]) ->
         "one_class": ["bustest.order_shipped"],
         "one_name": ["bustest.order_paid"],
     }
+    # the types the readers filter by live in each subscription's meta hash
+    meta = QueueKeys(prefix, "sub:mixed").meta
+    assert meta == f"{prefix}{{all}}:sub:mixed:meta"
+    assert json.loads(raw.hget(meta, "types") or b"") == [
+        "bustest.order_paid", "bustest.order_placed", "made.up.name"]
 
 
-def test_subscribe_rejects_what_it_cannot_use(make_bus: Callable[..., EventBus]) -> None:
+def test_subscribe_rejects_what_it_cannot_use(make_bus: Callable[..., EventBus],
+                                              raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
     with pytest.raises(ValueError):
         bus.subscribe("svc", [])
     with pytest.raises(ValueError):  # InvalidNameError is a ValueError
         bus.subscribe("bad name", None)
+    with pytest.raises(ValueError):  # no room left for the "sub:" of its queue
+        bus.subscribe("x" * 198, None)
     with pytest.raises(TypeError):
         bus.subscribe("svc", [Event])  # abstract: no event type
     assert bus.subscriptions() == {}
+    assert groups_on_log(raw, prefix) == []
 
 
 def test_subscribe_again_replaces_the_types(make_bus: Callable[..., EventBus]) -> None:
@@ -268,7 +315,6 @@ def test_subscribe_again_replaces_the_types(make_bus: Callable[..., EventBus]) -
     assert bus.subscriptions() == {"svc": ["bustest.order_paid"]}
     placed, paid = OrderPlaced(order_id="a"), OrderPaid(order_id="a")
     bus.publish_many([placed, paid])
-    route_all(bus)
     assert received(bus, "svc") == [paid.event_id]
 
 
@@ -284,24 +330,47 @@ def test_wildcard_subscription_gets_types_defined_after_it(
 
     event = DefinedLater(n=1)
     bus.publish(event)
-    route_all(bus)
     assert received(bus, "audit") == [event.event_id]
 
 
-def test_unsubscribe_stops_routing_and_keeps_the_queue(
-        make_bus: Callable[..., EventBus]) -> None:
+def test_unsubscribe_keeps_what_was_meant_for_the_service_and_stops_new_events(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
     bus.subscribe("svc", [OrderPlaced])
-    first = OrderPlaced(order_id="1")
-    bus.publish(first)
-    route_all(bus)
+    held, other, waiting = OrderPlaced(order_id="1"), NobodyListens(n=1), OrderPlaced(order_id="2")
+    for event in (held, other, waiting):
+        bus.publish(event)
+    reader, _ = bus.subscription_queue("svc")
+    assert event_ids(reader.get_messages(count=1)) == [held.event_id]  # delivered, not acked
+
     assert bus.unsubscribe("svc") is True
     assert bus.unsubscribe("svc") is False
     assert bus.subscriptions() == {}
-    bus.publish(OrderPlaced(order_id="2"))
-    route_all(bus)
-    assert received(bus, "svc") == [first.event_id]  # what waited there is kept
-    assert bus.stats_counters()["unrouted"] == 1
+    assert group_on_log(raw, prefix, "svc") is None  # nothing holds the log back for it
+    after = OrderPlaced(order_id="3")
+    bus.publish(after)
+
+    queue, _ = bus.subscription_queue("svc")
+    # what was meant for it (delivered but unsettled, and published but unread) now
+    # waits in its own stream, in log order; what came after the unsubscribe does not
+    assert event_ids(queue.peek(count=100)) == [held.event_id, waiting.event_id]
+    assert event_ids(consume(queue)) == [held.event_id, waiting.event_id]
+    assert received(bus, "svc") == []
+    assert group_on_log(raw, prefix, "svc") is None  # reading did not subscribe it again
+
+
+def test_unsubscribe_keeps_only_the_services_types_whatever_the_entrys_shape(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    """An entry without routing field is typed by its payload, as a reader types it."""
+    bus = make_bus()
+    bus.subscribe("svc", [OrderPlaced])
+    mine = {"event_type": "bustest.order_placed", "event_id": "mine"}
+    theirs = {"event_type": "bustest.nobody_listens", "event_id": "theirs"}
+    for payload in (mine, theirs):
+        raw.xadd(log_key(prefix), {"d": json.dumps(payload), "t": int(time.time() * 1000)})
+    assert bus.unsubscribe("svc") is True
+    queue, _ = bus.subscription_queue("svc")
+    assert event_ids(queue.peek(count=100)) == ["mine"]
 
 
 # -- publishing ------------------------------------------------------------------------
@@ -310,388 +379,503 @@ def test_unsubscribe_stops_routing_and_keeps_the_queue(
 def test_publish_many_is_one_round_trip(redis_url: str, prefix: str, raw: redis.Redis) -> None:
     client, counts = counting_client(redis_url)
     with EventBus(prefix=prefix, client=client) as bus:
-        bus.publish_many([])  # warm up: connection, server check
-        client.ping()
+        warm = OrderPlaced(order_id="warm-up")
+        bus.publish(warm)  # connection, server check, script loaded
         events = [OrderPlaced(order_id=str(i)) for i in range(50)]
-        round_trips, xadds = counts.round_trips, counts.by_name["XADD"]
+        round_trips, scripts = counts.round_trips, counts.by_name["EVALSHA"]
         ids = bus.publish_many(events)
-        assert (counts.round_trips - round_trips, counts.by_name["XADD"] - xadds) == (1, 50)
-    assert [r[0].decode() for r in log_rows(raw, prefix)] == ids
-    assert logged_event_ids(raw, prefix) == [e.event_id for e in events]
+        assert (counts.round_trips - round_trips, counts.by_name["EVALSHA"] - scripts) == (1, 1)
+    assert [r[0].decode() for r in log_rows(raw, prefix)][1:] == ids
+    assert logged_event_ids(raw, prefix) == [warm.event_id, *(e.event_id for e in events)]
     client.close()
 
 
-def test_publish_takes_events_only(make_bus: Callable[..., EventBus]) -> None:
+def test_publish_takes_events_only(make_bus: Callable[..., EventBus],
+                                   raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
     with pytest.raises(TypeError):
         bus.publish({"event_type": "x"})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         bus.publish_many([OrderPlaced(order_id="1"), "nope"])  # type: ignore[list-item]
-    assert bus.events_queue.get_info().message_count == 0  # all-or-nothing encoding
+    assert raw.xlen(log_key(prefix)) == 0  # all-or-nothing encoding: not even the first
 
 
-# -- routing -----------------------------------------------------------------------------
+def test_out_of_memory_server_refuses_publish_and_nothing_is_written(
+        private_server: PrivateServer) -> None:
+    admin = redis.Redis.from_url(private_server.url)
+    p = "oom:"
+    with EventBus(private_server.url, prefix=p, retry_timeout=2.0) as bus:
+        bus.subscribe("a", None)
+        before = OrderPlaced(order_id="before")
+        bus.publish(before)
+        refused = [OrderPlaced(order_id=str(i)) for i in range(3)]
+        admin.config_set("maxmemory", "1")
+        try:
+            with pytest.raises(BrokerOutOfMemoryError):
+                bus.publish(refused[0])
+            with pytest.raises(BrokerOutOfMemoryError):
+                bus.publish_many(refused)
+            assert admin.xlen(log_key(p)) == 1
+            published = QueueKeys(p, "all")
+            assert admin.zcard(published.published) == 1  # the refused ones are not
+            assert admin.hlen(published.published_ids) == 1  # remembered as published
+        finally:
+            admin.config_set("maxmemory", "0")
+        ids = bus.publish_many(refused)  # so publishing them again writes them
+        assert len(set(ids)) == 3 and admin.xlen(log_key(p)) == 4
+        assert received(bus, "a") == [before.event_id, *(e.event_id for e in refused)]
+    admin.close()
 
 
-def test_each_matching_subscription_gets_exactly_one_copy(
-        make_bus: Callable[..., EventBus]) -> None:
-    bus = make_bus(batch_size=7)  # several batches
-    bus.subscribe("orders", [OrderPlaced, OrderPaid])
-    bus.subscribe("shipping", [OrderPaid, OrderShipped])
-    bus.subscribe("audit", None)
-    bus.subscribe("audit_too", [OrderPlaced, ALL_EVENTS])  # a type and the wildcard
+# -- fan-out ---------------------------------------------------------------------------
+
+
+def test_each_matching_subscription_gets_each_event_exactly_once(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    subscriptions: dict[str, list[Any] | None] = {
+        "orders": [OrderPlaced, OrderPaid],
+        "shipping": [OrderPaid, OrderShipped],
+        "audit": None,
+        "audit_too": [OrderPlaced, ALL_EVENTS],  # a type and the wildcard
+    }
+    publisher = make_bus()
+    for name, types in subscriptions.items():
+        publisher.subscribe(name, types)
     events: list[Event] = []
     for i in range(20):
         events += [OrderPlaced(order_id=str(i)), OrderPaid(order_id=str(i)),
                    OrderShipped(order_id=str(i)), NobodyListens(n=i)]
-    bus.publish_many(events)
-    assert route_all(bus) == len(events)
+    for start in range(0, len(events), 7):  # several publishes, read in several batches
+        publisher.publish_many(events[start: start + 7])
 
-    def expect(*types: type[Event]) -> list[str]:
-        return [e.event_id for e in events if not types or isinstance(e, types)]
+    def expect(types: list[Any] | None) -> list[str]:
+        classes = tuple(t for t in types or () if isinstance(t, type))
+        wild = types is None or ALL_EVENTS in types
+        return [e.event_id for e in events if wild or isinstance(e, classes)]
 
-    assert received(bus, "orders") == expect(OrderPlaced, OrderPaid)
-    assert received(bus, "shipping") == expect(OrderPaid, OrderShipped)
-    assert received(bus, "audit") == expect()
-    assert received(bus, "audit_too") == expect()
+    for name, types in subscriptions.items():
+        reader = make_bus()  # a consumer of its own: its counters are its own
+        queue, dlq = reader.subscription_queue(name)
+        assert event_ids(consume(queue, count=9)) == expect(types), name
+        assert reader.mq.stats.get("skipped", 0) == len(events) - len(expect(types)), name
+        assert settled(raw, prefix, name)
+        assert dlq.peek() == [] and queue.peek() == []  # nothing copied anywhere
+    assert raw.xlen(log_key(prefix)) == len(events)  # each event written once
 
 
 def test_same_event_published_twice_reaches_each_subscriber_once(
-        make_bus: Callable[..., EventBus]) -> None:
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
     bus.subscribe("a", [OrderPlaced])
     bus.subscribe("b", None)
     event = OrderPlaced(order_id="1")
-    bus.publish(event)
-    bus.publish(event)  # e.g. a client retry, same batch
-    route_all(bus)
-    bus.publish(event)  # and again, in a later batch
-    route_all(bus)
+    first = bus.publish(event)
+    assert bus.publish(event) == first  # e.g. a client retry
     assert received(bus, "a") == [event.event_id]
-    assert received(bus, "b") == [event.event_id]
-    assert bus.stats_counters()["routed"] == 3
+    assert bus.publish(event) == first  # and again, after it was read
+    assert bus.publish_many([OrderPlaced(order_id="2"), event])[1] == first
+    assert raw.xlen(log_key(prefix)) == 2
+    assert received(bus, "a") == [logged_event_ids(raw, prefix)[1]]
+    assert event_ids(consume(bus.subscription_queue("b")[0])) == logged_event_ids(raw, prefix)
 
 
-def test_dedup_lasts_for_the_window_only(make_bus: Callable[..., EventBus]) -> None:
-    bus = make_bus(dedup_window=0.05)
+def test_same_event_twice_in_one_publish_many_is_written_once(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    bus = make_bus()
+    bus.subscribe("a", None)
+    event = OrderPlaced(order_id="1")
+    ids = bus.publish_many([event, OrderPlaced(order_id="2"), event])
+    assert ids[2] == ids[0]
+    assert bus.publish(event) == ids[0]
+    assert raw.xlen(log_key(prefix)) == 2
+    assert received(bus, "a").count(event.event_id) == 1
+
+
+def test_dedup_lasts_for_the_window_only(make_bus: Callable[..., EventBus],
+                                         raw: redis.Redis, prefix: str) -> None:
+    window = 0.3
+    bus = make_bus(dedup_window=window)
     bus.subscribe("a", [OrderPlaced])
     event = OrderPlaced(order_id="1")
-    bus.publish(event)
-    route_all(bus)
-    routed_at = time.time()
-    wait_until(lambda: time.time() > routed_at + 0.1, what="the dedup window to pass")
-    bus.publish(event)
-    route_all(bus)
+    started = time.monotonic()
+    first = bus.publish(event)
+    assert bus.publish(event) == first
+    second = wait_until(lambda: (i := bus.publish(event)) != first and i, timeout=10,
+                        what="the dedup window to pass")
+    assert time.monotonic() - started >= window  # not before the window passed
+    assert [r[0].decode() for r in log_rows(raw, prefix)] == [first, second]
     assert received(bus, "a") == [event.event_id, event.event_id]
 
 
-def test_routing_needs_no_event_class(make_bus: Callable[..., EventBus],
-                                      raw: redis.Redis, prefix: str) -> None:
+def test_a_subscription_needs_no_event_class(make_bus: Callable[..., EventBus]) -> None:
     bus = make_bus()
     bus.subscribe("svc", ["never.defined.anywhere"])
-    payload = {"event_type": "never.defined.anywhere", "event_id": "id-1", "x": 1}
-    raw.xadd(log_key(prefix), {"d": json.dumps(payload), "t": int(time.time() * 1000)})
-    assert route_all(bus) == 1
-    assert received(bus, "svc") == ["id-1"]
+    assert resolve_event_type("never.defined.anywhere") is None
+    log_id = bus.publish_raw("never.defined.anywhere", {"event_id": "id-1", "x": 1})
+    (message,) = consume(bus.subscription_queue("svc")[0])
+    assert message.id == f"all/{log_id}"
+    assert message.data["event_type"] == "never.defined.anywhere"
+    assert message.data["event_id"] == "id-1" and message.data["x"] == 1
 
 
-def test_a_big_batch_is_copied_once_and_in_order(make_bus: Callable[..., EventBus]) -> None:
-    """More events than route.lua handles per step, a re-published one across steps."""
-    bus = make_bus(batch_size=2000)
-    bus.subscribe("svc", None)
-    events = [OrderPlaced(order_id=str(i)) for i in range(1100)]
-    bus.publish_many([*events[:1050], events[10], *events[1050:]])
-    assert bus.route_once() == 1101  # one batch
-    assert received(bus, "svc") == [e.event_id for e in events]
-
-
-def test_an_entry_of_another_shape_is_copied_with_every_field(
-        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+def test_a_big_batch_arrives_once_and_in_order(make_bus: Callable[..., EventBus],
+                                               raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()
-    bus.subscribe("svc", ["bustest.order_placed"])
+    bus.subscribe("all_types", None)
+    bus.subscribe("placed", [OrderPlaced])
+    events: list[Event] = [OrderPlaced(order_id=str(i)) if i % 5 else NobodyListens(n=i)
+                           for i in range(2500)]
+    ids = bus.publish_many(events)
+    assert len(set(ids)) == len(events)
+    everything = consume(bus.subscription_queue("all_types")[0])  # several reads of 1000
+    assert [m.id for m in everything] == [f"all/{i}" for i in ids]
+    assert event_ids(everything) == [e.event_id for e in events]
+    assert received(bus, "placed") == [e.event_id for e in events if isinstance(e, OrderPlaced)]
+
+
+@pytest.mark.parametrize("types", [None, ["bustest.order_placed"]], ids=["wildcard", "typed"])
+def test_an_entry_of_another_shape_is_delivered_with_every_field(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str,
+        types: list[str] | None) -> None:
+    """Written by another producer: no routing field, the event type in the payload."""
+    bus = make_bus()
+    bus.subscribe("svc", types)
     fields = {"d": json.dumps({"event_type": "bustest.order_placed", "event_id": "e-1",
                                "order_id": "o-1"}),
-              "t": "1700000000000", "h": json.dumps({"trace": "abc"}), "custom": "kept",
-              "e": "bustest.order_placed", "k": "e-1"}
+              "t": "1700000000000", "h": json.dumps({"trace": "abc"}), "custom": "kept"}
     raw.xadd(log_key(prefix), fields)  # type: ignore[arg-type]
-    assert route_all(bus) == 1
-    queue, _ = bus.subscription_queue("svc")
-    rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw.xrange(queue.key))
-    assert [{k.decode(): v.decode() for k, v in f.items()} for _, f in rows] == [fields]
-    (message,) = queue.get_messages(count=1)
+    (message,) = consume(bus.subscription_queue("svc")[0])
+    assert {k.decode(): v.decode() for k, v in message.fields.items()} == fields
     assert message.headers == {"trace": "abc"}
-    assert message.data["order_id"] == "o-1"
+    assert message.data["order_id"] == "o-1" and message.timestamp == 1700000000.0
+    assert settled(raw, prefix, "svc")
+    if types is not None:  # a subscription of another type skips it, by its payload's type
+        bus.subscribe("other", [OrderPaid])
+        raw.xadd(log_key(prefix), fields)  # type: ignore[arg-type]
+        other = make_bus()
+        assert consume(other.subscription_queue("other")[0]) == []
+        assert other.mq.stats.get("skipped") == 1
 
 
-def test_entry_without_event_type_goes_to_the_bus_dlq(
-        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+@pytest.mark.parametrize("types", [None, [OrderPlaced]], ids=["wildcard", "typed"])
+def test_an_entry_without_event_type_is_delivered(make_bus: Callable[..., EventBus],
+                                                  raw: redis.Redis, prefix: str,
+                                                  types: list[Any] | None) -> None:
+    """Its type cannot be read: every subscription gets it, and its consumer decides."""
     bus = make_bus()
-    bus.subscribe("audit", None)
+    bus.subscribe("svc", types)
     raw.xadd(log_key(prefix), {"d": '{"x":1}', "t": int(time.time() * 1000)})
-    good = OrderPlaced(order_id="1")
-    bus.publish(good)
-    assert route_all(bus) == 2
-    dead = bus.events_dlq.peek(count=10)
-    assert len(dead) == 1
-    assert dead[0].data == {"x": 1}
-    assert "event_type" in (dead[0].reason or "")
-    assert pending_in_log(raw, prefix) == 0
-    assert received(bus, "audit") == [good.event_id]  # not even the wildcard got it
+    (message,) = consume(bus.subscription_queue("svc")[0])
+    assert message.data == {"x": 1}
+    assert settled(raw, prefix, "svc")
 
 
+@pytest.mark.parametrize("types", [None, [OrderPlaced]], ids=["wildcard", "typed"])
 @pytest.mark.parametrize("fields", [
     {"d": "{not json", "t": "1"},
     {"d": "[1, 2]", "t": "1"},
     {"t": "1", "e": "bustest.order_placed"},  # no payload at all
-])
-def test_malformed_entry_goes_to_the_bus_dlq(make_bus: Callable[..., EventBus],
-                                             raw: redis.Redis, prefix: str,
-                                             fields: dict[str, str]) -> None:
+], ids=["not-json", "not-an-object", "no-payload"])
+def test_a_malformed_entry_ends_in_the_subscriptions_dlq(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str,
+        fields: dict[str, str], types: list[Any] | None) -> None:
     bus = make_bus()
-    bus.subscribe("audit", None)
-    raw.xadd(log_key(prefix), fields)  # type: ignore[arg-type]
-    bus.publish(OrderPlaced(order_id="1"))
-    route_all(bus)
-    dead = bus.events_dlq.peek(count=10)
-    assert len(dead) == 1
-    assert (dead[0].reason or "").startswith("malformed"), dead[0].reason
-    assert pending_in_log(raw, prefix) == 0
-    assert len(received(bus, "audit")) == 1
+    bus.subscribe("svc", types)
+    before, after = OrderPlaced(order_id="before"), OrderPlaced(order_id="after")
+    bus.publish(before)
+    bad_id = cast(bytes, raw.xadd(log_key(prefix), fields)).decode()  # type: ignore[arg-type]
+    bus.publish(after)
+    queue, dlq = bus.subscription_queue("svc")
+    assert event_ids(consume(queue)) == [before.event_id, after.event_id]
+    (dead,) = dlq.peek(count=10)
+    assert (dead.reason or "").startswith("malformed"), dead.reason
+    (row,) = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw.xrange(dlq.key))
+    record = json.loads(row[1][b"f"])[-1]  # the failure record, as stored
+    assert record["reason"].startswith("malformed entry"), record
+    assert record["message_id"] == f"all/{bad_id}" and record["queue"] == "sub:svc"
+    assert {k: v for k, v in row[1].items() if k != b"f"} == {  # the entry as it was
+        k.encode(): v.encode() for k, v in fields.items()}
+    assert settled(raw, prefix, "svc")  # nothing left pending in the log
 
 
-def test_event_without_subscriber_is_acknowledged_and_counted(
+def test_an_event_without_subscriber_stays_in_the_log_until_retention(
         make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
-    bus = make_bus()
+    bus = make_bus(retention_max_len=0, retention_seconds=None)  # no limit for now
     bus.subscribe("svc", [OrderPlaced])
-    bus.publish_many([NobodyListens(n=1), NobodyListens(n=2), OrderPlaced(order_id="1")])
-    assert route_all(bus) == 3
-    assert pending_in_log(raw, prefix) == 0
-    counters = bus.stats_counters()
-    assert counters["unrouted"] == 2
-    assert counters["routed"] == 3
-    assert raw.xlen(log_key(prefix)) == 3  # kept in the log for its retention
+    unheard = [NobodyListens(n=1), NobodyListens(n=2)]
+    placed = OrderPlaced(order_id="1")
+    bus.publish_many([*unheard, placed])
+    reader = make_bus()
+    assert event_ids(consume(reader.subscription_queue("svc")[0])) == [placed.event_id]
+    assert reader.mq.stats["skipped"] == 2
+    assert settled(raw, prefix, "svc")  # nothing holds the unheard ones
+    assert bus.trim() == 0
+    assert raw.xlen(log_key(prefix)) == 3  # kept in the log for inspection and replay
+    bus.retention_max_len = 1
+    assert bus.trim() == 2
+    assert logged_event_ids(raw, prefix) == [placed.event_id]
 
 
-def test_route_once_costs_three_round_trips_whatever_the_batch(
-        redis_url: str, prefix: str, raw: redis.Redis) -> None:
-    """K events to S subscriptions, B of them undecodable or typeless: fetch, copy,
-    settle, whatever K, S and B."""
-
-    def measure(k: int, s: int, bad: int) -> tuple[int, int]:
-        p = f"{prefix}k{k}s{s}b{bad}:"
-        client, counts = counting_client(redis_url)
-        try:
-            with EventBus(prefix=p, client=client, batch_size=1000) as bus:
-                for i in range(s):
-                    bus.subscribe(f"svc{i}", [OrderPlaced] if i % 2 else None)
-                assert bus.route_once() == 0  # warm up (and the first retention trim)
-                events: list[Event] = [OrderPlaced(order_id=str(i)) for i in range(k)]
-                events += [NobodyListens(n=i) for i in range(k // 10)]
-                bus.publish_many(events)
-                for i in range(bad):
-                    raw.xadd(log_key(p), {"d": '{"no":"type"}' if i % 2 else "{broken"})
-                before = counts.snapshot()
-                assert bus.route_once() == len(events) + bad
-                rt, cmds = counts.round_trips - before[0], counts.commands - before[1]
-                assert len(received(bus, "svc0")) == len(events)  # svc0 takes every type
-                assert bus.events_dlq.get_info().message_count == bad
-            return rt, cmds
-        finally:
-            client.close()
-
-    small, big = measure(10, 1, 2), measure(200, 5, 20)
-    assert (small[0], big[0]) == (3, 3)
-    # commands grow with subscriptions and kinds of failure, never with the events
-    assert measure(200, 1, 2)[1] == small[1]
+# -- consumers -------------------------------------------------------------------------
 
 
-def test_rerouting_a_copied_but_unacknowledged_batch_adds_no_copy(
-        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
-    """A router that died after copying, before acknowledging: its batch is routed again."""
-    bus = make_bus()
-    bus.subscribe("a", [OrderPlaced])
-    bus.subscribe("b", None)
-    events = [OrderPlaced(order_id=str(i)) for i in range(5)]
-    bus.publish_many(events)
-    route_all(bus)
-    raw.xgroup_setid(log_key(prefix), GROUP, "0")  # the log forgets it routed them
-    assert route_all(bus) == 5
-    ids = [e.event_id for e in events]
-    assert received(bus, "a") == ids
-    assert received(bus, "b") == ids
-
-
-def test_a_dead_routers_batch_is_taken_over_once(make_bus: Callable[..., EventBus],
-                                                 raw: redis.Redis, prefix: str) -> None:
-    dead = make_bus(consumer_id="dead-router", visibility_timeout=0.2)
-    dead.subscribe("a", None)
-    events = [OrderPlaced(order_id=str(i)) for i in range(10)]
-    dead.publish_many(events)
-    assert len(dead.events_queue.get_messages(count=4)) == 4  # fetched, then "killed"
-    survivor = make_bus(consumer_id="survivor", visibility_timeout=0.2)
-    assert route_all(survivor) == 6  # the new ones at once
-    wait_until(lambda: survivor.route_once() == 4, what="the dead router's batch")
-    assert sorted(received(survivor, "a")) == sorted(e.event_id for e in events)
-    assert pending_in_log(raw, prefix) == 0
-
-
-def test_a_failed_copy_is_not_acknowledged(private_server: PrivateServer) -> None:
-    """The server refuses the copies (maxmemory): nothing is acknowledged, nothing lost."""
-    admin = redis.Redis.from_url(private_server.url)
-    with EventBus(private_server.url, prefix="oom:", visibility_timeout=0.1,
-                  retry_timeout=2.0) as bus:
-        bus.subscribe("a", None)
-        events = [OrderPlaced(order_id=str(i)) for i in range(5)]
-        bus.publish_many(events)
-        admin.config_set("maxmemory", "1")
-        try:
-            with pytest.raises(BrokerOutOfMemoryError):
-                bus.route_once()
-            assert int(admin.xpending(log_key("oom:"), GROUP)["pending"]) == 5
-        finally:
-            admin.config_set("maxmemory", "0")
-        wait_until(lambda: bus.route_once() == 5, what="the refused batch to be routed")
-        assert received(bus, "a") == [e.event_id for e in events]
-    admin.close()
-
-
-def test_a_batch_that_keeps_killing_routers_is_dead_lettered(
-        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
-    """Taken over more than max_deliveries times: to the bus DLQ, not retried forever."""
-    dead = make_bus(consumer_id="dead-router", visibility_timeout=0.1, max_deliveries=1)
-    dead.subscribe("a", None)
-    dead.publish_many([OrderPlaced(order_id=str(i)) for i in range(3)])
-    assert len(dead.events_queue.get_messages(count=10)) == 3  # delivery 1, then "killed"
-    survivor = make_bus(consumer_id="survivor", visibility_timeout=0.1, max_deliveries=1)
-    wait_until(lambda: survivor.route_once() == 3, what="the takeover")
-    dead_lettered = survivor.events_dlq.peek(count=10)
-    assert len(dead_lettered) == 3
-    assert all("max deliveries" in (m.reason or "") for m in dead_lettered)
-    assert received(survivor, "a") == []
-    assert pending_in_log(raw, prefix) == 0
-    assert survivor.stats_counters()["dead_lettered"] == 3
-
-
-def test_expired_log_entry_goes_to_the_bus_dlq(make_bus: Callable[..., EventBus],
-                                               raw: redis.Redis, prefix: str) -> None:
-    bus = make_bus()
-    bus.subscribe("a", None)
-    payload = json.dumps({"event_type": "bustest.order_placed", "event_id": "e-1"})
-    raw.xadd(log_key(prefix), {"d": payload, "t": 1, "x": 2, "e": "bustest.order_placed",
-                               "k": "e-1"})
-    assert route_all(bus) == 1
-    assert [m.reason for m in bus.events_dlq.peek()] == ["expired"]
-    assert received(bus, "a") == []
-
-
-def test_subscription_made_while_the_router_waits_gets_the_next_event(
-        redis_url: str, prefix: str, raw: redis.Redis) -> None:
-    """The router read the table before it started waiting: it must read it again."""
-    name = f"router-{uuid.uuid4().hex[:8]}"
+def test_a_subscription_made_while_another_consumer_waits_gets_the_next_event(
+        redis_url: str, prefix: str, raw: redis.Redis, make_bus: Callable[..., EventBus]) -> None:
+    name = f"waiter-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url, client_name=name)
-    with EventBus(prefix=prefix, client=client) as bus:
-        bus.start()
+    with EventBus(prefix=prefix, client=client, retry_timeout=5.0) as waiter:
+        waiter.subscribe("early", [OrderPlaced])
+        queue, _ = waiter.subscription_queue("early")
+        got: list[Message] = []
+        thread = threading.Thread(
+            target=lambda: got.extend(queue.get_messages(count=10, block_for_seconds=15)),
+            daemon=True)
+        thread.start()
 
-        def router_waits() -> bool:  # blocked in XREADGROUP, with the table it read before
+        def blocked_on_the_log() -> bool:  # in XREADGROUP BLOCK, from before the subscribe
             return any(c.get("name") == name and c.get("cmd") == "xreadgroup"
                        and "b" in c.get("flags", "") for c in raw.client_list())
 
-        wait_until(router_waits, what="the router to wait for events")
-        bus.subscribe("late", [OrderPlaced])
+        wait_until(blocked_on_the_log, what="the consumer to wait for events")
+        other = make_bus()
+        other.subscribe("late", [OrderPlaced])
         event = OrderPlaced(order_id="1")
-        bus.publish(event)
-        wait_until(lambda: received(bus, "late") == [event.event_id], what="routing")
-        assert bus.stats_counters().get("unrouted", 0) == 0
+        other.publish(event)
+        thread.join(timeout=15)
+        assert not thread.is_alive()
+        assert event_ids(got) == [event.event_id]
+        assert received(other, "late") == [event.event_id]
     client.close()
+
+
+def test_a_subscription_made_after_events_were_published_gets_only_later_ones(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    """A new subscription states where it starts: at the log's end, when it is made."""
+    bus = make_bus()
+    bus.subscription_queue("late")  # its queue pair exists before the events...
+    earlier = [OrderPlaced(order_id=f"early-{i}") for i in range(3)]
+    bus.publish_many(earlier)
+    bus.subscribe("late", [OrderPlaced])  # ...the subscription only after them
+    bus.subscribe("late_all", None)
+    group = group_on_log(raw, prefix, "late")
+    assert group is not None and group["lag"] == 0 and group["pending"] == 0
+    later = [OrderPlaced(order_id=f"later-{i}") for i in range(3)]
+    bus.publish_many(later)
+    assert received(bus, "late") == [e.event_id for e in later]
+    assert received(bus, "late_all") == [e.event_id for e in later]
+    bus.subscribe("late", [OrderPlaced, OrderPaid])  # subscribing again keeps its place
+    last = OrderPaid(order_id="last")
+    bus.publish(last)
+    assert received(bus, "late") == [last.event_id]
+
+
+def test_a_dead_consumers_events_are_taken_over_once_after_the_visibility_timeout(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    vt = 0.3
+    dead = make_bus(consumer_id="dead")
+    dead.subscribe("svc", None, visibility_timeout=vt)
+    events = [OrderPlaced(order_id=str(i)) for i in range(10)]
+    dead.publish_many(events)
+    held = dead.subscription_queue("svc")[0].get_messages(count=4)  # then it "dies"
+    held_at = time.monotonic()
+    assert len(held) == 4
+
+    survivor = make_bus(consumer_id="survivor")
+    queue, _ = survivor.subscription_queue("svc")
+    assert queue.visibility_timeout == vt  # the subscription's stored setting
+    got: list[Message] = []
+    taken_over_at: list[float] = []
+
+    def read() -> bool:
+        batch = queue.get_messages(count=10)
+        if any(m.id in {h.id for h in held} for m in batch):
+            taken_over_at.append(time.monotonic())
+        got.extend(batch)
+        queue.acknowledge_messages([m.id for m in batch])
+        return len(got) >= len(events)
+
+    wait_until(read, timeout=10, what="the dead consumer's events")
+    assert taken_over_at and taken_over_at[0] - held_at >= vt
+    assert sorted(Counter(m.id for m in got).values()) == [1] * len(events)  # each once
+    assert sorted(event_ids(got)) == sorted(e.event_id for e in events)
+    assert sorted(m.delivery_count for m in got if m.id in {h.id for h in held}) == [2] * 4
+    assert settled(raw, prefix, "svc")
+    assert raw.xpending_range(log_key(prefix), "sub:svc", "-", "+", 10, "dead") == []
+    # the dead consumer's late acknowledgement finds nothing of its own any more
+    assert dead.subscription_queue("svc")[0].acknowledge_messages([h.id for h in held]) == 0
+    assert received(make_bus(), "svc") == []
+
+
+def test_a_dead_consumers_events_of_other_types_are_not_delivered_on_takeover(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    """A consumer reads new log entries of every type and skips the others when it settles;
+    killed in between, it leaves them pending: taken over, they are skipped again."""
+    vt = 0.3
+    bus = make_bus()
+    bus.subscribe("svc", [OrderPlaced], visibility_timeout=vt)
+    placed, other = OrderPlaced(order_id="1"), NobodyListens(n=1)
+    bus.publish_many([placed, other])
+    # what the hot path reads for a consumer, which then dies before settling anything
+    raw.xreadgroup("sub:svc", "dead", {log_key(prefix): ">"}, count=10)
+    read_at = time.monotonic()
+    queue, _ = bus.subscription_queue("svc")
+    got: list[Message] = []
+
+    def read() -> bool:
+        batch = queue.get_messages(count=10)
+        got.extend(batch)
+        queue.acknowledge_messages([m.id for m in batch])
+        return settled(raw, prefix, "svc")
+
+    wait_until(read, timeout=10, what="the takeover")
+    assert time.monotonic() - read_at >= vt
+    assert event_ids(got) == [placed.event_id]
+
+
+def test_consuming_and_settling_cost_constant_round_trips_whatever_the_batch(
+        redis_url: str, prefix: str) -> None:
+    """K events (some of types the subscription skips), read and settled in batches."""
+
+    def measure(k: int, typed: bool, settle: str) -> tuple[int, int, int, int]:
+        p = f"{prefix}{uuid.uuid4().hex[:6]}:"
+        client, counts = counting_client(redis_url)
+        try:
+            with EventBus(prefix=p, client=client) as bus:
+                bus.subscribe("svc", [OrderPlaced] if typed else None)
+                events: list[Event] = [OrderPlaced(order_id=str(i)) for i in range(k)]
+                events += [NobodyListens(n=i) for i in range(k // 10)]
+                bus.publish_many(events)
+                queue, _ = bus.subscription_queue("svc")
+                before = counts.snapshot()
+                got = queue.get_messages(count=10_000)
+                read = counts.snapshot()
+                assert len(got) == (k if typed else len(events))
+                ids = [m.id for m in got]
+                if settle == "ack":
+                    assert queue.acknowledge_messages(ids) == len(ids)
+                elif settle == "retry":
+                    assert queue.schedule_retry(ids, 60, "later") == len(ids)
+                else:
+                    assert queue.move_to_dlq(ids, "dead") == len(ids)
+                done = counts.snapshot()
+                assert bus.subscription_queue("svc")[0].get_messages(count=10_000) == []
+            return (read[0] - before[0], read[1] - before[1],
+                    done[0] - read[0], done[1] - read[1])
+        finally:
+            client.close()
+
+    for settle in ("ack", "retry", "dead"):  # warm up: every script loaded on the server
+        measure(1, True, settle)
+    for typed in (False, True):
+        for settle in ("ack", "retry", "dead"):
+            small, big = measure(10, typed, settle), measure(300, typed, settle)
+            assert small == big, (typed, settle, small, big)
+            read_trips, _, settle_trips, _ = big
+            # the periodic fetch, one XREADGROUP (and the skipped ones' acknowledgement)
+            assert read_trips == (3 if typed else 2), (typed, settle, big)
+            assert settle_trips == 1, (typed, settle, big)
 
 
 # -- retention -------------------------------------------------------------------------
 
 
-def test_retention_keeps_max_len_routed_events_and_never_trims_unrouted(
+def test_retention_keeps_max_len_events_and_never_trims_unread_ones(
         make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
-    bus = make_bus(retention_max_len=5, retention_seconds=None, batch_size=4)
-    bus.trim_interval = float("inf")  # this test trims by hand
+    bus = make_bus(retention_max_len=5, retention_seconds=None)
     bus.subscribe("svc", [OrderPlaced])
     events = [OrderPlaced(order_id=str(i)) for i in range(12)]
     bus.publish_many(events)
-    assert bus.trim() == 0  # nothing routed yet: all 12 stay
+    assert bus.trim() == 0  # nothing read yet: all 12 stay
     assert raw.xlen(log_key(prefix)) == 12
 
-    assert bus.route_once() == 4
-    assert bus.trim() == 4  # only the routed ones may go
+    queue, _ = bus.subscription_queue("svc")
+    first = queue.get_messages(count=4)  # delivered, not yet acknowledged
+    assert len(first) == 4
+    assert bus.trim() == 0  # still pending: held
+    queue.acknowledge_messages([m.id for m in first])
+    assert bus.trim() == 4  # only what the subscription has settled may go
     assert raw.xlen(log_key(prefix)) == 8
 
-    fetched = bus.events_queue.get_messages(count=4)  # delivered but not yet routed
-    assert len(fetched) == 4
-    assert bus.trim() == 0
-    bus.events_queue.acknowledge_messages([m.id for m in fetched])
-
-    route_all(bus)
+    assert len(consume(queue)) == 8
     assert bus.trim() == 3
     assert logged_event_ids(raw, prefix) == [e.event_id for e in events[-5:]]
-    assert len(received(bus, "svc")) == 8  # the 4 acknowledged by hand were not routed
+    assert bus.trim() == 0
 
 
-def test_retention_by_age_trims_only_routed_events(make_bus: Callable[..., EventBus],
-                                                   raw: redis.Redis, prefix: str) -> None:
+def test_retention_by_age_trims_only_what_every_subscription_has_read(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     bus = make_bus(retention_max_len=0, retention_seconds=0.0)
-    bus.trim_interval = float("inf")  # this test trims by hand
-    bus.subscribe("svc", None)
-    bus.publish_many([OrderPlaced(order_id=str(i)) for i in range(3)])
-    route_all(bus)
-    routed_at = time.time()  # stream ids have millisecond resolution: let the clock move on
-    wait_until(lambda: time.time() > routed_at + 0.005, what="the routed events to age")
-    late = [OrderPlaced(order_id=str(i)) for i in range(2)]
+    bus.subscribe("fast", None)
+    bus.subscribe("slow", None)
+    read_first = [OrderPlaced(order_id=str(i)) for i in range(3)]
+    bus.publish_many(read_first)
+    assert len(received(bus, "fast")) == 3
+    assert bus.trim() == 0  # "slow" has not read them
+    assert len(received(bus, "slow")) == 3
+    published_at = time.time()  # stream ids have millisecond resolution: let the clock move on
+    wait_until(lambda: time.time() > published_at + 0.005, what="the read events to age")
+    late = [OrderPlaced(order_id=f"late-{i}") for i in range(2)]
     bus.publish_many(late)
-    assert bus.trim() == 3  # the late ones may be past the age limit too, but are unrouted
+    assert bus.trim() == 3  # the late ones may be past the age limit too, but are unread
     assert logged_event_ids(raw, prefix) == [e.event_id for e in late]
 
 
-# -- the processor -----------------------------------------------------------------------
+# -- maintenance -----------------------------------------------------------------------
 
 
-def test_started_bus_routes_in_the_background_and_stops(
-        make_bus: Callable[..., EventBus]) -> None:
-    with make_bus() as bus:
-        bus.subscribe("svc", None)
+def test_a_started_bus_runs_maintenance_in_the_background_and_stops(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    with make_bus(retention_max_len=3, retention_seconds=None) as bus:
+        bus.maintenance_interval = 0.05
+        events = [NobodyListens(n=i) for i in range(10)]
+        bus.publish_many(events)
         bus.start()
         bus.start()  # idempotent
         assert bus.running
         thread = bus.processor_thread
         assert thread is not None and thread.is_alive()
-        event = OrderPlaced(order_id="1")
-        bus.publish(event)
-        wait_until(lambda: received(bus, "svc") == [event.event_id], what="routing")
+        assert [t for t in threading.enumerate() if t.name == "relaybus-maintenance"] == [thread]
+        wait_until(lambda: raw.xlen(log_key(prefix)) == 3, what="the retention trim")
+        assert logged_event_ids(raw, prefix) == [e.event_id for e in events[-3:]]
     assert not bus.running
     assert not thread.is_alive()
 
 
-def test_router_survives_a_broker_outage(private_server: PrivateServer,
-                                         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="relaybus.bus")
-    bus = EventBus(private_server.url, prefix="outage:", retry_timeout=0.2)
+def test_maintenance_survives_a_broker_outage(private_server: PrivateServer,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="relaybus.bus")
+    p = "outage:"
+    admin = redis.Redis.from_url(private_server.url, socket_timeout=1.0)
+    bus = EventBus(private_server.url, prefix=p, retry_timeout=0.2, retention_max_len=2,
+                   retention_seconds=None)
     try:
-        bus.subscribe("svc", None)
+        bus.maintenance_interval = 0.05
+        bus.publish_many([NobodyListens(n=i) for i in range(5)])
         bus.start()
-        before = [OrderPlaced(order_id=str(i)) for i in range(3)]
-        bus.publish_many(before)
-        wait_until(lambda: len(received(bus, "svc")) == 3, what="routing before the outage")
-        admin = redis.Redis.from_url(private_server.url)
-        wait_until(lambda: pending_in_log(admin, "outage:") == 0, what="the acknowledgements")
-        admin.close()
+        wait_until(lambda: admin.xlen(log_key(p)) == 2, what="trimming before the outage")
+
+        def failures() -> list[str]:  # the first one logged as an error, later ones as debug
+            return [r.getMessage() for r in caplog.records
+                    if r.name == "relaybus.bus" and "event bus maintenance" in r.getMessage()
+                    and r.levelno in (logging.ERROR, logging.DEBUG)]
 
         private_server.kill()
-        wait_until(lambda: bus.stats.get("errors", 0) >= 3, what="three failed router ticks")
+        wait_until(lambda: len(failures()) >= 3, what="three failed maintenance rounds")
         private_server.start()  # same port, state from the append-only file
-        after = [OrderPlaced(order_id=f"after-{i}") for i in range(3)]
+        after = [NobodyListens(n=10 + i) for i in range(4)]
         bus.publish_many(after)
-        expected = [e.event_id for e in before + after]
-        wait_until(lambda: received(bus, "svc") == expected, timeout=20,
-                   what="routing after the outage")
+        wait_until(lambda: logged_event_ids(admin, p) == [e.event_id for e in after[-2:]],
+                   timeout=20, what="trimming after the outage")
+        assert bus.running and bus.processor_thread is not None
+        assert bus.processor_thread.is_alive()
     finally:
         bus.close()
+        admin.close()
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "relaybus.bus"]
-    assert sum("routing paused" in m for m in messages) == 1, messages
-    assert sum("routing resumed" in m for m in messages) == 1, messages
+    # one incident: its first failure logged as an error, its recovery once
+    records = [r for r in caplog.records if r.name == "relaybus.bus"
+               and "event bus maintenance" in r.getMessage()]
+    assert any(r.levelno == logging.ERROR for r in records), [r.getMessage() for r in records]
+    resumed = [r for r in records if r.levelno == logging.WARNING]
+    assert len(resumed) == 1 and "resumed" in resumed[0].getMessage(), \
+        [r.getMessage() for r in records]

@@ -16,20 +16,23 @@ import threading
 import time
 import traceback
 import types
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
 from typer.main import get_command
 from typer.testing import CliRunner, Result
 
-from relaybus import EventBus, MessageQueue, Queue, QueueInfo
+from cli_app import CliOrderPlaced
+from relaybus import EventBus, MessageQueue, Microservice, Queue, QueueInfo, Reject
 from relaybus.bus import EVENTS_QUEUE
 from relaybus.cli import app
-from relaybus.cli.live import Sample, rates
+from relaybus.cli.live import Sample, rates, top_rows
 from relaybus.embedded import EmbeddedServer
+from relaybus.keys import QueueKeys
 from waiting import wait_for
 
 T = TypeVar("T")
@@ -75,6 +78,12 @@ def no_traceback(result: Result) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def fresh_reader(bus: EventBus, service: str) -> Queue:
+    """A new reader of the subscription queue: its first fetch is a periodic one, which
+    reads the queue's own stream (where requeued messages go), not only the log."""
+    return bus.subscription_queue(service)[0]
+
+
 def dead_letter(bus: EventBus, service: str, count: int = 1, *,
                 reason: str = "ValueError: boom", event_type: str = "cli.Thing",
                 details: dict[str, Any] | None = None) -> tuple[Queue, Queue, list[str]]:
@@ -96,7 +105,7 @@ def test_help_groups_commands_in_panels() -> None:
     positions = {name: out.index(name) for name in ("Running", "Inspecting", "Repairing")}
     assert positions["Running"] < positions["Inspecting"] < positions["Repairing"]
     panels = {
-        "Running": ["demo", "run", "router", "server"],
+        "Running": ["demo", "run", "maintain", "server"],
         "Inspecting": ["queues", "subscriptions", "tail", "top"],
         "Repairing": ["dlq", "publish"],
     }
@@ -106,6 +115,14 @@ def test_help_groups_commands_in_panels() -> None:
         section = out[start: min(b for b in bounds if b > start)]
         for command in commands:
             assert f" {command} " in section, (panel, command)
+
+
+def test_bench_help_names_every_scenario_of_the_benchmarks() -> None:
+    from relaybus._bench import SCENARIOS
+
+    out = ok(CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})).stdout
+    listed = out.split("(default: all):", 1)[1].split(".", 1)[0]
+    assert [n.strip() for n in listed.split(",")] == [s.name for s in SCENARIOS]
 
 
 def test_every_command_and_option_has_a_one_line_help() -> None:
@@ -166,7 +183,7 @@ def closed_port() -> Iterator[int]:
     ["publish", "cli.Thing", "{}"],
     ["tail", "--count", "1"],
     ["top", "--iterations", "1"],
-    ["router"],
+    ["maintain"],
 ])
 def test_unreachable_broker_exits_1_naming_it(closed_port: int, args: list[str]) -> None:
     started = time.monotonic()
@@ -205,6 +222,30 @@ def test_queues_json_and_table(cli: Invoke, mq: MessageQueue) -> None:
     out = ok(cli("queues")).stdout
     for word in ("Name", "Waiting", "Pending", "Consumers", "Oldest waiting", "DLQ", "orders"):
         assert word in out
+
+
+def test_queues_counts_a_subscriptions_backlog_and_shows_the_log_without_one(
+        cli: Invoke, bus: EventBus) -> None:
+    bus.subscribe("billing", ["cli.A"])
+    bus.subscribe("audit")
+    for etype in ("cli.A", "cli.B", "cli.A"):
+        bus.publish_raw(etype, {})
+    billing, _ = bus.subscription_queue("billing")
+    assert len(billing.get_messages(count=1)) == 1  # the first event: pending
+    billing.send_message({"event_type": "cli.A", "n": 0})  # as a requeued one would wait
+
+    data = {r["name"]: r for r in rows(cli("queues", "--json"))}
+    assert set(data) == {"all", "sub:audit", "sub:billing"}
+    # waiting: the log entries its group has not read (of every type) + its own stream's
+    assert {k: data["sub:billing"][k] for k in ("waiting", "pending", "consumers")} == \
+        {"waiting": 3, "pending": 1, "consumers": 1}
+    assert {k: data["sub:audit"][k] for k in ("waiting", "pending", "consumers")} == \
+        {"waiting": 3, "pending": 0, "consumers": 0}
+    assert isinstance(data["sub:audit"]["oldest_waiting"], float)
+    assert data["all"] == {"name": "all", "waiting": None, "pending": None, "delayed": None,
+                           "consumers": None, "oldest_waiting": None, "dlq": 0}
+    out = ok(cli("queues")).stdout
+    assert "event log all: 3 events kept" in out and "sub:billing" in out
 
 
 def test_queues_when_there_are_none(cli: Invoke) -> None:
@@ -275,19 +316,42 @@ def test_dlq_show_has_payload_headers_and_history(cli: Invoke, bus: EventBus) ->
     no_traceback(missing)
 
 
-def test_dlq_requeue_by_id_brings_the_event_back_to_be_handled(cli: Invoke,
-                                                               bus: EventBus) -> None:
-    queue, dlq, ids = dead_letter(bus, "billing", 2)
-    result = ok(cli("dlq", "requeue", "sub:billing", ids[0]))
-    assert "requeued 1 message from sub:billing:dlq to sub:billing" in result.stdout
-    again = queue.get_messages(count=10)
-    assert [m.data["n"] for m in again] == [0]
-    assert again[0].reason == "ValueError: boom"  # the history travels with it
-    assert [m.id for m in dlq.peek()] == ids[1:]
+def test_dlq_requeue_by_id_brings_the_event_back_to_be_handled(
+        cli: Invoke, bus: EventBus, redis_url: str, prefix: str) -> None:
+    """A running service rejects each order once; requeued, it handles it (the requeued
+    message waits in the subscription's own stream until the service's next periodic
+    fetch: within a quarter of its visibility timeout when idle)."""
+    runs: Counter[str] = Counter()
+    handled: list[str] = []
+    svc = Microservice("billing", url=redis_url, prefix=prefix, visibility_timeout=1.0,
+                       block_for_seconds=0.2, maintenance=False)
 
-    assert rows(cli("dlq", "requeue", "billing", ids[1], "--json")) == [
-        {"queue": "sub:billing:dlq", "destination": "sub:billing", "requeued": 1}]
-    assert [m.data["n"] for m in queue.get_messages(count=10)] == [1]
+    @svc.on(CliOrderPlaced)
+    def charge(event: CliOrderPlaced) -> None:
+        runs[event.order_id] += 1
+        if runs[event.order_id] == 1:
+            raise Reject("card declined")
+        handled.append(event.order_id)
+
+    svc.start()
+    try:
+        dlq = svc.subscription_dlq
+        bus.publish_many([CliOrderPlaced(order_id=f"o-{n}", total=n) for n in range(2)])
+        wait_for(lambda: len(dlq.peek()) == 2, what="two rejections")
+        dead = {m.data["order_id"]: m for m in dlq.peek()}
+        assert dead["o-0"].reason == "card declined"
+
+        result = ok(cli("dlq", "requeue", "sub:billing", dead["o-0"].id))
+        assert "requeued 1 message from sub:billing:dlq to sub:billing" in result.stdout
+        wait_for(lambda: handled == ["o-0"], what="the requeued event to be handled")
+        assert [m.id for m in dlq.peek()] == [dead["o-1"].id]
+
+        assert rows(cli("dlq", "requeue", "billing", dead["o-1"].id, "--json")) == [
+            {"queue": "sub:billing:dlq", "destination": "sub:billing", "requeued": 1}]
+        wait_for(lambda: handled == ["o-0", "o-1"], what="the second one")
+        assert dlq.peek() == [] and runs == {"o-0": 2, "o-1": 2}
+    finally:
+        svc.close()
 
 
 def test_dlq_requeue_all_and_by_reason(cli: Invoke, bus: EventBus) -> None:
@@ -298,10 +362,13 @@ def test_dlq_requeue_all_and_by_reason(cli: Invoke, bus: EventBus) -> None:
 
     assert rows(cli("dlq", "requeue", "billing", "--reason-contains", "TIMEOUT", "--json")
                 )[0]["requeued"] == 2
-    assert sorted(m.data["n"] for m in queue.get_messages(count=10)) == [0, 1]
+    again = fresh_reader(bus, "billing").get_messages(count=10)  # its first fetch reads them
+    assert sorted(m.data["n"] for m in again) == [0, 1]
+    assert {m.reason for m in again} == {"TimeoutError: slow"}  # the history travels along
     assert [m.reason for m in dlq.peek()] == ["ValueError: nope"]
     assert "requeued 1 message" in ok(cli("dlq", "requeue", "billing", "--all")).stdout
     assert dlq.peek() == []
+    assert [m.data["n"] for m in fresh_reader(bus, "billing").get_messages(count=10)] == [9]
     assert "requeued 0 messages" in ok(cli("dlq", "requeue", "billing", "--all")).stdout
 
 
@@ -344,8 +411,8 @@ def test_publish_without_app_sends_the_fields_as_given(cli: Invoke, bus: EventBu
     bus.subscribe("audit", ["cli.Anything"])
     out = rows(cli("publish", "cli.Anything", '{"a": [1, 2], "b": "x"}', "--json"))[0]
     assert out["event_type"] == "cli.Anything" and out["id"] and out["event_id"]
-    bus.route_once()
-    msg = queue.get_messages()[0]
+    (msg,) = queue.get_messages(count=10)
+    assert msg.id == f"all/{out['id']}"
     assert msg.data["a"] == [1, 2] and msg.data["b"] == "x"
     assert msg.data["event_type"] == "cli.Anything" and msg.data["event_id"] == out["event_id"]
     assert isinstance(msg.data["timestamp"], float)
@@ -358,8 +425,8 @@ def test_publish_with_app_validates_then_publishes(cli: Invoke, bus: EventBus) -
     bus.subscribe("shop", ["cli.OrderPlaced"])
     out = rows(cli("publish", "cli.OrderPlaced", '{"order_id": "o-1", "total": "9.5"}',
                    "--app", "cli_app", "--json"))[0]
-    bus.route_once()
-    data = queue.get_messages()[0].data
+    (msg,) = queue.get_messages(count=10)
+    data = msg.data
     assert data["order_id"] == "o-1" and data["total"] == 9.5 and data["quantity"] == 1
     assert data["event_id"] == out["event_id"]
 
@@ -390,7 +457,10 @@ def test_publish_with_app_unknown_type_or_module(cli: Invoke) -> None:
 
 # -- tail -------------------------------------------------------------------------------
 
-def test_tail_from_start_renders_events_and_consumes_nothing(cli: Invoke, bus: EventBus) -> None:
+def test_tail_from_start_renders_events_and_consumes_nothing(cli: Invoke, bus: EventBus,
+                                                            raw: redis.Redis,
+                                                            prefix: str) -> None:
+    bus.subscribe("audit")
     ids = [bus.publish_raw(t, {"n": n}) for n, t in enumerate(["cli.A", "cli.B", "cli.A"])]
     started = time.monotonic()
     result = ok(cli("tail", "--from-start", "--count", "3", "--max-seconds", "10"))
@@ -406,7 +476,10 @@ def test_tail_from_start_renders_events_and_consumes_nothing(cli: Invoke, bus: E
     events = [json.loads(line) for line in only_a.stdout.splitlines()]
     assert [(e["type"], e["id"], e["payload"]["n"]) for e in events] == \
         [("cli.A", ids[0], 0), ("cli.A", ids[2], 2)]
-    assert bus.events_queue.get_info().waiting_messages == 3  # still there for the router
+    info = bus.subscription_queue("audit")[0].get_info()
+    assert (info.waiting_messages, info.pending_messages) == (3, 0)  # all still for the service
+    groups = raw.xinfo_groups(QueueKeys(prefix, EVENTS_QUEUE).stream)
+    assert [g["name"] for g in groups] == [b"sub:audit"]  # tail joined no group
 
 
 def test_tail_stops_after_max_seconds(cli: Invoke) -> None:
@@ -471,7 +544,23 @@ def test_top_rates_come_from_counter_deltas() -> None:
     assert rates(before, old_server, "q") == (2.0, 0.0)
 
 
-# -- server, router, run, demo ------------------------------------------------------------
+def test_top_counts_what_a_subscription_reads_from_the_log() -> None:
+    """A subscription takes in every event published to the log (its waiting count holds
+    them until its group reads them); the log itself has a rate in and nothing waiting."""
+    before = Sample(10.0, {"all": _info("all", count=10, waiting=10),
+                           "sub:s": _info("sub:s", count=0, waiting=4)},
+                    {"all": 100, "sub:s": 0})
+    # 2 s later: 20 published, 1 requeued into its own stream; backlog 4 -> 9: 16 went out
+    after = Sample(12.0, {"all": _info("all", count=30, waiting=30),
+                          "sub:s": _info("sub:s", count=1, waiting=7, pending=2)},
+                   {"all": 120, "sub:s": 1})
+    assert rates(before, after, "sub:s") == (10.5, 8.0)
+    assert rates(before, after, "all") == (10.0, None)
+    log_row = {r["name"]: r for r in top_rows(before, after)}["all"]
+    assert (log_row["waiting"], log_row["pending"], log_row["consumers"]) == (None, None, None)
+
+
+# -- server, maintain, run, demo ----------------------------------------------------------
 
 def test_server_start_status_stop(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "srv")
@@ -498,17 +587,31 @@ def test_server_start_status_stop(tmp_path: Path) -> None:
         EmbeddedServer(data_dir).stop()
 
 
-def test_router_routes_until_sigterm(redis_url: str, prefix: str, bus: EventBus) -> None:
-    queue, _ = bus.subscription_queue("billing")
-    bus.subscribe("billing", ["cli.Routed"])
+def test_maintain_trims_the_log_by_retention_until_sigterm(redis_url: str, prefix: str,
+                                                           bus: EventBus,
+                                                           raw: redis.Redis) -> None:
+    log = QueueKeys(prefix, EVENTS_QUEUE).stream
+    old = [bus.publish_raw("cli.Old", {"n": n}) for n in range(6)]  # no subscriber holds them
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relaybus", "router", "--url", redis_url, "--prefix", prefix],
+        [sys.executable, "-m", "relaybus", "maintain", "--max-len", "2", "--interval", "0.05",
+         "--url", redis_url, "--prefix", prefix],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def log_ids() -> list[str]:
+        return [i.decode() for i, _ in cast("list[tuple[bytes, Any]]", raw.xrange(log))]
+
     try:
-        bus.publish_raw("cli.Routed", {"n": 1})
-        routed = queue.get_messages(block_for_seconds=15)
-        assert [m.data["n"] for m in routed] == [1]
+        wait_for(lambda: log_ids() == old[-2:], timeout=15, what="the log trimmed to 2 events")
+        bus.subscribe("billing", ["cli.Kept"])
+        kept = [bus.publish_raw("cli.Kept", {"n": n}) for n in range(3)]
+        # the older ones go; the unread ones stay, though over the limit (one trim does both)
+        wait_for(lambda: log_ids() == kept, timeout=10, what="the older events trimmed")
+        queue, _ = bus.subscription_queue("billing")
+        read = queue.get_messages(count=10)
+        assert [m.id for m in read] == [f"all/{i}" for i in kept]
+        queue.acknowledge_messages([m.id for m in read])
+        wait_for(lambda: log_ids() == kept[-2:], timeout=10, what="the read events trimmed")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
@@ -516,7 +619,8 @@ def test_router_routes_until_sigterm(redis_url: str, prefix: str, bus: EventBus)
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    assert "routing events under prefix" in err and "router stopped on SIGTERM" in err
+    assert "maintaining the event log under prefix" in err and "at most 2 events" in err
+    assert "maintenance stopped on SIGTERM" in err
     assert "Traceback" not in err
 
 

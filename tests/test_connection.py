@@ -19,7 +19,15 @@ from relaybus import (
     Queue,
     RelaybusError,
 )
-from relaybus.connection import DEFAULT_RETRY_TIMEOUT, Connection, is_nogroup, resolve_url
+from relaybus._core.queue import ping
+from relaybus._sync.driver import Driver
+from relaybus.connection import (
+    DEFAULT_RETRY_TIMEOUT,
+    ConnectionSettings,
+    address_of,
+    is_nogroup,
+    resolve_url,
+)
 from relaybus.embedded import EmbeddedServer
 
 
@@ -81,11 +89,11 @@ def test_supported_schemes_pass_through(url: str) -> None:
 
 
 def test_tls_and_unix_clients_are_configured() -> None:
-    tls = Connection("rediss://example.invalid:6380/0")
-    assert tls.address == "example.invalid:6380"
-    assert "SSL" in tls.client.connection_pool.connection_class.__name__
-    unix = Connection("unix:///tmp/relaybus-test.sock")
-    assert unix.address == "/tmp/relaybus-test.sock"
+    tls = ConnectionSettings("rediss://example.invalid:6380/0").sync_client()
+    assert address_of(tls) == "example.invalid:6380"
+    assert "SSL" in tls.connection_pool.connection_class.__name__
+    unix = ConnectionSettings("unix:///tmp/relaybus-test.sock").async_client()
+    assert address_of(unix) == "/tmp/relaybus-test.sock"
 
 
 @pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379", "ftp://h/",
@@ -174,22 +182,26 @@ def test_default_retry_bound_is_at_most_ten_seconds(closed_port: int) -> None:
     assert mq.connection.retry_timeout == DEFAULT_RETRY_TIMEOUT
 
 
+def _driver(url: str, bound: float, socket_timeout: float = 10.0) -> Driver:
+    settings = ConnectionSettings(url, bound, socket_timeout)
+    return Driver(settings.sync_client(), retry_timeout=bound)
+
+
 def test_silent_server_raises_broker_unavailable(silent_port: int) -> None:
-    conn = Connection(f"redis://127.0.0.1:{silent_port}/0", retry_timeout=0.3,
-                      socket_timeout=0.3)
+    driver = _driver(f"redis://127.0.0.1:{silent_port}/0", 0.3, socket_timeout=0.3)
     start = time.monotonic()
     with pytest.raises(BrokerUnavailableError) as info:
-        conn.call(conn.client.ping)
+        driver.run(ping())
     assert time.monotonic() - start < 2.0
     assert str(silent_port) in str(info.value)
-    conn.close()
+    driver.close()
 
 
 def test_missing_unix_socket_raises_broker_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "nobody.sock"
-    conn = Connection(f"unix://{path}", retry_timeout=0.2)
+    driver = _driver(f"unix://{path}", 0.2)
     with pytest.raises(BrokerUnavailableError) as info:
-        conn.call(conn.client.ping)
+        driver.run(ping())
     assert str(path) in str(info.value)
 
 

@@ -2,17 +2,20 @@
 
 Layers, bottom up: :class:`MessageQueue` (queue pairs with dead-letter queues on
 Redis Streams), :class:`Event` (typed pydantic events), :class:`EventBus` (shared,
-durable subscriptions and routing) and :class:`Microservice` (handlers, retries,
-graceful shutdown).
+durable subscriptions) and :class:`Microservice` (handlers, retries, graceful
+shutdown). Each has an asyncio twin on the same core: :class:`AsyncMessageQueue`,
+:class:`AsyncEventBus`, :class:`AsyncMicroservice`.
 """
 
 from __future__ import annotations
 
 import logging
 
+from .aio import AsyncEventBus, AsyncMessageQueue, AsyncMicroservice, AsyncQueue, AsyncTransaction
 from .bus import EventBus
 from .codec import Message
 from .errors import (
+    BrokerCommandError,
     BrokerError,
     BrokerOutOfMemoryError,
     BrokerUnavailableError,
@@ -48,6 +51,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVENT_TYPES",
+    "AsyncEventBus",
+    "AsyncMessageQueue",
+    "AsyncMicroservice",
+    "AsyncQueue",
+    "AsyncTransaction",
+    "BrokerCommandError",
     "BrokerError",
     "BrokerOutOfMemoryError",
     "BrokerUnavailableError",

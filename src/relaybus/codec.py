@@ -24,7 +24,8 @@ from typing import Any
 
 from .errors import MessageTooLargeError, SerializationError
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Message", "decode_entry", "encode_entry", "dumps"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Message", "decode_entry", "encode_entry", "dumps",
+           "payload_data"]
 
 #: Largest accepted encoded payload, in bytes (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -61,7 +62,7 @@ def _key_text(what: str, value: str) -> str:
     return value
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """A message read from a queue.
 
@@ -81,8 +82,10 @@ class Message:
     dedup_key: str | None = None
     previous_attempts: int = 0
     queue: str = ""
-    #: The entry's raw stream fields, for passing it on unchanged (routing, requeue).
-    fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The entry's raw stream fields (names as bytes: ``fields[b"e"]`` is the event type).
+    fields: dict[bytes, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: The payload's JSON text as stored (``data`` is it decoded).
+    payload: bytes | str = field(default=b"", repr=False, compare=False)
 
     @property
     def reason(self) -> str | None:
@@ -136,48 +139,65 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def payload_data(message: Message) -> dict[str, Any]:
+    """``message.data``, decoding ``message.payload`` when it was left undecoded ({} when
+    it cannot be decoded)."""
+    if message.data or not message.payload:
+        return message.data
+    try:
+        data = json.loads(message.payload)
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def decode_entry(
     entry_id: bytes | str,
     raw: Mapping[bytes, bytes] | Mapping[str, str] | list[Any],
     delivery_count: int = 1,
     queue: str = "",
+    *,
+    parse: bool = True,
 ) -> Message:
     """Turn a stream entry into a :class:`Message`.
 
     ``raw`` is the entry's field map (or Redis's flat ``[k, v, k, v]`` list). Raises
     :class:`SerializationError` with a message starting ``malformed`` when the entry
-    was not written by relaybus or is damaged.
+    was not written by relaybus or is damaged. ``parse=False`` leaves the payload
+    undecoded (``data`` empty, ``payload`` holds it): for a consumer that validates
+    it straight from JSON into an event class (:func:`relaybus.events.event_from_json`).
     """
-    mid = _text(entry_id)
+    mid = entry_id if isinstance(entry_id, str) else entry_id.decode("utf-8")
     try:
         if isinstance(raw, list):
-            fields = {_text(raw[i]): raw[i + 1] for i in range(0, len(raw) - 1, 2)}
+            it = iter(raw)
+            fields: dict[bytes, Any] = dict(zip(it, it, strict=False))
         else:
-            fields = {_text(k): v for k, v in raw.items()}
-        if "d" not in fields:
+            fields = raw if isinstance(raw, dict) else dict(raw)  # type: ignore[assignment]
+        if fields and not isinstance(next(iter(fields)), bytes):
+            fields = {(k.encode() if isinstance(k, str) else k): v for k, v in fields.items()}
+        payload = fields.get(b"d")
+        if payload is None:
             raise SerializationError(f"malformed entry {mid}: no payload field 'd'")
-        data = json.loads(fields["d"])
+        data = json.loads(payload) if parse else {}
         if not isinstance(data, dict):
             raise SerializationError(f"malformed entry {mid}: payload is not a JSON object")
-        sent_ms = int(fields["t"]) if "t" in fields else int(mid.split("-", 1)[0])
-        headers = json.loads(fields["h"]) if "h" in fields else {}
-        failures = json.loads(fields["f"]) if "f" in fields else []
+        sent = fields.get(b"t")
+        sent_ms = int(sent) if sent is not None else int(mid.split("-", 1)[0])
+        raw_headers = fields.get(b"h")
+        headers = json.loads(raw_headers) if raw_headers is not None else {}
+        raw_failures = fields.get(b"f")
+        failures = json.loads(raw_failures) if raw_failures is not None else []
         if not isinstance(headers, dict) or not isinstance(failures, list):
             raise SerializationError(f"malformed entry {mid}: bad headers or failure list")
-        expires = int(fields["x"]) / 1000 if "x" in fields else None
-        return Message(
-            id=mid,
-            data=data,
-            timestamp=sent_ms / 1000,
-            delivery_count=int(delivery_count),
-            headers={str(k): str(v) for k, v in headers.items()},
-            failures=failures,
-            expires_at=expires,
-            dedup_key=_text(fields["k"]) if "k" in fields else None,
-            previous_attempts=int(fields.get("n", 0)),
-            queue=queue,
-            fields=fields,
-        )
+        expires = fields.get(b"x")
+        key = fields.get(b"k")
+        attempts = fields.get(b"n")
+        return Message(mid, data, sent_ms / 1000, int(delivery_count),
+                       {str(k): str(v) for k, v in headers.items()} if headers else {},
+                       failures, int(expires) / 1000 if expires is not None else None,
+                       _text(key) if key is not None else None,
+                       int(attempts) if attempts is not None else 0, queue, fields, payload)
     except SerializationError:
         raise
     except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:

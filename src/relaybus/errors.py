@@ -6,6 +6,7 @@ Every error relaybus raises derives from :class:`RelaybusError`::
     ├── BrokerError                      the server said no, or could not be reached
     │   ├── BrokerUnavailableError       no answer within the retry bound (names the address)
     │   ├── BrokerOutOfMemoryError       the server refused a write (maxmemory reached)
+    │   ├── BrokerCommandError           the server refused a command (repeating it fails again)
     │   └── UnsupportedServerError       the server is older than Redis 6.2 / Valkey 7.2
     ├── ConfigurationError (ValueError)  a bad option or URL
     │   └── InvalidNameError (ValueError)  a queue or service name relaybus cannot use
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BrokerCommandError",
     "BrokerError",
     "BrokerOutOfMemoryError",
     "BrokerUnavailableError",
@@ -73,6 +75,13 @@ class BrokerUnavailableError(BrokerError, ConnectionError):
 
 class BrokerOutOfMemoryError(BrokerError):
     """The server refused a write because it reached ``maxmemory`` (nothing was written)."""
+
+
+class BrokerCommandError(BrokerError):
+    """The server ran a command and refused it (a script error, a key of the wrong type).
+
+    Not an outage: the same command would fail again, so nothing retries it.
+    """
 
 
 class UnsupportedServerError(BrokerError):

@@ -33,6 +33,7 @@ Nothing here does IO; the registry is filled at import time and only read afterw
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ __all__ = [
     "Event",
     "deserialize_event",
     "deserialize_event_strict",
+    "event_from_json",
     "event_type_name",
     "resolve_event_type",
     "serialize_event",
@@ -221,6 +223,35 @@ def deserialize_event_strict(data: Mapping[str, Any]) -> Event:
     if cls is None:
         raise UnknownEventTypeError(name)
     return cls._validate(data)
+
+
+def event_from_json(payload: bytes | str, event_type: str | None = None) -> Event:
+    """Validate an event straight from its JSON text (the consumers' fast path).
+
+    ``event_type`` (an entry's routing field) picks the class without parsing the
+    payload first; with None the payload is parsed to find it. Raises as
+    :func:`deserialize_event_strict` does, and :class:`SerializationError` for a payload
+    that is not a JSON object.
+    """
+    if event_type is None:
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise SerializationError(f"malformed payload: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SerializationError("malformed payload: not a JSON object")
+        return deserialize_event_strict(data)
+    cls = _REGISTRY.get(event_type)
+    if cls is None:
+        raise UnknownEventTypeError(event_type)
+    try:
+        return cls.model_validate_json(payload)
+    except ValidationError as exc:
+        errors = cast("list[dict[str, Any]]", exc.errors(include_url=False))
+        if any(e.get("type") in ("json_invalid", "model_type") and not e.get("loc")
+               for e in errors):
+            raise SerializationError(f"malformed payload: {errors[0].get('msg')}") from exc
+        raise EventValidationError(cls.__event_type__, errors) from exc
 
 
 def deserialize_event(data: Mapping[str, Any]) -> Event | None:

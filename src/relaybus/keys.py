@@ -7,13 +7,20 @@ Layout for a queue pair named ``NAME`` under prefix ``P`` (default ``mq:``)::
     P{NAME}:meta       hash: settings (visibility_timeout, created_at, ...)
     P{NAME}:delayed    sorted set: retries waiting for their due time (score: due ms)
     P{NAME}:done       sorted set: dedup keys recently acknowledged (score: ms)
-    P{NAME}:routed     sorted set: event ids already copied into this queue (score: ms)
     Pqueues            set: names of every queue pair under the prefix
     Psubscriptions     hash: service name -> JSON list of event types (EventBus)
 
-Every key of one pair carries the hash tag ``{NAME}``, so each atomic step (a Lua
-script touching a stream, its DLQ and its sorted sets) stays inside one Redis Cluster
-slot. Names are validated by :func:`validate_name`.
+A bus subscription ``sub:SERVICE`` reads the event log ``P{all}`` through a consumer
+group of its own (named ``sub:SERVICE``), so its pair lives beside the log, under the
+log's hash tag: ``P{all}:sub:SERVICE``, ``P{all}:sub:SERVICE:dlq``, ... One script then
+settles messages of the log and of the subscription's own stream (retries, requeued
+messages) together. The log also has ``P{all}:published`` (sorted set: event ids
+published within the dedup window, score ms) and ``P{all}:published:ids`` (hash: event
+id -> its log id).
+
+Every key of one pair carries one hash tag, so each atomic step (a Lua script touching
+a stream, its DLQ and its sorted sets) stays inside one Redis Cluster slot. Names are
+validated by :func:`validate_name`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from dataclasses import dataclass
 
 from .errors import InvalidNameError
 
-__all__ = ["GROUP", "MAX_NAME_LENGTH", "QueueKeys", "DLQ_SUFFIX", "validate_name"]
+__all__ = ["GROUP", "MAX_NAME_LENGTH", "QueueKeys", "DLQ_SUFFIX", "EVENTS_QUEUE", "SUB_PREFIX",
+           "validate_name", "registry_key", "subscriptions_key"]
 
 #: The consumer group every relaybus queue uses.
 GROUP = "relaybus"
@@ -30,6 +38,10 @@ GROUP = "relaybus"
 MAX_NAME_LENGTH = 200
 #: Suffix of a dead-letter queue's name (``orders`` -> ``orders:dlq``).
 DLQ_SUFFIX = ":dlq"
+#: Queue pair of the event log.
+EVENTS_QUEUE = "all"
+#: Start of a bus subscription's queue name (``sub:billing``).
+SUB_PREFIX = "sub:"
 _FORBIDDEN = set("{}*?[]")
 
 
@@ -58,14 +70,30 @@ def validate_name(name: object, what: str = "queue name") -> str:
 
 @dataclass(frozen=True)
 class QueueKeys:
-    """The keys of one queue pair (all share the hash tag ``{name}``)."""
+    """The keys of one queue pair (all share one hash tag).
+
+    ``log`` is set for a bus subscription (a name starting with ``sub:``): the keys of
+    the event log it reads through its own group, which share its hash tag.
+    """
 
     prefix: str
     name: str
 
     @property
     def tag(self) -> str:
+        """The pair's base key: ``P{NAME}``, or ``P{all}:sub:SERVICE`` for a subscription."""
+        if self.is_subscription:
+            return f"{self.prefix}{{{EVENTS_QUEUE}}}:{self.name}"
         return f"{self.prefix}{{{self.name}}}"
+
+    @property
+    def is_subscription(self) -> bool:
+        return self.name.startswith(SUB_PREFIX)
+
+    @property
+    def log(self) -> QueueKeys | None:
+        """The event log's keys for a subscription, else None."""
+        return QueueKeys(self.prefix, EVENTS_QUEUE) if self.is_subscription else None
 
     @property
     def stream(self) -> str:
@@ -88,12 +116,21 @@ class QueueKeys:
         return self.tag + ":done"
 
     @property
-    def routed(self) -> str:
-        return self.tag + ":routed"
+    def published(self) -> str:
+        return self.tag + ":published"
+
+    @property
+    def published_ids(self) -> str:
+        return self.tag + ":published:ids"
+
+    @property
+    def stats(self) -> str:
+        return self.tag + ":stats"
 
     def all(self) -> list[str]:
         """Every key of the pair (for deletion)."""
-        return [self.stream, self.dlq, self.meta, self.delayed, self.done, self.routed]
+        return [self.stream, self.dlq, self.meta, self.delayed, self.done, self.published,
+                self.published_ids]
 
 
 def registry_key(prefix: str) -> str:

@@ -5,12 +5,15 @@
     service = load_service("billing.app:svc", url="redis://localhost:6379/0")
     run_service(service)        # returns after SIGTERM/SIGINT and a graceful stop
 
-The attribute may be a :class:`~relaybus.service.Microservice` instance, a subclass
-(built with no arguments) or a zero-argument factory returning an instance.
+The attribute may be a :class:`~relaybus.service.Microservice` or an
+:class:`~relaybus.aio.AsyncMicroservice` instance, a subclass of either (built with
+no arguments) or a zero-argument factory returning an instance. An async service runs
+on a new event loop (``asyncio.run(service.run())``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -20,8 +23,13 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+from .aio import AsyncMicroservice
 from .errors import ConfigurationError
 from .service import Microservice
+
+#: What :func:`load_service` returns: a service of either front.
+AnyService = Microservice | AsyncMicroservice
+_KINDS = (Microservice, AsyncMicroservice)
 
 __all__ = ["load_service", "run_service"]
 
@@ -57,12 +65,13 @@ def _resolve(target: str) -> object:
     return obj
 
 
-def load_service(target: str, *, url: str | None = None) -> Microservice:
-    """The :class:`~relaybus.service.Microservice` named by ``target`` (``module:attribute``).
+def load_service(target: str, *, url: str | None = None) -> AnyService:
+    """The service named by ``target`` (``module:attribute``): a ``Microservice`` or an
+    ``AsyncMicroservice``.
 
     The attribute (dots allowed: ``module:holder.service``) may be an instance, a
-    ``Microservice`` subclass (instantiated with no arguments) or a zero-argument
-    factory returning an instance. The current directory is importable. ``url``, when
+    subclass of either (instantiated with no arguments) or a zero-argument factory
+    returning an instance. The current directory is importable. ``url``, when
     given, points the service at that server (it wins over the service's own
     settings); the service must not have connected yet.
 
@@ -71,13 +80,14 @@ def load_service(target: str, *, url: str | None = None) -> Microservice:
     is chained), a missing attribute, or an object that is none of the above.
     """
     obj = _resolve(target)
-    if isinstance(obj, Microservice):
+    service: AnyService
+    if isinstance(obj, _KINDS):
         service = obj
     elif isinstance(obj, type):
-        if not issubclass(obj, Microservice):
+        if not issubclass(obj, _KINDS):
             raise ConfigurationError(f"{target!r} is the class {obj.__qualname__}, which is not "
                                      "a Microservice subclass")
-        cls: Callable[[], Microservice] = obj  # subclasses may take no arguments
+        cls: Callable[[], AnyService] = obj  # subclasses may take no arguments
         try:
             service = cls()
         except TypeError as exc:
@@ -86,7 +96,7 @@ def load_service(target: str, *, url: str | None = None) -> Microservice:
                                      "a zero-argument factory instead") from exc
     elif callable(obj):
         made = obj()
-        if not isinstance(made, Microservice):
+        if not isinstance(made, _KINDS):
             raise ConfigurationError(f"factory {target!r} returned {type(made).__name__}, not a "
                                      "Microservice")
         service = made
@@ -98,19 +108,31 @@ def load_service(target: str, *, url: str | None = None) -> Microservice:
     return service
 
 
-def run_service(service: Microservice, *, install_signals: bool = True) -> None:
-    """Run ``service`` until SIGTERM or SIGINT (or :meth:`~Microservice.stop`), then close it.
+def run_service(service: AnyService, *, install_signals: bool = True) -> None:
+    """Run ``service`` until SIGTERM or SIGINT (or its ``stop``), then close it.
 
     The first signal stops it gracefully (in-flight handlers finish within its
-    ``shutdown_timeout`` and are acknowledged; fetched events not started stay
-    pending for redelivery); a second one cuts the wait short, leaving unfinished
-    events pending too. Signal handlers are installed only with ``install_signals``
-    (which needs the main thread) and the previous ones are restored on return.
-    Raises what :meth:`~Microservice.start` raises (e.g. an unreachable broker).
+    ``shutdown_timeout`` and are acknowledged; fetched events not started are handed
+    back for redelivery); a second one cuts the wait short. Signal handlers are
+    installed only with ``install_signals`` (which needs the main thread) and the
+    previous ones are restored on return. Raises what the service's ``start`` raises
+    (e.g. an unreachable broker). An :class:`~relaybus.aio.AsyncMicroservice` runs on a
+    new event loop until then (its :meth:`~relaybus.aio.AsyncMicroservice.run`).
     """
     if install_signals and threading.current_thread() is not threading.main_thread():
         raise ConfigurationError("run_service installs signal handlers, which only the main "
                                  "thread can do; pass install_signals=False")
+    if isinstance(service, AsyncMicroservice):
+        logger.info("running service %s (pid %d)%s", service.service_name, os.getpid(),
+                    "; SIGTERM or Ctrl-C stops it gracefully" if install_signals else "")
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} \
+            if install_signals else {}
+        try:
+            asyncio.run(service.run(install_signals=install_signals))
+        finally:
+            for signum, before in saved.items():  # the loop leaves the defaults behind
+                signal.signal(signum, before)
+        return
     received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

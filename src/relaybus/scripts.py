@@ -1,49 +1,49 @@
-"""Every Lua script relaybus runs, loaded once and called by name.
+"""Every Lua script relaybus runs, as source text and its SHA1, loaded once.
 
 The scripts live in ``relaybus/lua/*.lua``; each one's header says its KEYS and ARGV.
-Every key a script touches is passed in ``KEYS`` and, by the key layout of
-:mod:`relaybus.keys`, shares one hash tag, so the scripts run on Redis Cluster too.
-This module only builds the calls; the sync queue layer (and a future asyncio front)
-executes them.
+``lua/lib.lua`` (server time, failure history, parking an entry) is put in front of
+every script, so a rule is written once. Every key a script touches is passed in
+``KEYS`` and, by the key layout of :mod:`relaybus.keys`, shares one hash tag, so the
+scripts run on Redis Cluster too. Nothing here talks to a server: the commands module
+builds the calls (``EVALSHA``) and the drivers run them, loading a script on
+``NOSCRIPT``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
 
-import redis
-from redis.commands.core import Script
+__all__ = ["SCRIPT_NAMES", "Script", "script", "source"]
 
-__all__ = ["SCRIPT_NAMES", "source", "Scripts"]
-
-#: The scripts shipped in ``relaybus/lua``.
-SCRIPT_NAMES = ("fetch", "ack", "dead_letter", "requeue", "route", "extend", "release", "trim")
+#: The scripts shipped in ``relaybus/lua`` (``lib.lua`` is the prelude of each).
+SCRIPT_NAMES = ("fetch", "settle", "publish", "requeue", "trim", "drain")
 
 
-@cache
-def source(name: str) -> str:
-    """The Lua source of the script ``name``."""
-    if name not in SCRIPT_NAMES:
-        raise KeyError(name)
+@dataclass(frozen=True)
+class Script:
+    """One script: its name, full source (prelude included) and SHA1 (for EVALSHA)."""
+
+    name: str
+    source: str
+    sha: str
+
+
+def _read(name: str) -> str:
     return resources.files("relaybus").joinpath("lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
-class Scripts:
-    """The scripts registered on one client (EVALSHA, loading on NOSCRIPT)."""
+@cache
+def script(name: str) -> Script:
+    """The script ``name`` (KeyError for an unknown one)."""
+    if name not in SCRIPT_NAMES:
+        raise KeyError(name)
+    text = _read("lib") + "\n" + _read(name)
+    return Script(name, text, hashlib.sha1(text.encode("utf-8")).hexdigest())
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._scripts: dict[str, Script] = {
-            name: client.register_script(source(name)) for name in SCRIPT_NAMES
-        }
 
-    def __call__(
-        self,
-        name: str,
-        keys: list[str],
-        args: list[Any],
-        client: Any = None,
-    ) -> Any:
-        """Run script ``name``; with ``client`` (a pipeline), queue it there instead."""
-        return self._scripts[name](keys=keys, args=args, client=client)
+def source(name: str) -> str:
+    """The full Lua source of the script ``name``."""
+    return script(name).source

@@ -31,6 +31,10 @@ What happens to an event (the three outcomes of :mod:`relaybus.retry`):
   with the reason. An event of a type with no handler is dead-lettered too
   (``no handler for event type ...``). Nothing is acknowledged and forgotten.
 
+Handlers are plain functions here, run in ``concurrency`` handler threads; an
+``async def`` handler is refused at registration (a ``TypeError``): it belongs in an
+:class:`~relaybus.aio.AsyncMicroservice`, which awaits it.
+
 Delivery is at least once: an event is redelivered when its instance dies before
 settling it (after ``visibility_timeout``), so handlers should tolerate a repeat in
 that rare case. A live instance extends its leases while handlers run, so a handler
@@ -47,70 +51,30 @@ connects.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import traceback
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from .bus import ALL_EVENTS, EventBus, subscription_queue_name
+from ._core.bus import subscribe, subscription_types
+from ._core.consumer import Consumer, Outcome
+from ._core.queue import QueueRef
+from ._core.service import STAT_NAMES, WILDCARD, ServiceBase
+from ._core.steps import Flow
+from ._sync.worker import Worker
+from .bus import EventBus
 from .codec import Message
-from .errors import (
-    ConfigurationError,
-    EventValidationError,
-    HandlerOutcome,
-    Reject,
-    RelaybusError,
-    SerializationError,
-    UnknownEventTypeError,
-)
-from .events import Event, deserialize_event_strict, event_type_name
-from .keys import validate_name
+from .errors import ConfigurationError, Reject, RelaybusError
+from .events import Event
 from .queue import MessageQueue, Queue
-from .retry import (
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_RETRY_BACKOFF,
-    DEFAULT_RETRY_BACKOFF_MAX,
-    Action,
-    Decision,
-    RetryPolicy,
-)
-from .worker import DEFAULT_BLOCK_FOR_SECONDS, Counters, Outcome, Worker
 
 __all__ = ["Microservice", "WILDCARD", "STAT_NAMES"]
 
 logger = logging.getLogger("relaybus.service")
 
-F = TypeVar("F", bound=Callable[..., Any])
 
-#: ``@svc.on(WILDCARD)`` handles every event type that has no handler of its own.
-WILDCARD = ALL_EVENTS
-#: The counters in :attr:`Microservice.stats`.
-STAT_NAMES = ("received", "handled", "failed", "retried", "dead_lettered", "invalid",
-              "duplicates", "errors")
-#: Longest traceback kept in a failure record, in characters (the end is kept).
-MAX_TRACEBACK_CHARS = 8000
-#: Longest exception message kept in a failure record, in characters.
-MAX_MESSAGE_CHARS = 2000
-
-
-def _clip(text: str, limit: int, keep_end: bool = False) -> str:
-    if len(text) <= limit:
-        return text
-    return "..." + text[-limit:] if keep_end else text[:limit] + "..."
-
-
-def _qualname(obj: object) -> str:
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
-    module = getattr(obj, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
-
-
-class Microservice:
+class Microservice(ServiceBase):
     """A service consuming its own durable subscription ``sub:<service_name>``.
 
     Connection: ``url`` (``redis://``, ``rediss://``, ``unix://``, ``embedded``), else
@@ -126,19 +90,20 @@ class Microservice:
     (every type if one of them is ``"*"``); else every type.
 
     Work: ``concurrency`` handler threads; at most ``prefetch`` events (default
-    ``2 * concurrency``) held at once by this instance, counting running ones.
-    ``visibility_timeout`` (seconds): how long after this instance dies its events
-    are taken over by another instance. ``block_for_seconds``: longest blocking read
-    (an idle instance sends about two commands per period, plus its router's).
+    ``max(100, 2 * concurrency)``) held at once by this instance, counting running
+    ones and those waiting to be acknowledged. ``visibility_timeout`` (seconds): how
+    long after this instance dies its events are taken over by another instance.
+    ``block_for_seconds``: longest blocking wait when idle (an idle instance sends
+    about one command per period).
 
     Retries: ``max_attempts`` runs in all, ``retry_backoff`` / ``retry_backoff_max``
     (seconds) shape the backoff (see :mod:`relaybus.retry`).
 
     Lifecycle: :meth:`start` subscribes, starts the worker threads and, with
-    ``run_router`` (the seed's behaviour), the bus's router thread; :meth:`stop`
-    shuts down gracefully within ``shutdown_timeout``; :meth:`close` also releases
-    the connection. Thread-safe; a context manager (``with`` closes, it does not
-    start).
+    ``maintenance`` (default), the bus's maintenance thread (the event log's
+    retention); :meth:`stop` shuts down gracefully within ``shutdown_timeout``;
+    :meth:`close` also releases the connection. Thread-safe; a context manager
+    (``with`` closes, it does not start).
 
     Attributes as in the seed: ``service_name``, ``event_bus``, ``mq``,
     ``subscription_queue_name``, ``subscription_queue``, ``subscription_dlq``,
@@ -154,72 +119,17 @@ class Microservice:
         redis_db: int = 0,
         event_types: Iterable[str | type[Event]] | None = None,
         *,
-        url: str | None = None,
-        prefix: str = "events:",
-        concurrency: int = 1,
-        prefetch: int | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
-        retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX,
-        visibility_timeout: float = 30.0,
-        shutdown_timeout: float = 30.0,
-        run_router: bool = True,
-        block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
         event_bus: EventBus | None = None,
-        **bus_options: Any,
+        **options: Any,
     ) -> None:
-        self.service_name = validate_name(service_name, "service name")
-        self.subscription_queue_name = subscription_queue_name(service_name)
-        if event_types is None:
-            self.event_types: list[str] | None = None
-        elif isinstance(event_types, (str, type)):
-            self.event_types = [event_type_name(event_types)]
-        else:
-            self.event_types = [event_type_name(t) for t in event_types]
-            if not self.event_types:
-                raise ConfigurationError("event_types is empty: pass None to subscribe to "
-                                         "every type")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
-        if prefetch is None:
-            prefetch = 2 * concurrency
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < concurrency:
-            raise ConfigurationError(f"prefetch must be an integer >= concurrency ({concurrency}),"
-                                     f" not {prefetch!r}")
-        for name, value, low in (("visibility_timeout", visibility_timeout, 0.0),
-                                 ("block_for_seconds", block_for_seconds, 0.0)):
-            if not isinstance(value, (int, float)) or not value > low:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, "
-                                         f"not {value!r}")
-        if not isinstance(shutdown_timeout, (int, float)) or not shutdown_timeout >= 0:
-            raise ConfigurationError(f"shutdown_timeout must be a number of seconds >= 0, "
-                                     f"not {shutdown_timeout!r}")
-        self.concurrency = concurrency
-        self.prefetch = prefetch
-        self.retry_policy = RetryPolicy(max_attempts, float(retry_backoff),
-                                        float(retry_backoff_max))
-        self.max_attempts = max_attempts
-        self.visibility_timeout = float(visibility_timeout)
-        self.shutdown_timeout = float(shutdown_timeout)
-        self.run_router = bool(run_router)
-        self.block_for_seconds = float(block_for_seconds)
-        self.prefix = event_bus.prefix if event_bus is not None else prefix
-        #: True between :meth:`start` and :meth:`stop`.
-        self.running = False
-        #: This instance's consumer name in the subscription's group (set by :meth:`start`).
-        self.consumer_id: str | None = None
-
-        self._url = url
-        self._redis = (redis_host, int(redis_port), int(redis_db))
-        self._bus_options = dict(bus_options)
+        super().__init__(service_name, redis_host, redis_port, redis_db, event_types,
+                         bus_prefix=event_bus.prefix if event_bus is not None else None,
+                         **options)
         self._event_bus = event_bus
         self._owns_bus = event_bus is None
         self._pair: tuple[Queue, Queue] | None = None
-        self._handlers: dict[str, Callable[[Any], Any]] = {}
-        self._counters = Counters(STAT_NAMES)
         self._worker: Worker | None = None
-        self._started_router = False
-        self._closed = False
+        self._started_maintenance = False
         self._lifecycle = threading.RLock()
         self._connect_lock = threading.Lock()
         self._stop_requested = threading.Event()
@@ -228,10 +138,6 @@ class Microservice:
         self._force = False
         self._forever_thread: int | None = None
         self._in_forever_wait = False
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "closed" if self._closed else "stopped"
-        return f"<{type(self).__name__} {self.service_name!r} {state}>"
 
     # -- connection (lazy) ------------------------------------------------------------
 
@@ -279,55 +185,7 @@ class Microservice:
                     "event_bus); it cannot be pointed at another URL")
             self._url = url
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """A snapshot of this instance's counters (see :data:`STAT_NAMES`).
-
-        ``received``: events delivered here; ``handled``: acknowledged after success;
-        ``failed``: handler runs that raised (``Retry``/``Reject`` excluded);
-        ``retried``: scheduled again; ``dead_lettered``: moved to the DLQ;
-        ``invalid``: unknown type or failed validation (also dead-lettered);
-        ``duplicates``: copies dropped because the event was already handled;
-        ``errors``: unexpected errors in relaybus or service code outside handlers.
-        """
-        return self._counters.snapshot()
-
     # -- handlers ---------------------------------------------------------------------
-
-    def on(self, *event_types: str | type[Event]) -> Callable[[F], F]:
-        """Register the decorated function as the handler of ``event_types``.
-
-        ``handler(event) -> Any``: returning ``False`` dead-letters the event,
-        returning anything else acknowledges it, raising retries it (see the module
-        docstring). ``"*"`` handles every type without a handler of its own. One
-        handler per type; register before :meth:`start`. Returns the function as is.
-        """
-        if not event_types:
-            raise TypeError("on() needs at least one event type (or '*' for every type)")
-        names = [event_type_name(t) for t in event_types]
-
-        def register(fn: F) -> F:
-            if not callable(fn):
-                raise TypeError(f"on() decorates a callable, not {fn!r}")
-            with self._lifecycle:
-                if self.running:
-                    raise ConfigurationError("register handlers before start()")
-                for name in names:
-                    existing = self._handlers.get(name)
-                    if existing is not None and existing is not fn:
-                        raise ConfigurationError(
-                            f"event type {name!r} already has a handler in service "
-                            f"{self.service_name!r}: {_qualname(existing)}")
-                for name in names:
-                    self._handlers[name] = fn
-            return fn
-
-        return register
-
-    @property
-    def handlers(self) -> Mapping[str, Callable[[Any], Any]]:
-        """The registered handlers: event type name (or ``"*"``) -> function (a copy)."""
-        return dict(self._handlers)
 
     def handle_event(self, event: Event) -> bool:
         """Handle one event; return False to dead-letter it, raise to retry it.
@@ -344,93 +202,35 @@ class Microservice:
                          f"{self.service_name!r}")
         return handler(event) is not False
 
-    def _handler_name(self, event_type: str) -> str:
-        if type(self).handle_event is not Microservice.handle_event:
-            return f"{_qualname(type(self))}.handle_event"
-        handler = self._handlers.get(event_type) or self._handlers.get(WILDCARD)
-        return _qualname(handler) if handler is not None else "<none>"
-
     def publish_event(self, event: Event) -> str:
         """Publish ``event`` on the bus; return its id in the event log."""
         return self.event_bus.publish(event)
 
-    def _subscription_types(self) -> list[str] | None:
-        if self.event_types is not None:
-            return list(self.event_types)
-        if self._handlers and WILDCARD not in self._handlers:
-            return sorted(self._handlers)
-        return None
-
     # -- processing (runs in handler threads) -------------------------------------------
 
     def _process(self, message: Message) -> Outcome:
-        base: dict[str, Any] = {"service": self.service_name, "consumer": self.consumer_id,
-                                "enqueued_at": message.timestamp}
-        try:
-            event = deserialize_event_strict(message.data)
-        except (UnknownEventTypeError, EventValidationError, SerializationError) as exc:
-            self._counters.incr("invalid")
-            details = dict(base, error_type=type(exc).__name__,
-                           event_type=str(message.data.get("event_type", "")),
-                           event_id=str(message.data.get("event_id", "")))
-            if isinstance(exc, EventValidationError):
-                details["errors"] = [{"loc": ".".join(str(p) for p in e.get("loc", ())),
-                                      "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                                     for e in exc.errors]
-            logger.error("service %s: dead-lettering message %s: %s", self.service_name,
-                         message.id, exc)
-            return Outcome(Decision(Action.DEAD_LETTER, reason=str(exc)), details=details)
-
-        attempt = message.attempts
-        if attempt > self.max_attempts:
-            # earlier deliveries were never settled: their instances died (a poison event?)
-            reason = (f"max attempts ({self.max_attempts}) reached: delivered {attempt} times, "
-                      "earlier deliveries unsettled (their consumer died or lost its lease)")
-            logger.error("service %s: dead-lettering %s %s: %s", self.service_name,
-                         event.event_type, event.event_id, reason)
-            return Outcome(Decision(Action.DEAD_LETTER, reason=reason),
-                           details=dict(base, event_type=event.event_type,
-                                        event_id=event.event_id, published_at=event.timestamp,
-                                        max_attempts=self.max_attempts))
+        prepared = self._prepare(message)
+        if isinstance(prepared, Outcome):
+            return prepared
+        event, handler = prepared
         started = time.time()
         result: object = None
         error: BaseException | None = None
         try:
-            result = self.handle_event(event)
+            result = handler(event)
         except BaseException as exc:  # noqa: B036 - handlers run in worker threads
             error = exc
-        finished = time.time()
-        decision = self.retry_policy.decide(attempt, result=result, error=error)
-        label = f"{event.event_type} {event.event_id} (attempt {attempt}/{self.max_attempts})"
-        if decision.action is Action.ACK:
-            logger.debug("service %s: handled %s", self.service_name, label)
-            return Outcome(decision, done_key=message.dedup_key or event.event_id)
+        return self._conclude(message, event, result, error, started, time.time())
 
-        details = dict(base, handler=self._handler_name(event.event_type),
-                       event_type=event.event_type, event_id=event.event_id,
-                       published_at=event.timestamp, started_at=started, finished_at=finished,
-                       max_attempts=self.max_attempts)
-        if error is not None and not isinstance(error, HandlerOutcome):
-            self._counters.incr("failed")
-            details["exception_type"] = _qualname(type(error))
-            details["exception_message"] = _clip(str(error), MAX_MESSAGE_CHARS)
-            details["traceback"] = _clip("".join(traceback.format_exception(
-                type(error), error, error.__traceback__)), MAX_TRACEBACK_CHARS, keep_end=True)
-        elif error is not None:
-            details["outcome"] = type(error).__name__
-        if decision.action is Action.RETRY:
-            details["retry_delay"] = decision.delay
-            logger.warning("service %s: %s failed: %s; retrying in %.2fs", self.service_name,
-                           label, decision.reason, decision.delay)
-        else:
-            logger.error("service %s: dead-lettering %s: %s", self.service_name, label,
-                         decision.reason)
-        return Outcome(decision, details=details)
+    def _resubscribe(self, ref: QueueRef) -> Flow[Any]:
+        """After the server lost the subscription (flushed): subscribe again."""
+        types = subscription_types(self._subscription_types())
+        return subscribe(ref, self.service_name, types, self.visibility_timeout, time.time())
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribe, start the handler threads and (``run_router``) the bus router.
+        """Subscribe, start the handler threads and (``maintenance``) the bus's maintenance.
 
         Idempotent while running. Raises :class:`~relaybus.errors.ConfigurationError`
         for a service with neither ``@on`` handlers nor its own ``handle_event``.
@@ -444,10 +244,7 @@ class Microservice:
                 return
             if self._closed:
                 raise RelaybusError(f"service {self.service_name!r} is closed")
-            if not self._handlers and type(self).handle_event is Microservice.handle_event:
-                raise ConfigurationError(
-                    f"service {self.service_name!r} has no handlers: decorate functions with "
-                    "@service.on(EventType) or override handle_event")
+            self._check_startable()
             self._stop_requested.clear()
             self._signal_stop = False
             self._force = False
@@ -456,34 +253,34 @@ class Microservice:
             bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout)
             self._pair = None  # reopen with the stored settings
             queue = self.subscription_queue
-            self.consumer_id = str(self._bus_options.get("consumer_id") or
-                                   f"{self.service_name}@{socket.gethostname()}-{os.getpid()}-"
-                                   f"{uuid.uuid4().hex[:6]}")
-            worker = Worker(queue, self._process, consumer_id=self.consumer_id,
-                            concurrency=self.concurrency, prefetch=self.prefetch,
-                            block_for_seconds=self.block_for_seconds, name=self.service_name,
-                            counters=self._counters)
+            self.consumer_id = self._new_consumer_id()
+            consumer = Consumer(queue.ref, self.consumer_id, prefetch=self.prefetch,
+                                block_for_seconds=self.block_for_seconds,
+                                counters=self._counters, name=self.service_name,
+                                queue_counts=self.mq._counts)
+            worker = Worker(self.mq.driver, consumer, self._process,
+                            concurrency=self.concurrency, recover=self._resubscribe)
             worker.start()
             self._worker = worker
-            if self.run_router and not bus.running:
+            if self.maintenance and not bus.running:
                 bus.start()
-                self._started_router = True
+                self._started_maintenance = True
             self.running = True
             logger.info("service %s started: %s, %d handler thread(s), prefetch %d, "
                         "consumer %s%s", self.service_name,
                         "all events" if types is None else "events " + ", ".join(types),
                         self.concurrency, self.prefetch, self.consumer_id,
-                        ", routing" if self._started_router else "")
+                        ", maintenance" if self._started_maintenance else "")
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: no new fetches, in-flight handlers finish and are settled.
 
         Waits up to ``timeout`` (default ``shutdown_timeout``) seconds for running
-        handlers; events fetched but not started stay pending and are redelivered
-        (to any instance) after ``visibility_timeout``; handlers still running after
-        the timeout are abandoned the same way. Stops the router if :meth:`start`
-        started it. Idempotent; callable from any thread and from a signal handler
-        (during :meth:`run_forever` it then only asks that loop to stop).
+        handlers; events fetched but not started are handed back at once (any
+        instance takes them), as are those of handlers still running after the
+        timeout. Stops the bus's maintenance if :meth:`start` started it. Idempotent;
+        callable from any thread and from a signal handler (during :meth:`run_forever`
+        it then only asks that loop to stop).
         """
         if self._in_forever_wait and threading.get_ident() == self._forever_thread:
             # In a signal handler: no locks. Start nothing new now; run_forever stops.
@@ -504,19 +301,17 @@ class Microservice:
                 return
             self.running = False
             worker = self._worker
-            self._worker = None
-            if worker is not None:
-                worker.request_stop()
-            if self._started_router:
-                self._started_router = False
+            if self._started_maintenance:
+                self._started_maintenance = False
                 self.event_bus.stop()
             if worker is None:
                 return
             report = worker.join(self.shutdown_timeout if timeout is None else timeout,
                                  abandon=lambda: self._force)
+            self._worker = None
             logger.info("service %s stopped: %d in-flight event(s) finished, %d abandoned, "
-                        "%d left pending for redelivery", self.service_name, report.finished,
-                        report.abandoned, report.left_pending)
+                        "%d handed back for redelivery", self.service_name, report.finished,
+                        report.abandoned, report.left_pending + report.abandoned)
 
     def _force_stop(self) -> None:
         """Cut a graceful stop short (a second signal): safe in a signal handler."""
@@ -560,3 +355,6 @@ class Microservice:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+Microservice._default_handle_event = Microservice.handle_event

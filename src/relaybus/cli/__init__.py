@@ -2,7 +2,7 @@
 
 Commands, by help panel::
 
-    Running     demo, run, router, server {start,stop,status}, bench
+    Running     demo, run, maintain, server {start,stop,status}, bench
     Inspecting  queues, subscriptions, tail, top
     Repairing   dlq {list,show,requeue,purge}, publish
 
@@ -56,7 +56,7 @@ def _root(
 
 app.command(rich_help_panel=PANEL_RUNNING)(running.demo)
 app.command(rich_help_panel=PANEL_RUNNING)(running.run)
-app.command(rich_help_panel=PANEL_RUNNING)(running.router)
+app.command(rich_help_panel=PANEL_RUNNING)(running.maintain)
 app.add_typer(server.app, rich_help_panel=PANEL_RUNNING)
 app.command(rich_help_panel=PANEL_RUNNING)(bench.bench)
 app.command(rich_help_panel=PANEL_INSPECTING)(inspect.queues)

@@ -79,7 +79,7 @@ def event_type_of(message: Message) -> str | None:
     etype = message.data.get("event_type")
     if isinstance(etype, str) and etype:
         return etype
-    raw = message.fields.get("e")
+    raw = message.fields.get(b"e")
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 

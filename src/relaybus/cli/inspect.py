@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bus import ALL_EVENTS, read_subscriptions, subscription_queue_name
+from ..bus import ALL_EVENTS, EVENTS_QUEUE, read_subscriptions, subscription_queue_name
+from ..queue import QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -39,6 +40,24 @@ SUBSCRIPTION_COLUMNS = [
 ]
 
 
+def is_event_log(info: QueueInfo) -> bool:
+    """True for the event log (``all``), which no one consumes as a queue: each
+    subscription reads it through a group of its own."""
+    return info.name == EVENTS_QUEUE
+
+
+def queue_row(info: QueueInfo) -> dict[str, Any]:
+    """One ``queues`` row. The event log has no backlog of its own (what waits in it for
+    a service is counted in that service's ``sub:NAME`` row): only its DLQ is shown."""
+    if is_event_log(info):
+        return {"name": info.name, "waiting": None, "pending": None, "delayed": None,
+                "consumers": None, "oldest_waiting": None, "dlq": info.dlq_messages}
+    return {"name": info.name, "waiting": info.waiting_messages,
+            "pending": info.pending_messages, "delayed": info.delayed_messages,
+            "consumers": info.consumers, "oldest_waiting": info.oldest_waiting_age,
+            "dlq": info.dlq_messages}
+
+
 @guarded
 def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
            timeout: TimeoutOption = DEFAULT_TIMEOUT, as_json: JsonOption = False) -> None:
@@ -46,16 +65,20 @@ def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
 
     Waiting: not yet delivered. Pending: delivered, not yet acknowledged. Delayed:
     retries waiting for their time. Oldest waiting: age of the oldest waiting message.
+    A subscription (sub:NAME) counts as waiting the event-log entries its group has not
+    read yet, of every type (it skips other types as it reads), plus its own stream's
+    (retries that came due, requeued messages). The event log itself (all) shows only
+    its DLQ; the caption says how many events it keeps.
     """
     with open_mq(url, prefix, timeout) as mq:
         infos = [i for i in mq.list_queues() if not i.is_dlq]
         address = mq.connection.address
-    rows: list[dict[str, Any]] = [{
-        "name": i.name, "waiting": i.waiting_messages, "pending": i.pending_messages,
-        "delayed": i.delayed_messages, "consumers": i.consumers,
-        "oldest_waiting": i.oldest_waiting_age, "dlq": i.dlq_messages,
-    } for i in infos]
-    emit(rows, QUEUE_COLUMNS, as_json=as_json, caption=f"{address} · prefix {prefix}",
+    caption = f"{address} · prefix {prefix}"
+    for info in infos:
+        if is_event_log(info):
+            kept = info.message_count
+            caption += f" · event log {info.name}: {kept} event{'s' if kept != 1 else ''} kept"
+    emit([queue_row(i) for i in infos], QUEUE_COLUMNS, as_json=as_json, caption=caption,
          empty=f"no queues under prefix {prefix!r} at {address}")
 
 

@@ -1,7 +1,7 @@
 """``relaybus tail`` and ``relaybus top``: watch the bus live.
 
 ``tail`` follows the event log with plain XREAD (``Queue.follow``): it joins no
-consumer group, so it takes nothing from the router or any service. ``top`` samples
+consumer group, so it takes nothing from any service. ``top`` samples
 every queue each interval and derives rates from the differences between samples.
 """
 
@@ -24,6 +24,7 @@ from rich.text import Text
 
 from ..bus import EVENTS_QUEUE
 from ..codec import Message
+from ..keys import SUB_PREFIX
 from ..queue import MessageQueue, Queue, QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
@@ -85,7 +86,7 @@ def tail(
 ) -> None:
     """Follow the event log live: time, type, id and payload of each event.
 
-    Reads without a consumer group: nothing is consumed from the router or any service.
+    Reads without a consumer group: takes nothing from any service.
     """
     wanted = set(types or ())
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
@@ -149,37 +150,54 @@ def _backlog(info: QueueInfo) -> int:
     return info.waiting_messages + info.pending_messages + info.delayed_messages
 
 
+def _added(prev: Sample, cur: Sample, name: str) -> int | None:
+    """Entries added to queue ``name``'s stream between two samples (XINFO STREAM
+    entries-added; on servers without it, the growth of the stream); None if unknown."""
+    old, info = prev.infos.get(name), cur.infos.get(name)
+    if old is None or info is None:
+        return None
+    added_now, added_then = cur.added.get(name), prev.added.get(name)
+    if added_now is not None and added_then is not None:
+        return max(0, added_now - added_then)
+    return max(0, info.message_count - old.message_count)
+
+
 def rates(prev: Sample | None, cur: Sample, name: str) -> tuple[float | None, float | None]:
     """Messages per second into and out of queue ``name`` between two samples.
 
-    In: entries added to the stream (XINFO STREAM entries-added; on servers without it,
-    the growth of the stream). Out: what came in minus the growth of the backlog
-    (waiting + pending + delayed): acknowledged, dead-lettered or expired messages.
+    In: entries added to the stream; a subscription (``sub:NAME``) also takes in every
+    entry added to the event log, which it reads through its group (its waiting count
+    includes them). Out: what came in minus the growth of the backlog (waiting +
+    pending + delayed): acknowledged (or skipped), dead-lettered or expired messages.
+    The event log itself has no rate out (entries leave it only by retention).
     """
-    old = prev.infos.get(name) if prev else None
-    if prev is None or old is None or cur.at <= prev.at:
+    if prev is None or cur.at <= prev.at:
         return None, None
-    info = cur.infos[name]
+    inflow = _added(prev, cur, name)
+    if inflow is None:
+        return None, None
+    if name.startswith(SUB_PREFIX):
+        inflow += _added(prev, cur, EVENTS_QUEUE) or 0
     dt = cur.at - prev.at
-    added_now, added_then = cur.added.get(name), prev.added.get(name)
-    if added_now is not None and added_then is not None:
-        inflow = max(0, added_now - added_then)
-    else:
-        inflow = max(0, info.message_count - old.message_count)
-    outflow = max(0, inflow - (_backlog(info) - _backlog(old)))
+    if name == EVENTS_QUEUE:
+        return inflow / dt, None
+    outflow = max(0, inflow - (_backlog(cur.infos[name]) - _backlog(prev.infos[name])))
     return inflow / dt, outflow / dt
 
 
 def top_rows(prev: Sample | None, cur: Sample) -> list[dict[str, Any]]:
-    """One row per queue for a frame of ``top``."""
+    """One row per queue for a frame of ``top`` (the event log shows its rate in, the
+    publish rate, and its DLQ: what waits in it is counted in the subscriptions)."""
     rows = []
     for name, info in cur.infos.items():
         rate_in, rate_out = rates(prev, cur, name)
+        log = name == EVENTS_QUEUE
         rows.append({
             "name": name, "rate_in": rate_in, "rate_out": rate_out,
-            "waiting": info.waiting_messages, "pending": info.pending_messages,
-            "delayed": info.delayed_messages, "dlq": info.dlq_messages,
-            "consumers": info.consumers,
+            "waiting": None if log else info.waiting_messages,
+            "pending": None if log else info.pending_messages,
+            "delayed": None if log else info.delayed_messages, "dlq": info.dlq_messages,
+            "consumers": None if log else info.consumers,
         })
     return rows
 

@@ -1,4 +1,4 @@
-"""``relaybus demo``, ``relaybus run`` and ``relaybus router``: commands that run things.
+"""``relaybus demo``, ``relaybus run`` and ``relaybus maintain``: commands that run things.
 
 Supervision (signals, graceful shutdown) lives in the library (``EventBus.stop``,
 ``relaybus.runner``); these commands only parse options, set up logging and call it.
@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from ..bus import EventBus
+from .._core.bus import MAINTENANCE_INTERVAL
+from ..bus import DEFAULT_RETENTION_MAX_LEN, DEFAULT_RETENTION_SECONDS, EventBus
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -55,7 +56,8 @@ def demo(
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the random generator (which payments fail).")] = 1,
     processes: Annotated[bool, typer.Option(
-        "--processes", help="Run each service and the router in its own OS process.")] = False,
+        "--processes",
+        help="Run each service and a maintenance process in its own OS process.")] = False,
     keep: Annotated[bool, typer.Option(
         "--keep", help="Keep the server and its data afterwards.")] = False,
     timeout: Annotated[float, typer.Option(
@@ -92,31 +94,49 @@ def run(
 
 
 @guarded
-def router(
+def maintain(
+    max_len: Annotated[int, typer.Option(
+        "--max-len", min=0, metavar="N",
+        help="Events the log keeps at most (0: no count limit).")] = DEFAULT_RETENTION_MAX_LEN,
+    max_age: Annotated[float, typer.Option(
+        "--max-age", min=0.0, metavar="SECONDS",
+        help="Seconds the log keeps an event, by the server's clock (0: no age limit).")
+    ] = DEFAULT_RETENTION_SECONDS or 0.0,
+    interval: Annotated[float, typer.Option(
+        "--interval", min=0.01, metavar="SECONDS", help="Seconds between two trims.")
+    ] = MAINTENANCE_INTERVAL,
     url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
     timeout: TimeoutOption = DEFAULT_TIMEOUT, log_level: LogLevelOption = LogLevel.info,
 ) -> None:
-    """Route events from the log to the subscriptions until SIGTERM or Ctrl-C.
+    """Apply the event log's retention until SIGTERM or Ctrl-C.
 
-    Only needed when services run with their own routing turned off; any number of
-    routers can run side by side.
+    Only needed when every service runs with maintenance=False; any number can run
+    side by side. Never trims an event a subscription has not read and acknowledged.
     """
     setup_logging(log_level)
-    bus = EventBus(url, prefix=prefix, retry_timeout=timeout)
+    seconds = max_age or None  # 0: no age limit
+    bus = EventBus(url, prefix=prefix, retry_timeout=timeout, retention_max_len=max_len,
+                   retention_seconds=seconds)
+    bus.maintenance_interval = interval
 
     received: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         received.append(signum)  # no logging here: it could re-enter a stderr write
-        bus.stop()  # run() returns once the batch in progress is settled
+        bus.stop()  # run() returns once the trim in progress is done
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        logger.info("routing events under prefix %r at %s; SIGTERM or Ctrl-C stops",
-                    prefix, bus.mq.connection.address)
+        logger.info("maintaining the event log under prefix %r at %s (retention: %s, %s; "
+                    "a trim every %gs); SIGTERM or Ctrl-C stops", prefix,
+                    bus.mq.connection.address,
+                    f"at most {max_len} events" if max_len else "no count limit",
+                    f"none older than {seconds:g}s" if seconds is not None else "no age limit",
+                    interval)
         bus.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         bus.close()
-    logger.info("router stopped%s", f" on {signal.Signals(received[0]).name}" if received else "")
+    logger.info("maintenance stopped%s",
+                f" on {signal.Signals(received[0]).name}" if received else "")

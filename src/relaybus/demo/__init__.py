@@ -125,11 +125,11 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, process
         procs: list[subprocess.Popen[bytes]] = []
         try:
             if processes:
-                procs.append(_spawn("router", server_url, prefix, run, seed, orders))
+                procs.append(_spawn("maintenance", server_url, prefix, run, seed, orders))
                 procs += [_spawn(n, server_url, prefix, run, seed, orders) for n in SERVICES]
             else:
                 services = [build_service(n, url=server_url, prefix=prefix, run=run,
-                                          seed=seed, run_router=(n == "order"))
+                                          seed=seed, maintenance=(n == "order"))
                             for n in SERVICES]
                 for svc in services:
                     svc.start()

@@ -121,9 +121,9 @@ class NotificationService(Microservice):
 
 
 def build_service(name: str, *, url: str, prefix: str, run: str, seed: int,
-                  run_router: bool = True) -> Microservice:
+                  maintenance: bool = True) -> Microservice:
     """The demo service ``name`` (one of :data:`SERVICES`), not yet started."""
-    common: dict[str, Any] = {"url": url, "prefix": prefix, "run_router": run_router,
+    common: dict[str, Any] = {"url": url, "prefix": prefix, "maintenance": maintenance,
                               "concurrency": 4, "retry_backoff": 0.05}
     if name == "order":
         svc = Microservice("order", **common)

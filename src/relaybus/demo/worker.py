@@ -1,6 +1,6 @@
 """One demo process: ``python -m relaybus.demo.worker NAME URL PREFIX RUN SEED ORDERS``.
 
-NAME is a service of the demo or ``router``. Runs until SIGTERM or SIGINT, then
+NAME is a service of the demo or ``maintenance`` (the event log's retention). Runs until SIGTERM or SIGINT, then
 stops gracefully.
 """
 
@@ -24,13 +24,13 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if name == "router":
+    if name == "maintenance":
         bus = EventBus(url, prefix=prefix)
         bus.start()
         stop.wait()
         bus.close()
         return 0
-    svc = build_service(name, url=url, prefix=prefix, run=run, seed=int(seed), run_router=False)
+    svc = build_service(name, url=url, prefix=prefix, run=run, seed=int(seed), maintenance=False)
     svc.start()
     if name == "order":
         # orders published before a service subscribed would never reach it

@@ -1,74 +1,189 @@
--- Fetch up to COUNT messages for one consumer in one round trip.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset
+-- Deliver up to COUNT messages to one consumer, in one round trip.
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream;
+-- a subscription adds KEYS[5] the event log, KEYS[6] its meta hash.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] min idle ms (reclaim),
--- ARGV[5] now ms, ARGV[6] '1' to drop entries whose dedup key is in the done set,
--- ARGV[7] where the reclaim scan of the pending list starts (the cursor returned last time)
--- Steps: move due retries back into the stream; reclaim entries idle past the
--- visibility timeout (a dead consumer's); read new entries.
--- Returns {entries, gone, duplicates, next_due_ms, cursor}; entry = {id, fields, deliveries}.
-local stream, delayed, done = KEYS[1], KEYS[2], KEYS[3]
-local group, consumer = ARGV[1], ARGV[2]
+-- ARGV[5] queue name (failure records), ARGV[6] max deliveries, ARGV[7] reclaim cursor,
+-- ARGV[8] '1' to screen entries (expired, over-delivered, done; '0' for a dead-letter
+-- queue, which shows what it holds as it is), ARGV[9] '1' to do the periodic work
+-- first (due retries back into the stream; entries idle past the visibility timeout,
+-- a dead consumer's, reclaimed); a subscription adds ARGV[10] its group on the log,
+-- ARGV[11] its reclaim cursor there, ARGV[12] the id prefix of log entries ('all/').
+-- New entries are read from the queue's own stream. A subscription's new log entries
+-- are read by the client with a plain XREADGROUP (the hot path); here only its
+-- reclaimed ones (periodic work) are screened.
+-- Expired entries and entries delivered more than max deliveries times go to the
+-- dead-letter queue with the reason; entries of the own stream whose dedup key is done
+-- are dropped (acknowledged).
+-- Returns {entries, gone, duplicates, dead, ms until the next retry is due (-1: none),
+-- cursor, log cursor, more, wake ids, types, skipped}; entry = {id, fields, deliveries}; more = 1
+-- when all it read was dropped (call again before blocking); wake ids = the newest id
+-- of the own stream, to block on (XREAD) when nothing was delivered; types = the
+-- subscription's stored types (JSON) for the client's filter of new log entries.
+local own = {key = KEYS[1], group = ARGV[1], delete = true, prefix = ''}
+local delayed, done, dlq = KEYS[2], KEYS[3], KEYS[4]
+local consumer = ARGV[2]
 local count = tonumber(ARGV[3])
 local min_idle = tonumber(ARGV[4])
-local now = tonumber(ARGV[5])
-local check_done = ARGV[6] == '1'
-local cursor = ARGV[7] or '0-0'
-
-local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
-for _, member in ipairs(due) do
-  local entry = cjson.decode(member)
-  redis.call('XADD', stream, '*', unpack(entry, 2))
-  redis.call('ZREM', delayed, member)
+local qname = ARGV[5]
+local max_deliveries = tonumber(ARGV[6])
+local cursor = ARGV[7]
+local screen = ARGV[8] == '1'
+local periodic = ARGV[9] == '1'
+local log, meta = nil, nil
+if #KEYS >= 6 then
+  log = {key = KEYS[5], group = ARGV[10], delete = false, prefix = ARGV[12]}
+  meta = KEYS[6]
 end
+local log_cursor = ARGV[11] or '0-0'
+local now = now_ms()
 
-local out = {}
-local gone = 0
-local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, cursor, 'COUNT', count)
-for _, e in ipairs(claimed[2]) do
-  if type(e) == 'table' and type(e[2]) == 'table' then
-    local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
-    local deliveries = 1
-    if p[1] then deliveries = p[1][4] end
-    out[#out + 1] = {e[1], e[2], deliveries}
-  elseif type(e) == 'table' and type(e[1]) == 'string' then
-    -- Redis 6.2: pending, but the payload was deleted
-    redis.call('XACK', stream, group, e[1])
-    gone = gone + 1
+-- a candidate: {src, id, fields, deliveries, e, k, x} (e, k, x: its routing, dedup and
+-- expiry fields, read in one pass)
+local cands = {}
+local function add(src, id, f, deliveries)
+  local e, k, x
+  for i = 1, #f, 2 do
+    local name = f[i]
+    if name == 'e' then e = f[i + 1] elseif name == 'k' then k = f[i + 1]
+    elseif name == 'x' then x = f[i + 1] end
   end
-end
-if claimed[3] then
-  gone = gone + #claimed[3]  -- Redis 7+: already dropped from the PEL
+  cands[#cands + 1] = {src, id, f, deliveries, e, k, x}
 end
 
-local left = count - #out
-if left > 0 then
-  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', left, 'STREAMS', stream, '>')
-  if r then
-    for _, e in ipairs(r[1][2]) do out[#out + 1] = {e[1], e[2], 1} end
-  end
-end
-
-local dups = 0
-if check_done then
-  local kept = {}
-  for _, e in ipairs(out) do
-    local key = nil
-    local f = e[2]
-    for i = 1, #f, 2 do
-      if f[i] == 'k' then key = f[i + 1] end
-    end
-    if key and redis.call('ZSCORE', done, key) then
-      redis.call('XACK', stream, group, e[1])
-      redis.call('XDEL', stream, e[1])
-      dups = dups + 1
-    else
-      kept[#kept + 1] = e
+local gone, skipped = 0, 0
+local function reclaim(src, from, limit)
+  if limit <= 0 then return from end
+  local r = redis.call('XAUTOCLAIM', src.key, src.group, consumer, min_idle, from, 'COUNT', limit)
+  for _, e in ipairs(r[2]) do
+    if type(e) == 'table' and type(e[2]) == 'table' then
+      add(src, e[1], e[2], deliveries_of(src.key, src.group, e[1]))
+    elseif type(e) == 'table' and type(e[1]) == 'string' then
+      redis.call('XACK', src.key, src.group, e[1])  -- Redis 6.2: pending, payload deleted
+      gone = gone + 1
     end
   end
-  out = kept
+  if r[3] then gone = gone + #r[3] end  -- Redis 7+: already dropped from the PEL
+  return r[1]
+end
+
+-- the log is read only by a subscription that keeps some types (an unsubscribed one
+-- reads nothing from it: its group there is gone)
+local types_json, reads_log = '[]', false
+local types, all = {}, false
+if log then
+  types_json = redis.call('HGET', meta, 'types') or '[]'
+  local ok, decoded = pcall(cjson.decode, types_json)
+  if ok and type(decoded) == 'table' then
+    for _, t in ipairs(decoded) do
+      reads_log = true
+      if t == '*' then all = true else types[t] = true end
+    end
+  end
+end
+
+-- a log entry of a type the subscription does not keep (reclaimed from a consumer that
+-- read it before the types changed, or that never screened it): acknowledged, skipped
+local function kept_type(c)
+  if all or c[1] ~= log then return true end
+  local etype = c[5]
+  if not etype then
+    local okd, data = pcall(cjson.decode, field_of(c[3], 'd') or '')
+    if okd and type(data) == 'table' and type(data['event_type']) == 'string' then
+      etype = data['event_type']
+    end
+  end
+  return etype == nil or types[etype] == true
+end
+
+if periodic then
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+  for _, member in ipairs(due) do
+    local entry = cjson.decode(member)
+    redis.call('XADD', own.key, '*', unpack(entry, 2))
+    redis.call('ZREM', delayed, member)
+  end
+  cursor = reclaim(own, cursor, count)
+  if reads_log then
+    local first = #cands + 1
+    log_cursor = reclaim(log, log_cursor, count - #cands)
+    local kept, skip = {}, {}
+    for i = first, #cands do
+      if kept_type(cands[i]) then kept[#kept + 1] = cands[i] else skip[#skip + 1] = cands[i][2] end
+    end
+    for i = #cands, first, -1 do cands[i] = nil end
+    for _, c in ipairs(kept) do cands[#cands + 1] = c end
+    if #skip > 0 then
+      chunked('XACK', log.key, {log.group}, skip)
+      skipped = #skip
+    end
+  end
+end
+
+local function read_new(src, limit)
+  if limit <= 0 then return 0 end
+  local r = redis.call('XREADGROUP', 'GROUP', src.group, consumer, 'COUNT', limit,
+                      'STREAMS', src.key, '>')
+  if not r then return 0 end
+  for _, e in ipairs(r[1][2]) do add(src, e[1], e[2], 1) end
+  return #r[1][2]
+end
+read_new(own, count - #cands)
+
+local more, dups = 0, 0
+
+-- expired, over-delivered, and (own stream) already handled entries
+local done_hit = {}
+if screen then
+  local keys, idx = {}, {}
+  for i, c in ipairs(cands) do
+    if c[1] == own and c[6] then keys[#keys + 1] = c[6]; idx[#idx + 1] = i end
+  end
+  for c = 1, #keys, 500 do
+    local part = {}
+    for j = c, math.min(c + 499, #keys) do part[#part + 1] = keys[j] end
+    local scores = redis.call('ZMSCORE', done, unpack(part))
+    for j = 1, #part do if scores[j] then done_hit[idx[c + j - 1]] = true end end
+  end
+end
+local out, dead = {}, 0
+local drop_own = {}
+for i, c in ipairs(cands) do
+  local src, id, deliveries = c[1], c[2], c[4]
+  local reason = nil
+  if screen then
+    local x = c[7] and tonumber(c[7])
+    if deliveries > max_deliveries then
+      reason = 'max deliveries exceeded: delivered ' .. deliveries ..
+               ' times without acknowledgement'
+    elseif x and x <= now then
+      reason = 'expired'
+    end
+  end
+  if reason then
+    park(c[3], src.prefix .. id, deliveries, {reason = reason, queue = qname}, dlq, nil, now)
+    if src == own then drop_own[#drop_own + 1] = id else
+      redis.call('XACK', src.key, src.group, id) end
+    dead = dead + 1
+  elseif done_hit[i] then
+    drop_own[#drop_own + 1] = id
+    dups = dups + 1
+  else
+    out[#out + 1] = {src.prefix .. id, c[3], deliveries}
+  end
+end
+if #drop_own > 0 then
+  chunked('XACK', own.key, {own.group}, drop_own)
+  chunked('XDEL', own.key, {}, drop_own)
 end
 
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local next_due = -1
-if nxt[2] then next_due = tonumber(nxt[2]) end
-return {out, gone, dups, next_due, claimed[1]}
+if nxt[2] then next_due = math.max(0, tonumber(nxt[2]) - now) end
+-- everything read was dropped: there may be more behind it
+if #out == 0 and (dead > 0 or dups > 0 or gone > 0 or skipped > 0) then more = 1 end
+local wake = {}
+if #out == 0 and more == 0 then
+  local last = redis.call('XREVRANGE', own.key, '+', '-', 'COUNT', 1)
+  wake[1] = last[1] and last[1][1] or '0-0'
+end
+return {out, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types_json, skipped}

@@ -1,11 +1,11 @@
 -- Trim an acknowledge-and-keep stream (the event log) by retention, never past
 -- an entry some group has not yet acknowledged.
 -- KEYS[1] stream; ARGV[1] max entries to keep (0 = no count limit),
--- ARGV[2] oldest id to keep by age ('' = no age limit).
+-- ARGV[2] longest age to keep, in ms ('' = no age limit), measured on the server's clock.
 -- Returns {entries trimmed, id the trim was held at ('' when not held)}.
 local stream = KEYS[1]
 local maxlen = tonumber(ARGV[1])
-local age_cut = ARGV[2]
+local max_age = ARGV[2]
 
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -23,7 +23,7 @@ end
 
 if redis.call('EXISTS', stream) == 0 then return {0, ''} end
 local cut = nil
-if age_cut ~= '' then cut = age_cut end
+if max_age ~= '' then cut = string.format('%d-0', now_ms() - tonumber(max_age)) end
 if maxlen > 0 then
   local len = redis.call('XLEN', stream)
   if len > maxlen then

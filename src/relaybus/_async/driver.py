@@ -1,0 +1,125 @@
+"""The asyncio driver: runs the core's steps and flows on ``redis.asyncio`` connections.
+
+The same policy as :mod:`relaybus._sync.driver`, awaited: each step is one write and
+its raw replies, outages retried within the bound (``asyncio.sleep`` between attempts,
+so the loop is never blocked), scripts loaded on ``NOSCRIPT``, the rest raised as the
+core says. A call that is cancelled (or fails) mid-exchange disconnects its
+connection, so no reply is ever read by the wrong call: cancellation is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+
+from .._core.outage import Retrying
+from .._core.resp import pack
+from .._core.steps import (
+    Call,
+    Flow,
+    ScriptCall,
+    Step,
+    command_args,
+    first_error,
+    noscript,
+    unwrap,
+)
+from ..connection import address_of, check_version, server_name
+
+__all__ = ["AsyncDriver"]
+
+T = TypeVar("T")
+
+
+class AsyncDriver:
+    """Runs steps and flows on an asyncio ``client``'s connections (see the module docstring)."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, retry_timeout: float, url: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.pool = client.connection_pool
+        self.address = address_of(client)
+        self.url = url
+        self.retry_timeout = retry_timeout
+        self.clock = clock
+        self._checked = False
+        self._idle: list[Any] = []  # redis-py connections (untyped)
+        self._taken: list[Any] = []
+
+    async def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
+        """Send ``step`` and return its value; outages are retried within the bound."""
+        bound = self.retry_timeout if retry_timeout is None else retry_timeout
+        retrying = Retrying(bound, self.clock, self.address)
+        while True:
+            try:
+                if not self._checked:
+                    check_version((await self._exchange(Step.one(Call("INFO", "server"))))[0],
+                                  self.address)
+                    self._checked = True
+                replies = await self._exchange(step)
+                for i in noscript(replies):  # those did not run: load and send them again
+                    command = step.commands[i]
+                    assert isinstance(command, ScriptCall)
+                    await self._exchange(Step.one(Call("SCRIPT", "LOAD", command.script.source)))
+                    replies[i] = (await self._exchange(Step.one(command)))[0]
+                error = first_error(step, replies)
+                if error is not None:
+                    raise error
+                return step.parse(replies)
+            except Exception as exc:
+                await asyncio.sleep(retrying.after(exc))
+
+    async def drive(self, flow: Flow[T]) -> T:
+        """Run ``flow`` to its end and return its result."""
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    value = await self.run(step)
+                except Exception as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(value)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def server_version(self) -> str:
+        """The server's name and version, e.g. ``valkey 8.1.8`` or ``redis 7.0.15``."""
+        return server_name(await self.run(Step.one(Call("INFO", "server"))))
+
+    async def _exchange(self, step: Step[Any]) -> list[Any]:
+        conn: Any  # redis-py's connections are untyped
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+            self._taken.append(conn)
+        cmds = [command_args(c) for c in step.commands]
+        if step.transaction:
+            cmds = [("MULTI",), *cmds, ("EXEC",)]
+        try:
+            await conn.send_packed_command([pack(cmds)])
+            replies: list[Any] = []
+            for _ in cmds:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.ResponseError as exc:  # read on: keep the connection in step
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)  # cancelled or failed: never reuse it half-read
+            raise
+        finally:
+            self._idle.append(conn)
+        return unwrap(step, replies)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for conn in self._taken:
+            await conn.disconnect()
+        await self.client.aclose()

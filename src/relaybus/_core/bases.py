@@ -1,0 +1,233 @@
+"""What the queue layer's sync and asyncio classes share: settings, names, encoding.
+
+:class:`MessageQueueBase` and :class:`QueueBase` hold everything of ``MessageQueue`` /
+``AsyncMessageQueue`` and ``Queue`` / ``AsyncQueue`` that does no IO (validation,
+key names, encoding, the per-reader state); the public classes add the calls, each
+one line over a core step or flow.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any, Generic, TypeVar
+
+from .. import codec
+from ..errors import InvalidNameError, QueueNotFoundError
+from ..events import Event
+from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
+from . import bus
+from .queue import (
+    DEFAULT_VISIBILITY_TIMEOUT,
+    Counts,
+    QueueRef,
+    QueueSettings,
+    ReadState,
+    Settlement,
+    failure_record,
+)
+from .replies import ids
+from .steps import Step
+
+__all__ = ["MessageQueueBase", "QueueBase", "EventBusBase", "validate_prefix", "check_count"]
+
+
+def validate_prefix(prefix: object) -> str:
+    """``prefix`` if relaybus can use it as a key prefix (no braces, no whitespace)."""
+    if not isinstance(prefix, str) or any(c in "{}" or c.isspace() for c in prefix):
+        raise InvalidNameError(f"prefix {prefix!r} must be a string without braces or spaces")
+    return prefix
+
+
+def check_count(count: object) -> int:
+    """``count`` if it is a positive integer (ValueError otherwise)."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"count must be a positive integer, not {count!r}")
+    return count
+
+
+class MessageQueueBase:
+    """Settings and naming of a message queue connection (no IO here)."""
+
+    def __init__(self, *, prefix: str, consumer_id: str | None, max_message_size: int,
+                 max_deliveries: int, dedup_window: float) -> None:
+        self.prefix = validate_prefix(prefix)
+        self.settings = QueueSettings(self.prefix, int(max_message_size), int(max_deliveries),
+                                      float(dedup_window))
+        self._consumer_id = consumer_id
+        self._consumer_pid = -1
+        self._generated_id = ""
+        self._counts = Counts()
+
+    @property
+    def max_message_size(self) -> int:
+        return self.settings.max_message_size
+
+    @property
+    def max_deliveries(self) -> int:
+        return self.settings.max_deliveries
+
+    @property
+    def dedup_window(self) -> float:
+        return self.settings.dedup_window
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of what the queue layer handled on its own: ``gone`` (pending entries
+        whose payload was deleted), ``duplicates``, ``dead_lettered``, ``skipped`` (log
+        entries of types a subscription does not take), ``groups_recreated``."""
+        return self._counts.values
+
+    @property
+    def consumer_id(self) -> str:
+        """This process's consumer name: given, or ``host-pid-random`` (new after fork)."""
+        if self._consumer_id:
+            return self._consumer_id
+        if self._consumer_pid != os.getpid():
+            self._consumer_pid = os.getpid()
+            self._generated_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return self._generated_id
+
+    def _encode(self, data: Mapping[str, Any], *, ttl: float | None = None,
+                headers: Mapping[str, str] | None = None, dedup_key: str | None = None,
+                routing_key: str | None = None) -> dict[str, str | int]:
+        return codec.encode_entry(data, now=time.time(), headers=headers, ttl=ttl,
+                                  dedup_key=dedup_key, routing_key=routing_key,
+                                  max_size=self.max_message_size)
+
+    def _ref(self, name: str, *, is_dlq: bool = False, visibility_timeout: float | None = None,
+             delete_on_ack: bool = True) -> QueueRef:
+        vt = DEFAULT_VISIBILITY_TIMEOUT if visibility_timeout is None else visibility_timeout
+        return QueueRef(self.settings, name, is_dlq, float(vt), delete_on_ack)
+
+    @staticmethod
+    def _split_dlq(name: str) -> tuple[str, bool]:
+        """``("orders", True)`` for ``orders:dlq``; validates the pair name."""
+        if isinstance(name, str) and name.endswith(DLQ_SUFFIX):
+            return validate_name(name[: -len(DLQ_SUFFIX)]), True
+        return validate_name(name), False
+
+    def _not_found(self, name: str) -> QueueNotFoundError:
+        return QueueNotFoundError(f"no queue named {name!r} under prefix {self.prefix!r}")
+
+    @staticmethod
+    def _check_visibility(visibility_timeout: float | None) -> None:
+        if visibility_timeout is not None and not visibility_timeout > 0:
+            raise ValueError("visibility_timeout must be a positive number of seconds")
+
+
+class QueueBase:
+    """Names, keys and reader state of one stream of a queue pair (no IO here)."""
+
+    def __init__(self, ref: QueueRef) -> None:
+        self._ref = ref
+        self._read = ReadState()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} key={self.key!r}>"
+
+    @property
+    def ref(self) -> QueueRef:
+        return self._ref
+
+    @property
+    def name(self) -> str:
+        """``NAME`` for a main queue, ``NAME:dlq`` for a dead-letter queue."""
+        return self._ref.name
+
+    @property
+    def pair_name(self) -> str:
+        return self._ref.pair_name
+
+    @property
+    def is_dlq(self) -> bool:
+        return self._ref.is_dlq
+
+    @property
+    def keys(self) -> QueueKeys:
+        return self._ref.keys
+
+    @property
+    def key(self) -> str:
+        """The stream's Redis key."""
+        return self._ref.key
+
+    @property
+    def visibility_timeout(self) -> float:
+        return self._ref.visibility_timeout
+
+    @property
+    def delete_on_ack(self) -> bool:
+        """Acknowledged entries leave the stream (work queues); False keeps them (the log)."""
+        return self._ref.delete_on_ack
+
+    @delete_on_ack.setter
+    def delete_on_ack(self, value: bool) -> None:
+        self._ref = replace(self._ref, delete_on_ack=bool(value))
+
+    # -- what the calls send (shared by both fronts) ----------------------------------
+
+    def _acks(self, message_ids: str | Iterable[str], record_done: Iterable[str]) -> Settlement:
+        return Settlement(acks=ids(message_ids), done=list(record_done))
+
+    def _dead(self, message_ids: str | Iterable[str], reason: str,
+              details: Mapping[str, Any] | None) -> Settlement:
+        record = failure_record(self._ref, reason, details)
+        return Settlement(dead=[(i, record) for i in ids(message_ids)])
+
+    def _retries(self, message_ids: str | Iterable[str], delay: float, reason: str,
+                 details: Mapping[str, Any] | None, clock: float) -> Settlement:
+        record = failure_record(self._ref, reason, details)
+        delay = max(0.0, float(delay))
+        due = clock + delay
+        if self._read.local_due is None or due < self._read.local_due:
+            self._read.local_due = due  # a consumer of this object wakes up for it
+        return Settlement(retries=[(i, delay, record) for i in ids(message_ids)])
+
+
+M = TypeVar("M", bound=MessageQueueBase)
+
+
+class EventBusBase(Generic[M]):
+    """Settings of an event bus and what its calls send (no IO here); ``M`` is the
+    front's message queue class."""
+
+    prefix: str
+    mq: M
+
+    def _configure(self, *, visibility_timeout: float, dedup_window: float,
+                   retention_max_len: int, retention_seconds: float | None) -> None:
+        if not isinstance(visibility_timeout, (int, float)) or not visibility_timeout > 0:
+            raise ValueError(f"visibility_timeout must be a positive number of seconds, "
+                             f"not {visibility_timeout!r}")
+        self.visibility_timeout = float(visibility_timeout)
+        self.dedup_window = float(dedup_window)
+        self.retention_max_len = int(retention_max_len)
+        self.retention_seconds = retention_seconds
+        #: Seconds between two rounds of this bus's maintenance (the log's retention).
+        self.maintenance_interval = bus.MAINTENANCE_INTERVAL
+        self.running = False
+
+    def _log_ref(self) -> QueueRef:
+        ref = self.mq._ref(EVENTS_QUEUE, visibility_timeout=self.visibility_timeout)
+        return replace(ref, delete_on_ack=False)
+
+    def _sub_ref(self, service_name: str, visibility_timeout: float | None) -> QueueRef:
+        return self.mq._ref(bus.subscription_queue_name(service_name),
+                            visibility_timeout=visibility_timeout)
+
+    def _fields(self, event: Event) -> dict[str, str | int]:
+        return bus.event_fields(self.mq._encode, event)
+
+    def _raw_fields(self, event_type: str, data: Mapping[str, Any]) -> dict[str, str | int]:
+        payload = bus.raw_event(event_type, data)
+        return self.mq._encode(payload, dedup_key=str(payload["event_id"]),
+                               routing_key=event_type)
+
+    def _trim(self) -> Step[tuple[int, str]]:
+        max_len = self.retention_max_len
+        return bus.trim(self.prefix, max_len, self.retention_seconds)

@@ -1,0 +1,170 @@
+"""Broker errors: which are outages (retried with backoff), which are refusals (raised).
+
+One policy for every caller, both fronts:
+
+- **outages** are retried with capped, jittered exponential backoff for at most the
+  retry bound, then raised as :class:`~relaybus.errors.BrokerUnavailableError`:
+  a lost or refused connection, a timeout, and the transient server states ``BUSY``
+  (a long script), ``LOADING`` (a restart reading its data), ``READONLY`` (a replica
+  after failover), ``MASTERDOWN``, ``TRYAGAIN`` and ``CLUSTERDOWN``;
+- **out of memory** (``OOM``): :class:`~relaybus.errors.BrokerOutOfMemoryError`, not
+  retried (nothing was written; the caller decides);
+- ``NOSCRIPT``: the driver loads the script and sends the command again;
+- ``NOGROUP``: :class:`GroupMissing`, for the flow to recreate the group;
+- any other error reply: :class:`~relaybus.errors.BrokerCommandError` (repeating
+  the command would fail again).
+
+Nothing here sleeps or talks to a server; the clock is passed in.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+
+import redis
+
+from ..errors import (
+    BrokerCommandError,
+    BrokerOutOfMemoryError,
+    BrokerUnavailableError,
+    RelaybusError,
+)
+
+__all__ = ["Kind", "Backoff", "Retrying", "GroupMissing", "classify", "translate",
+           "is_nogroup", "MIN_BACKOFF", "MAX_BACKOFF"]
+
+#: First pause, in seconds, after a failed attempt during an outage.
+MIN_BACKOFF = 0.05
+#: Longest pause, in seconds, between two attempts during an outage.
+MAX_BACKOFF = 1.0
+#: Error-reply prefixes of transient server states: outages, not refusals.
+TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+class GroupMissing(BrokerCommandError):
+    """The consumer group (or its stream) is gone: the server was flushed or restarted empty."""
+
+
+class Kind(enum.Enum):
+    """What an error means for the caller."""
+
+    OUTAGE = "outage"
+    OOM = "oom"
+    NOSCRIPT = "noscript"
+    NOGROUP = "nogroup"
+    REFUSED = "refused"
+    OTHER = "other"
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """True when the server said the consumer group (or its stream) does not exist.
+
+    That includes a blocking read cut short because its stream or group was deleted
+    (Redis 7 replies ``UNBLOCKED the stream key no longer exists``).
+    """
+    if isinstance(exc, GroupMissing):
+        return True
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    text = str(exc)
+    return "NOGROUP" in text or text.startswith("UNBLOCKED")
+
+
+def _error_code(exc: BaseException) -> str:
+    # redis-py strips some prefixes into exception classes; the rest stay in the text
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return "LOADING"
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, redis.exceptions.NoScriptError):
+        return "NOSCRIPT"
+    text = str(exc).rpartition(" of pipeline caused error: ")[2]
+    return text.split(" ", 1)[0].upper() if text else ""
+
+
+def classify(exc: BaseException) -> Kind:
+    """The :class:`Kind` of an exception raised by a redis-py (sync or asyncio) call."""
+    if isinstance(exc, RelaybusError):
+        return Kind.NOGROUP if isinstance(exc, GroupMissing) else Kind.OTHER
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return Kind.OUTAGE
+    if not isinstance(exc, redis.ResponseError):
+        return Kind.OTHER
+    if is_nogroup(exc):
+        return Kind.NOGROUP
+    code = _error_code(exc)
+    if code in TRANSIENT_PREFIXES:
+        return Kind.OUTAGE
+    if code == "OOM":
+        return Kind.OOM
+    if code == "NOSCRIPT":
+        return Kind.NOSCRIPT
+    return Kind.REFUSED
+
+
+def translate(exc: BaseException, address: str) -> BaseException:
+    """The relaybus exception to raise for ``exc`` (an outage past its bound included)."""
+    kind = classify(exc)
+    if kind is Kind.OUTAGE:
+        return BrokerUnavailableError(address, exc)
+    if kind is Kind.OOM:
+        reason = str(exc).rpartition(" of pipeline caused error: ")[2]
+        return BrokerOutOfMemoryError(f"server at {address} is out of memory and refused the "
+                                      f"write (nothing was written): {reason}")
+    if kind is Kind.NOGROUP and not isinstance(exc, GroupMissing):
+        return GroupMissing(f"server error: {exc}")
+    if kind is Kind.REFUSED or kind is Kind.NOSCRIPT:
+        return BrokerCommandError(f"server error: {exc}")
+    return exc
+
+
+class Backoff:
+    """Bounded retry of an outage: capped exponential delays with jitter.
+
+    ``bound`` seconds after ``started`` (a monotonic time) no attempt is left:
+    :meth:`delay` returns None and the caller raises.
+    """
+
+    def __init__(self, bound: float, started: float,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.deadline = started + bound
+        self._next = MIN_BACKOFF
+        self._rand = rand
+
+    def delay(self, now: float) -> float | None:
+        """Seconds to wait before the next attempt, or None when the bound has passed."""
+        if now >= self.deadline:
+            return None
+        wait = min(self._next * (0.5 + self._rand()), self.deadline - now)
+        self._next = min(self._next * 2, MAX_BACKOFF)
+        return max(0.0, wait)
+
+
+class Retrying:
+    """The retry state of one step: how long to pause after each failure, or what to raise.
+
+    Drivers loop ``try: send; except Exception as exc: sleep(retrying.after(exc))``.
+    """
+
+    def __init__(self, bound: float, clock: Callable[[], float], address: str) -> None:
+        self._bound = bound
+        self._clock = clock
+        self._address = address
+        self._backoff: Backoff | None = None
+
+    def after(self, exc: Exception) -> float:
+        """The pause before the next attempt after ``exc``; raises when there is none."""
+        if classify(exc) is Kind.OUTAGE:
+            if self._backoff is None:
+                self._backoff = Backoff(self._bound, self._clock())
+            delay = self._backoff.delay(self._clock())
+            if delay is not None:
+                return delay
+        raised = translate(exc, self._address)
+        if raised is exc:
+            raise exc
+        raise raised from exc

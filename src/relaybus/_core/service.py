@@ -1,0 +1,362 @@
+"""What both fronts' services share: settings, handlers, and an event's outcome.
+
+:class:`ServiceBase` holds everything of ``Microservice`` and ``AsyncMicroservice``
+that does no IO: validating the settings, registering handlers, choosing the
+subscription's types, and the two halves around a handler run:
+
+- :meth:`ServiceBase._prepare` turns a message into the event to handle, or into an
+  :class:`~relaybus._core.consumer.Outcome` without running anything (not a valid
+  event, no handler, earlier deliveries never settled);
+- :meth:`ServiceBase._conclude` turns what the handler did (its return value or the
+  exception it raised, and when) into the outcome: acknowledge, retry after backoff,
+  or dead-letter with the failure record.
+
+Each front only calls the handler its way in between (a thread, or the event loop).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from ..codec import Message, payload_data
+from ..errors import (
+    ConfigurationError,
+    EventValidationError,
+    HandlerOutcome,
+    Reject,
+    SerializationError,
+    UnknownEventTypeError,
+)
+from ..events import Event, deserialize_event_strict, event_from_json, event_type_name
+from ..keys import validate_name
+from ..retry import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BACKOFF,
+    DEFAULT_RETRY_BACKOFF_MAX,
+    Action,
+    Decision,
+    RetryPolicy,
+)
+from .bus import ALL_EVENTS, subscription_queue_name
+from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Counters, Outcome, default_prefetch
+from .replies import text
+
+__all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
+           "returns_awaitable"]
+
+logger = logging.getLogger("relaybus.service")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``@svc.on(WILDCARD)`` handles every event type that has no handler of its own.
+WILDCARD = ALL_EVENTS
+#: The counters in a service's ``stats``.
+STAT_NAMES = ("received", "handled", "failed", "retried", "dead_lettered", "invalid",
+              "duplicates", "errors")
+#: Longest traceback kept in a failure record, in characters (the end is kept).
+MAX_TRACEBACK_CHARS = 8000
+#: Longest exception message kept in a failure record, in characters.
+MAX_MESSAGE_CHARS = 2000
+#: Reason a sync service dead-letters an event whose handler returned an awaitable.
+AWAITABLE_REASON = ("handler returned an awaitable, which a Microservice never awaits: "
+                    "run async handlers in an AsyncMicroservice")
+
+
+_ACK = Decision(Action.ACK)
+
+
+def _clip(value: str, limit: int, keep_end: bool = False) -> str:
+    if len(value) <= limit:
+        return value
+    return "..." + value[-limit:] if keep_end else value[:limit] + "..."
+
+
+def qualname(obj: object) -> str:
+    """``module.qualname`` of a function or class (for failure records and errors)."""
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
+
+
+def returns_awaitable(fn: Callable[..., Any]) -> bool:
+    """True for an ``async def`` function (also behind ``functools.partial``) or an
+    object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's method
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class ServiceBase:
+    """Settings, handlers and outcomes of a service (see the module docstring)."""
+
+    #: Whether the front awaits ``async def`` handlers (the asyncio front does).
+    _awaits_handlers = False
+
+    def __init__(
+        self,
+        service_name: str,
+        redis_host: str = "localhost",
+        redis_port: int = 6379,
+        redis_db: int = 0,
+        event_types: Iterable[str | type[Event]] | None = None,
+        *,
+        url: str | None = None,
+        prefix: str = "events:",
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        retry_backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX,
+        visibility_timeout: float = 30.0,
+        shutdown_timeout: float = 30.0,
+        maintenance: bool = True,
+        block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
+        bus_prefix: str | None = None,
+        **bus_options: Any,
+    ) -> None:
+        self.service_name = validate_name(service_name, "service name")
+        self.subscription_queue_name = subscription_queue_name(service_name)
+        if event_types is None:
+            self.event_types: list[str] | None = None
+        elif isinstance(event_types, (str, type)):
+            self.event_types = [event_type_name(event_types)]
+        else:
+            self.event_types = [event_type_name(t) for t in event_types]
+            if not self.event_types:
+                raise ConfigurationError("event_types is empty: pass None to subscribe to "
+                                         "every type")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an integer >= 1, not {concurrency!r}")
+        if prefetch is None:
+            prefetch = default_prefetch(concurrency)
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < concurrency:
+            raise ConfigurationError(f"prefetch must be an integer >= concurrency ({concurrency}),"
+                                     f" not {prefetch!r}")
+        for name, value in (("visibility_timeout", visibility_timeout),
+                            ("block_for_seconds", block_for_seconds)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, "
+                                         f"not {value!r}")
+        if not isinstance(shutdown_timeout, (int, float)) or not shutdown_timeout >= 0:
+            raise ConfigurationError(f"shutdown_timeout must be a number of seconds >= 0, "
+                                     f"not {shutdown_timeout!r}")
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.retry_policy = RetryPolicy(max_attempts, float(retry_backoff),
+                                        float(retry_backoff_max))
+        self.max_attempts = max_attempts
+        self.visibility_timeout = float(visibility_timeout)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.maintenance = bool(maintenance)
+        self.block_for_seconds = float(block_for_seconds)
+        self.prefix = bus_prefix if bus_prefix is not None else prefix
+        #: True between ``start`` and ``stop``.
+        self.running = False
+        #: This instance's consumer name in the subscription's group (set by ``start``).
+        self.consumer_id: str | None = None
+        self._url = url
+        self._redis = (redis_host, int(redis_port), int(redis_db))
+        self._bus_options = dict(bus_options)
+        self._handlers: dict[str, Callable[[Any], Any]] = {}
+        self._dispatch: dict[str, Callable[[Any], Any] | None] = {}
+        self._counters = Counters(STAT_NAMES)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "closed" if self._closed else "stopped"
+        return f"<{type(self).__name__} {self.service_name!r} {state}>"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A snapshot of this instance's counters (see :data:`STAT_NAMES`).
+
+        ``received``: events delivered here; ``handled``: acknowledged after success;
+        ``failed``: handler runs that raised (``Retry``/``Reject`` excluded);
+        ``retried``: scheduled again; ``dead_lettered``: moved to the DLQ;
+        ``invalid``: unknown type or failed validation (also dead-lettered);
+        ``duplicates``: copies dropped because the event was already handled;
+        ``errors``: unexpected errors in relaybus or service code outside handlers.
+        """
+        return self._counters.snapshot()
+
+    def _new_consumer_id(self) -> str:
+        return str(self._bus_options.get("consumer_id") or
+                   f"{self.service_name}@{socket.gethostname()}-{os.getpid()}-"
+                   f"{uuid.uuid4().hex[:6]}")
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def on(self, *event_types: str | type[Event]) -> Callable[[F], F]:
+        """Register the decorated function as the handler of ``event_types``.
+
+        ``handler(event) -> Any``: returning ``False`` dead-letters the event,
+        returning anything else acknowledges it, raising retries it (see the module
+        docstring). ``"*"`` handles every type without a handler of its own. One
+        handler per type; register before ``start``. Returns the function as is.
+        """
+        if not event_types:
+            raise TypeError("on() needs at least one event type (or '*' for every type)")
+        names = [event_type_name(t) for t in event_types]
+
+        def register(fn: F) -> F:
+            if not callable(fn):
+                raise TypeError(f"on() decorates a callable, not {fn!r}")
+            if returns_awaitable(fn) and not self._awaits_handlers:
+                raise TypeError(f"{qualname(fn)} is an async function, which a {type(self).__name__}"
+                                " would never await (its events would be acknowledged unhandled)"
+                                ": use relaybus.AsyncMicroservice for async handlers")
+            if self.running:
+                raise ConfigurationError("register handlers before start()")
+            for name in names:
+                existing = self._handlers.get(name)
+                if existing is not None and existing is not fn:
+                    raise ConfigurationError(
+                        f"event type {name!r} already has a handler in service "
+                        f"{self.service_name!r}: {qualname(existing)}")
+            for name in names:
+                self._handlers[name] = fn
+            self._dispatch.clear()
+            return fn
+
+        return register
+
+    @property
+    def handlers(self) -> Mapping[str, Callable[[Any], Any]]:
+        """The registered handlers: event type name (or ``"*"``) -> function (a copy)."""
+        return dict(self._handlers)
+
+    #: The front's own ``handle_event`` (which dispatches to the ``@on`` handlers).
+    _default_handle_event: Callable[..., Any] | None = None
+
+    def _overrides_handle_event(self) -> bool:
+        """True when a subclass wrote its own ``handle_event`` (the seed's form)."""
+        cls = type(self)
+        own = getattr(cls, "handle_event", None)
+        return own is not None and own is not cls._default_handle_event
+
+    def _check_startable(self) -> None:
+        if not self._handlers and not self._overrides_handle_event():
+            raise ConfigurationError(
+                f"service {self.service_name!r} has no handlers: decorate functions with "
+                "@service.on(EventType) or override handle_event")
+        own = getattr(type(self), "handle_event")  # noqa: B009 - not every front has one
+        if self._overrides_handle_event() and returns_awaitable(own) and \
+                not self._awaits_handlers:
+            raise TypeError(f"{qualname(type(self))}.handle_event is async, which a "
+                            f"{type(self).__name__} would never await: derive from "
+                            "relaybus.AsyncMicroservice instead")
+
+    def _handler_of(self, event_type: str) -> Callable[[Any], Any] | None:
+        """The function that handles ``event_type``: ``handle_event`` when overridden,
+        else the ``@on`` handler of the type (or ``"*"``); None when there is none."""
+        handler = self._dispatch.get(event_type)
+        if handler is None and event_type not in self._dispatch:
+            if self._overrides_handle_event():
+                handler = getattr(self, "handle_event")  # noqa: B009
+            else:
+                handler = self._handlers.get(event_type) or self._handlers.get(WILDCARD)
+            self._dispatch[event_type] = handler  # handlers are fixed once started
+        return handler
+
+    def _handler_name(self, event_type: str) -> str:
+        if self._overrides_handle_event():
+            return f"{qualname(type(self))}.handle_event"
+        handler = self._handlers.get(event_type) or self._handlers.get(WILDCARD)
+        return qualname(handler) if handler is not None else "<none>"
+
+    def _subscription_types(self) -> list[str] | None:
+        if self.event_types is not None:
+            return list(self.event_types)
+        if self._handlers and WILDCARD not in self._handlers and \
+                not self._overrides_handle_event():
+            return sorted(self._handlers)
+        return None
+
+    # -- an event's outcome (runs wherever handlers run) --------------------------------
+
+    def _prepare(self, message: Message) -> tuple[Event, Callable[[Any], Any]] | Outcome:
+        """The event and its handler, or the outcome when nothing is to run."""
+        try:
+            if message.data or not message.payload:
+                event = deserialize_event_strict(message.data)
+            else:  # straight from JSON: the entry's routing field names the class
+                routing = message.fields.get(b"e")
+                event = event_from_json(message.payload, text(routing) if routing else None)
+        except (UnknownEventTypeError, EventValidationError, SerializationError) as exc:
+            self._counters.incr("invalid")
+            data = payload_data(message)
+            details = dict(self._base_details(message), error_type=type(exc).__name__,
+                           event_type=str(data.get("event_type", "")),
+                           event_id=str(data.get("event_id", "")))
+            if isinstance(exc, EventValidationError):
+                details["errors"] = [{"loc": ".".join(str(p) for p in e.get("loc", ())),
+                                      "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                                     for e in exc.errors]
+            logger.error("service %s: dead-lettering message %s: %s", self.service_name,
+                         message.id, exc)
+            return Outcome(Decision(Action.DEAD_LETTER, reason=str(exc)), details=details)
+        attempt = message.attempts
+        if attempt > self.max_attempts:
+            # earlier deliveries were never settled: their instances died (a poison event?)
+            reason = (f"max attempts ({self.max_attempts}) reached: delivered {attempt} times, "
+                      "earlier deliveries unsettled (their consumer died or lost its lease)")
+            logger.error("service %s: dead-lettering %s %s: %s", self.service_name,
+                         event.event_type, event.event_id, reason)
+            return Outcome(Decision(Action.DEAD_LETTER, reason=reason),
+                           details=dict(self._base_details(message), event_type=event.event_type,
+                                        event_id=event.event_id, published_at=event.timestamp,
+                                        max_attempts=self.max_attempts))
+        handler = self._handler_of(event.event_type)
+        if handler is None:
+            reason = (f"no handler for event type {event.event_type!r} in service "
+                      f"{self.service_name!r}")
+            return self._conclude(message, event, None, Reject(reason), time.time(), time.time())
+        return event, handler
+
+    def _base_details(self, message: Message) -> dict[str, Any]:
+        return {"service": self.service_name, "consumer": self.consumer_id,
+                "enqueued_at": message.timestamp}
+
+    def _conclude(self, message: Message, event: Event, result: object,
+                  error: BaseException | None, started: float, finished: float) -> Outcome:
+        """The outcome of a handler run that returned ``result`` or raised ``error``."""
+        if error is None and result is not False and (result is None or
+                                                      not inspect.isawaitable(result)):
+            return Outcome(_ACK, done_key=message.dedup_key or event.event_id)  # handled
+        attempt = message.attempts
+        if error is None and inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if callable(close):
+                close()  # a never-awaited coroutine: no "never awaited" warning
+            error = Reject(AWAITABLE_REASON)
+        decision = self.retry_policy.decide(attempt, result=result, error=error)
+        label = f"{event.event_type} {event.event_id} (attempt {attempt}/{self.max_attempts})"
+        details = dict(self._base_details(message), handler=self._handler_name(event.event_type),
+                       event_type=event.event_type, event_id=event.event_id,
+                       published_at=event.timestamp, started_at=started, finished_at=finished,
+                       max_attempts=self.max_attempts)
+        if error is not None and not isinstance(error, HandlerOutcome):
+            self._counters.incr("failed")
+            details["exception_type"] = qualname(type(error))
+            details["exception_message"] = _clip(str(error), MAX_MESSAGE_CHARS)
+            details["traceback"] = _clip("".join(traceback.format_exception(
+                type(error), error, error.__traceback__)), MAX_TRACEBACK_CHARS, keep_end=True)
+        elif error is not None:
+            details["outcome"] = type(error).__name__
+        if decision.action is Action.RETRY:
+            details["retry_delay"] = decision.delay
+            logger.warning("service %s: %s failed: %s; retrying in %.2fs", self.service_name,
+                           label, decision.reason, decision.delay)
+        else:
+            logger.error("service %s: dead-lettering %s: %s", self.service_name, label,
+                         decision.reason)
+        return Outcome(decision, details=details)

@@ -1,0 +1,251 @@
+"""The sync consume loop: the core's :class:`~relaybus._core.consumer.Consumer` on threads.
+
+Threads over one subscription queue, all sharing one lock around the consumer state:
+
+- one **fetcher**, which fetches while the consumer wants more (backpressure:
+  at most ``prefetch`` held) and otherwise waits on the server (``XREAD BLOCK``,
+  which consumes nothing);
+- ``concurrency`` **handler threads**, each running one message at a time through
+  ``process`` and handing its :class:`~relaybus._core.consumer.Outcome` back;
+- one **settler**, which sends every finished message since its last call as one
+  script call (and the lease extensions when due): the hot path has no round trip per
+  message. Its lease extension never waits on a handler.
+
+Failures of the broker never end a loop: each backs off, logs once per incident and
+once on recovery (:mod:`relaybus._core.incidents`), and resumes. A bug in ``process``
+is logged and leaves the message pending for redelivery; the thread goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._core.consumer import Consumer, Outcome, StopReport
+from .._core.incidents import Incident
+from .._core.queue import QueueRef
+from .._core.steps import Flow
+from ..codec import Message
+from ..errors import BrokerError
+from .driver import Driver
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("relaybus.worker")
+
+
+class Worker:
+    """Consumes one queue with ``concurrency`` handler threads (see the module docstring).
+
+    ``process`` turns a message into an :class:`Outcome`; it runs in handler threads,
+    so it must be thread-safe when ``concurrency > 1``. ``recover``, when given,
+    recreates what a flushed server lost before fetching again. A worker runs once.
+    """
+
+    def __init__(self, driver: Driver, consumer: Consumer,
+                 process: Callable[[Message], Outcome], *, concurrency: int = 1,
+                 recover: Callable[[QueueRef], Flow[Any]] | None = None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.driver = driver
+        self.core = consumer
+        self.process = process
+        self.concurrency = concurrency
+        self.recover = recover
+        self.name = consumer.name
+        self._lock = threading.Lock()
+        # one lock, a condition per kind of waiter (notify only who can go on)
+        self._work = threading.Condition(self._lock)  # handlers: a message is buffered
+        self._room = threading.Condition(self._lock)  # the fetcher: room to fetch into
+        self._to_settle = threading.Condition(self._lock)  # the settler: something finished
+        self._idle = threading.Condition(self._lock)  # join: a settle completed
+        self._threads: list[threading.Thread] = []
+        self._halted = False  # set without a lock by halt() (signal handlers)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages held by this worker: fetched and not yet settled."""
+        with self._lock:
+            return len(self.core.held)
+
+    def owns_current_thread(self) -> bool:
+        """True when called from one of this worker's threads (a handler, say)."""
+        return threading.current_thread() in self._threads
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the fetcher, the settler and the handler threads."""
+        if self._threads:
+            raise RuntimeError("a worker runs once; create a new one")
+        targets = [(self._fetch_loop, "fetch"), (self._settle_loop, "settle")] + \
+            [(self._handler_loop, f"handler-{i}") for i in range(self.concurrency)]
+        self._threads = [threading.Thread(target=t, daemon=True,
+                                          name=f"relaybus-{self.name}-{label}")
+                         for t, label in targets]
+        for t in self._threads:
+            t.start()
+
+    def halt(self) -> None:
+        """Start no new handler and no new fetch from now on. Safe in a signal handler
+        (takes no lock); :meth:`join` does the rest later."""
+        self._halted = True
+
+    def join(self, timeout: float, abandon: Callable[[], bool] | None = None) -> StopReport:
+        """Stop: wait up to ``timeout`` seconds for running handlers and their settling.
+
+        ``abandon``, polled while waiting, cuts the wait short when it returns True (a
+        second signal). Then every fetched-but-unstarted message is handed back at once
+        (another instance takes them without waiting for their lease), and the consumer
+        leaves its group if it holds nothing. Handlers still running are abandoned: their
+        threads (daemons) run on, their messages stay pending; one that finishes later
+        settles its message itself, else it is redelivered after the visibility timeout.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            self.core.stop()
+            self._wake_all()
+            while not self.core.idle():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (abandon is not None and abandon()):
+                    break
+                self._idle.wait(min(remaining, 0.1))
+            abandoned = self.core.abandon()
+            unstarted = len(self.core.buffer)
+            finished = self.core.settled_while_stopping
+            self._wake_all()
+            batch = self.core.hand_back()
+        if abandoned:
+            logger.warning("%s: %d handlers still running after %.1fs; their events stay "
+                           "pending (settled if they finish, else redelivered after the "
+                           "visibility timeout)", self.name, abandoned, timeout)
+        try:
+            done = self.driver.run(self.core.settle_step_for(batch), retry_timeout=1.0)
+        except Exception as exc:  # best effort: they lapse as after a crash
+            logger.warning("%s: could not hand back %d events (%s); they will be redelivered "
+                           "after the visibility timeout", self.name, len(batch.release), exc)
+        else:
+            if done.released:
+                logger.info("%s: handed back %d events", self.name, done.released)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=0.0 if abandoned else 0.5)
+        return StopReport(finished=finished, abandoned=abandoned, left_pending=unstarted)
+
+    @property
+    def _stopping(self) -> bool:
+        return self.core.stopping or self._halted
+
+    def _wake_all(self) -> None:
+        for cond in (self._work, self._room, self._to_settle, self._idle):
+            cond.notify_all()
+
+    # -- fetching -------------------------------------------------------------------
+
+    def _fetch_loop(self) -> None:
+        incident = Incident(f"{self.name}: fetching", logger)
+        while True:
+            with self._lock:
+                while not self._stopping and self.core.fetch_count() == 0:
+                    self._room.wait()
+                if self._stopping:
+                    return
+                flow = self.core.fetch(self.core.fetch_count(), time.monotonic, self.recover)
+            try:
+                messages = self.driver.drive(flow)
+            except Exception as exc:  # a broker outage, or a bug: the loop goes on
+                pause = incident.failed(exc, time.monotonic(),
+                                        expected=isinstance(exc, BrokerError))
+                with self._lock:
+                    self._room.wait_for(lambda: self._stopping, pause)
+                continue
+            incident.succeeded(time.monotonic())
+            with self._lock:
+                new = self.core.fetched(messages, time.monotonic())
+                if new:
+                    self._work.notify(new)
+                if new or self.core.skipped:
+                    self._to_settle.notify()  # a lease extension due, or skipped entries
+
+    # -- handling -------------------------------------------------------------------
+
+    def _handler_loop(self) -> None:
+        while True:
+            with self._lock:
+                taken: list[Message] = []
+                while not self._stopping and not (taken := self.core.take_some(self.concurrency)):
+                    self._work.wait()
+                if not taken:
+                    return
+                if not self.core.buffer:
+                    self._room.notify()  # nothing buffered now: the fetcher may refill
+            done: list[tuple[Message, Outcome]] = []
+            failed: list[Message] = []
+            for message in taken:
+                if self._stopping:  # stopping: start nothing more, hand the rest back
+                    break
+                try:
+                    done.append((message, self.process(message)))
+                except BaseException:  # a bug (even SystemExit) must not end the thread
+                    logger.exception("%s: unexpected error handling message %s; it stays "
+                                     "pending and will be redelivered after the visibility "
+                                     "timeout", self.name, message.id)
+                    failed.append(message)
+            with self._lock:
+                now = time.monotonic()
+                for message, outcome in done:
+                    self.core.finish(message, outcome, now)
+                for message in failed:
+                    self.core.counters.incr("errors")
+                    self.core.dropped(message)
+                for message in taken[len(done) + len(failed):]:  # stopping: never started
+                    self.core.unfinished(message)
+                self._to_settle.notify()
+                self._room.notify()
+                self._idle.notify_all()
+                late = self.core.settle_batch(time.monotonic()) if self.core.abandoned else None
+            if late is not None:  # finished after the stop gave up waiting: settle it here
+                self._settle_late(late)
+
+    # -- settling -------------------------------------------------------------------
+
+    def _settle_late(self, batch: Any) -> None:
+        result: Any
+        try:
+            result = self.driver.run(self.core.settle_step(batch))
+        except Exception as exc:  # best effort: the messages stay pending, redelivered
+            result = exc
+        with self._lock:
+            self.core.settled(batch, result, time.monotonic())
+
+    def _settle_loop(self) -> None:
+        incident = Incident(f"{self.name}: settling", logger)
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    batch = self.core.settle_batch(now)
+                    if batch is not None or (self.core.abandoned and not self.core.finished):
+                        break
+                    self._to_settle.wait(self.core.next_settle_in(now))
+                if batch is None:
+                    return
+            result: Any
+            try:
+                result = self.driver.run(self.core.settle_step(batch))
+            except Exception as exc:
+                result = exc
+            with self._lock:
+                pause = self.core.settled(batch, result, time.monotonic())
+                self._room.notify()
+                self._idle.notify_all()
+            if isinstance(result, Exception) and pause is not None:
+                wait = incident.failed(result, time.monotonic(),
+                                       expected=isinstance(result, BrokerError))
+                with self._lock:
+                    self._to_settle.wait_for(lambda: self.core.abandoned, wait)
+            elif not isinstance(result, Exception):
+                incident.succeeded(time.monotonic())

@@ -1,0 +1,95 @@
+-- The relaybus script library, put in front of every script by scripts.py.
+-- "Now" always comes from the server (TIME): no decision depends on a client's clock.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The value of field `name` in a flat {k1, v1, k2, v2, ...} list, or nil.
+local function field_of(f, name)
+  for i = 1, #f, 2 do
+    if f[i] == name then return f[i + 1] end
+  end
+  return nil
+end
+
+-- A failure list 'f' as a table; one that is not a JSON list (written by another tool)
+-- gives a new list and the old value, to keep in the record as 'invalid_history'.
+local function decode_history(raw)
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' and (next(decoded) == nil or decoded[1] ~= nil) then
+    return decoded, nil
+  end
+  return {}, raw
+end
+
+-- Call `cmd key [extra...] ids` for `ids` in chunks (unpack() has a stack limit).
+local function chunked(cmd, key, extra, ids)
+  local total = 0
+  for c = 1, #ids, 500 do
+    local part = {}
+    for j = c, math.min(c + 499, #ids) do part[#part + 1] = ids[j] end
+    local args = {cmd, key}
+    for _, e in ipairs(extra) do args[#args + 1] = e end
+    for _, p in ipairs(part) do args[#args + 1] = p end
+    total = total + redis.call(unpack(args))
+  end
+  return total
+end
+
+-- Park an entry (flat fields `f`, delivered `deliveries` times) with failure `record`
+-- (a table: it gains message_id, attempt, timestamp): appended to the stream `dst` (a
+-- dead-letter queue) when `due` is nil, else added to the sorted set `dst` (retries,
+-- score: due ms) as a JSON list {id, k1, v1, ...}. The entry keeps its fields; its
+-- failure list 'f' gains the record; a retry adds its deliveries to the attempt count 'n'
+-- (a non-numeric 'n' counts as 0).
+local function park(f, id, deliveries, record, dst, due, now)
+  local fields, history, invalid, attempts = {}, {}, nil, 0
+  for i = 1, #f, 2 do
+    if f[i] == 'f' then
+      history, invalid = decode_history(f[i + 1])
+    elseif f[i] == 'n' then
+      attempts = tonumber(f[i + 1]) or 0
+    else
+      fields[#fields + 1] = f[i]
+      fields[#fields + 1] = f[i + 1]
+    end
+  end
+  record['message_id'] = id
+  record['attempt'] = attempts + deliveries
+  record['timestamp'] = now / 1000
+  if invalid then record['invalid_history'] = invalid end
+  history[#history + 1] = record
+  fields[#fields + 1] = 'f'
+  fields[#fields + 1] = cjson.encode(history)
+  if due == nil then
+    if attempts > 0 then
+      fields[#fields + 1] = 'n'
+      fields[#fields + 1] = tostring(attempts)
+    end
+    redis.call('XADD', dst, '*', unpack(fields))
+  else
+    fields[#fields + 1] = 'n'
+    fields[#fields + 1] = tostring(attempts + deliveries)
+    table.insert(fields, 1, id)
+    redis.call('ZADD', dst, due, cjson.encode(fields))
+  end
+end
+
+-- Deliveries of a pending entry (1 when it is not pending).
+local function deliveries_of(key, group, id)
+  local p = redis.call('XPENDING', key, group, id, id, 1)
+  if p[1] then return tonumber(p[1][4]) end
+  return 1
+end
+
+-- Where message `id` lives: the source table ({key, group, delete, prefix}) and the
+-- bare stream id. Ids that start with the log's prefix ('all/') are event-log entries
+-- read through the subscription's own group on the log; the rest are the queue's own.
+local function locate(id, own, log)
+  if log and string.sub(id, 1, #log.prefix) == log.prefix then
+    return log, string.sub(id, #log.prefix + 1)
+  end
+  return own, id
+end

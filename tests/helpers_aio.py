@@ -1,0 +1,161 @@
+"""Child processes for the AsyncMicroservice tests (tests/test_aio.py).
+
+:func:`child_command` builds the command line of a child process running :func:`main`::
+
+    run URL PREFIX SERVICE
+        ``run_service(load_service("helpers_aio:make_blocking_service"))``: an async
+        handler prints "started N", awaits an item on the list PREFIX + "release",
+        prints "finished N" (the test signals the process while it waits). Its
+        visibility timeout is 30 s, so what a survivor gets within seconds was handed
+        back, not lapsed.
+    stream URL PREFIX SERVICE
+        an async service (concurrency 2, prefetch 4, visibility timeout 1 s) whose
+        handler appends N to the list PREFIX + "ledger" before it returns; prints
+        "ready CONSUMER_ID" once started, then runs until killed (the test SIGKILLs it
+        mid-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+import redis.asyncio
+
+from helpers_service import Ping
+from relaybus import AsyncMicroservice
+
+#: Visibility timeout of the ``run`` service, in seconds.
+RUN_VISIBILITY_TIMEOUT = 30.0
+
+
+def make_blocking_service() -> AsyncMicroservice:
+    """Factory for ``run``: settings come from the environment (see the module docstring)."""
+    url, prefix, name = (os.environ["SVC_URL"], os.environ["SVC_PREFIX"], os.environ["SVC_NAME"])
+    clients: list[redis.asyncio.Redis] = []  # made on the service's loop, at first use
+    svc = AsyncMicroservice(name, prefix=prefix, visibility_timeout=RUN_VISIBILITY_TIMEOUT,
+                            maintenance=False, prefetch=2, block_for_seconds=0.2,
+                            shutdown_timeout=20.0)
+
+    @svc.on(Ping)
+    async def handle(event: Ping) -> None:
+        if not clients:
+            clients.append(redis.asyncio.Redis.from_url(url))
+        print(f"started {event.n}", flush=True)
+        await clients[0].blpop([prefix + "release"], timeout=20)
+        print(f"finished {event.n}", flush=True)
+
+    return svc
+
+
+def _run(url: str, prefix: str, name: str) -> None:
+    from relaybus.runner import load_service, run_service
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.update(SVC_URL=url, SVC_PREFIX=prefix, SVC_NAME=name)
+    service = load_service("helpers_aio:make_blocking_service", url=url)
+    print("ready", flush=True)
+    run_service(service)
+    print(f"exited stats={service.stats}", flush=True)
+
+
+def _stream(url: str, prefix: str, name: str) -> None:
+    async def main() -> None:
+        ledger = redis.asyncio.Redis.from_url(url)
+        svc = AsyncMicroservice(name, url=url, prefix=prefix, visibility_timeout=1.0,
+                                maintenance=False, block_for_seconds=0.2, concurrency=2,
+                                prefetch=4)
+
+        @svc.on(Ping)
+        async def handle(event: Ping) -> None:
+            await ledger.rpush(prefix + "ledger", event.n)
+            await asyncio.sleep(0.002)  # some work after recording, before returning
+
+        await svc.start()
+        print(f"ready {svc.consumer_id}", flush=True)
+        await asyncio.Event().wait()  # until killed
+
+    asyncio.run(main())
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of a child process (see the module docstring)."""
+    command, *args = argv
+    commands: dict[str, Callable[..., None]] = {"run": _run, "stream": _stream}
+    commands[command](*args)
+
+
+class Child:
+    """A child process whose stdout and stderr lines are collected by two threads."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        self._pumps = [threading.Thread(target=self._pump, args=(s, into), daemon=True)
+                       for s, into in ((self.popen.stdout, self.out),
+                                       (self.popen.stderr, self.err))]
+        for t in self._pumps:
+            t.start()
+
+    @staticmethod
+    def _pump(stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def expect(self, text: str, *, stderr: bool = False, timeout: float = 15.0) -> str:
+        """The first line of stdout (or stderr) containing ``text``, once there is one."""
+        lines = self.err if stderr else self.out
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in list(lines) if text in line), None)
+            if found is not None:
+                return found
+            exited = self.popen.poll() is not None
+            if exited:
+                for t in self._pumps:  # what the process wrote before it exited
+                    t.join(2)
+                found = next((line for line in list(lines) if text in line), None)
+                if found is not None:
+                    return found
+            if exited or time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"no line with {text!r} " + (f"(exited {self.popen.returncode})" if exited
+                                                 else f"within {timeout}s")
+                    + f"; stdout: {self.out[-10:]}; stderr: {self.err[-20:]}")
+            time.sleep(0.01)  # polling interval
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit (and its output to be read); its exit code."""
+        code = self.popen.wait(timeout)
+        for t in self._pumps:
+            t.join(5)
+        return code
+
+    def close(self) -> None:
+        """Kill the process if it is still running, and reap it."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.wait(10)
+
+
+def child_command(*args: str) -> list[str]:
+    """The command line of a child process running ``main(args)``.
+
+    The child imports this module by name (not as ``__main__``), so its event classes
+    register once under the same identity as in a service loaded from it.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import helpers_aio; "
+            "helpers_aio.main(sys.argv[1:])")
+    return [sys.executable, "-c", code, *args]

@@ -37,7 +37,6 @@ from typing import Any
 
 import redis.asyncio
 
-from . import codec
 from ._async.driver import AsyncDriver
 from ._async.worker import AsyncWorker, StillRunning
 from ._core import bus as core_bus
@@ -45,17 +44,12 @@ from ._core import queue as core
 from ._core.bases import EventBusBase, MessageQueueBase, QueueBase, check_count
 from ._core.bus import (
     ALL_EVENTS,
-    DEFAULT_RETENTION_MAX_LEN,
-    DEFAULT_RETENTION_SECONDS,
     EVENTS_QUEUE,
     subscription_queue_name,
 )
 from ._core.consumer import Consumer, Outcome
 from ._core.incidents import Incident
 from ._core.queue import (
-    DEFAULT_DEDUP_WINDOW,
-    DEFAULT_MAX_DELIVERIES,
-    DEFAULT_VISIBILITY_TIMEOUT,
     QueueInfo,
     Settlement,
 )
@@ -64,7 +58,7 @@ from ._core.service import WILDCARD, ServiceBase, returns_awaitable
 from ._core.steps import Flow, Step, T
 from .codec import Message
 from .connection import ConnectionSettings
-from .errors import BrokerError, ConfigurationError, Reject, RelaybusError
+from .errors import BrokerError, Reject, RelaybusError
 from .events import Event
 from .keys import validate_name
 
@@ -77,20 +71,12 @@ logger = logging.getLogger("relaybus.aio")
 # -- the queue layer -----------------------------------------------------------------------
 
 
-class AsyncQueue(QueueBase):
+class AsyncQueue(QueueBase["AsyncMessageQueue"]):
     """One stream of a queue pair, awaited: the calls of :class:`relaybus.Queue`.
 
     Get queues from :meth:`AsyncMessageQueue.create_queue_pair` or
     :meth:`AsyncMessageQueue.get_queue`.
     """
-
-    def __init__(self, mq: AsyncMessageQueue, name: str | core.QueueRef, *,
-                 is_dlq: bool = False, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
-                 delete_on_ack: bool = True) -> None:
-        super().__init__(name if isinstance(name, core.QueueRef) else mq._ref(
-            name, is_dlq=is_dlq, visibility_timeout=visibility_timeout,
-            delete_on_ack=delete_on_ack))
-        self.mq = mq
 
     async def _run(self, step: Step[T]) -> T:
         return await self.mq.driver.run(step)
@@ -231,46 +217,19 @@ class AsyncTransaction:
             self.discard()
 
 
-class AsyncMessageQueue(MessageQueueBase):
+class AsyncMessageQueue(MessageQueueBase[redis.asyncio.Redis, AsyncDriver]):
     """A connection to a server and the queue pairs under one prefix, awaited.
 
     The arguments of :class:`relaybus.MessageQueue` (``client`` takes a
     ``redis.asyncio.Redis``). Connecting is lazy; ``async with`` closes it.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        redis_password: str | None = None,
-        prefix: str = "mq:",
-        consumer_id: str | None = None,
-        max_message_size: int = codec.DEFAULT_MAX_MESSAGE_SIZE,
-        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-        dedup_window: float = DEFAULT_DEDUP_WINDOW,
-        retry_timeout: float | None = None,
-        client: redis.asyncio.Redis | None = None,
-    ) -> None:
-        super().__init__(prefix=prefix, consumer_id=consumer_id,
-                         max_message_size=max_message_size, max_deliveries=max_deliveries,
-                         dedup_window=dedup_window)
-        settings = ConnectionSettings.from_options(
-            url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
-            redis_password=redis_password, retry_timeout=retry_timeout, client=client is not None)
-        self.url = settings.url
-        self.client: redis.asyncio.Redis = client if client is not None \
-            else settings.async_client()
-        #: Runs every command of this queue layer (outage retries, script loading).
-        self.driver = AsyncDriver(self.client, retry_timeout=settings.retry_timeout,
-                                  url=self.url)
+    def _new_client(self, settings: ConnectionSettings) -> redis.asyncio.Redis:
+        return settings.async_client()
 
-    @property
-    def connection(self) -> AsyncDriver:
-        """The driver (``address``, ``retry_timeout``, ``server_version()``)."""
-        return self.driver
+    def _new_driver(self, client: redis.asyncio.Redis, settings: ConnectionSettings
+                    ) -> AsyncDriver:
+        return AsyncDriver(client, retry_timeout=settings.retry_timeout, url=settings.url)
 
     def _queue(self, name: str, *, is_dlq: bool = False, visibility_timeout: float
                ) -> AsyncQueue:
@@ -355,30 +314,7 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
     call); :meth:`start` also starts the maintenance task (the log's retention).
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        redis_password: str | None = None,
-        prefix: str = "events:",
-        visibility_timeout: float = 30.0,
-        dedup_window: float = DEFAULT_DEDUP_WINDOW,
-        retention_max_len: int = DEFAULT_RETENTION_MAX_LEN,
-        retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
-        mq: AsyncMessageQueue | None = None,
-        **mq_options: Any,
-    ) -> None:
-        self._configure(visibility_timeout=visibility_timeout, dedup_window=dedup_window,
-                        retention_max_len=retention_max_len, retention_seconds=retention_seconds)
-        self.mq = mq or AsyncMessageQueue(url, redis_host=redis_host, redis_port=redis_port,
-                                          redis_db=redis_db, redis_password=redis_password,
-                                          prefix=prefix, dedup_window=dedup_window,
-                                          **mq_options)
-        self._owns_mq = mq is None
-        self.prefix = self.mq.prefix
+    def _init_front(self) -> None:
         log = self._log_ref()
         #: The event log (``all``) and the bus's dead-letter queue (``all:dlq``).
         self.events_queue = AsyncQueue(self.mq, log)
@@ -386,6 +322,9 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
                                                            visibility_timeout=log.visibility_timeout))
         self._opened = False
         self._task: asyncio.Task[None] | None = None
+
+    def _new_mq(self, url: str | None, **options: Any) -> AsyncMessageQueue:
+        return AsyncMessageQueue(url, **options)
 
     async def _open(self) -> None:
         if not self._opened:
@@ -489,7 +428,7 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 # -- services ------------------------------------------------------------------------------
 
 
-class AsyncMicroservice(ServiceBase):
+class AsyncMicroservice(ServiceBase[AsyncEventBus]):
     """A service on asyncio: the constructor arguments of :class:`relaybus.Microservice`.
 
     ``@svc.on(T)`` takes ``async def`` handlers (awaited on the loop, up to
@@ -506,42 +445,16 @@ class AsyncMicroservice(ServiceBase):
 
     _awaits_handlers = True
 
-    def __init__(
-        self,
-        service_name: str,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        event_types: Iterable[str | type[Event]] | None = None,
-        *,
-        event_bus: AsyncEventBus | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(service_name, redis_host, redis_port, redis_db, event_types,
-                         bus_prefix=event_bus.prefix if event_bus is not None else None,
-                         **options)
-        self._event_bus = event_bus
-        self._owns_bus = event_bus is None
+    def _init_front(self) -> None:
         self._worker: AsyncWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._started_maintenance = False
         self._awaited: dict[Callable[..., Any], bool] = {}
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signalled: signal.Signals | None = None
-        self._force = False
 
-    @property
-    def event_bus(self) -> AsyncEventBus:
-        """The service's :class:`AsyncEventBus` (made on first use; connects lazily)."""
-        if self._event_bus is None:
-            if self._closed:
-                raise RelaybusError(f"service {self.service_name!r} is closed")
-            host, port, db = self._redis
-            self._event_bus = AsyncEventBus(self._url, redis_host=host, redis_port=port,
-                                            redis_db=db, prefix=self.prefix,
-                                            **self._bus_options)
-        return self._event_bus
+    def _new_bus(self, url: str | None, **options: Any) -> AsyncEventBus:
+        return AsyncEventBus(url, **options)
 
     @property
     def mq(self) -> AsyncMessageQueue:
@@ -552,14 +465,6 @@ class AsyncMicroservice(ServiceBase):
         """The service's ``(queue, dlq)`` (created if missing)."""
         return await self.mq.create_queue_pair(self.subscription_queue_name,
                                                visibility_timeout=self.visibility_timeout)
-
-    def _apply_url(self, url: str) -> None:
-        """Point a service that has not connected yet at ``url`` (the runner's ``--url``)."""
-        if self._event_bus is not None:
-            raise ConfigurationError(
-                f"service {self.service_name!r} is already connected (or was given an "
-                "event_bus); it cannot be pointed at another URL")
-        self._url = url
 
     async def handle_event(self, event: Event) -> bool:
         """Handle one event; return False to dead-letter it, raise to retry it.

@@ -30,7 +30,6 @@ from ._core.bus import (
     subscription_queue_name,
 )
 from ._core.incidents import Incident
-from ._core.queue import DEFAULT_DEDUP_WINDOW
 from .errors import BrokerError
 from .events import Event
 from .keys import validate_name
@@ -52,46 +51,16 @@ def read_subscriptions(mq: MessageQueue) -> dict[str, list[str]]:
 
 
 class EventBus(EventBusBase[MessageQueue]):
-    """Central event bus for publishing and subscribing to events.
+    """Central event bus for publishing and subscribing to events (sync front).
 
     ``EventBus(redis_host=..., redis_port=..., redis_db=..., prefix="events:")`` as in
-    the seed, or ``EventBus(url)``. Publishing and subscribing work without
+    the seed, or ``EventBus(url)``; the arguments are described on
+    :class:`relaybus._core.bases.EventBusBase`. Publishing and subscribing work without
     :meth:`start`; a started bus also runs its maintenance thread (the log's retention),
     and :meth:`run` runs it in the calling thread. Thread-safe; a context manager.
-
-    ``visibility_timeout``: seconds before another instance takes over events a dead
-    instance held (the default of new subscriptions). ``dedup_window``: seconds during
-    which an event id is delivered to a subscription at most once (re-publishing the
-    same event is suppressed) and a handled one is not handled again.
-    ``retention_max_len`` / ``retention_seconds``: how much history the log keeps for
-    inspection and replay; an event a subscription has not read yet is never trimmed.
-    Other keyword arguments go to :class:`~relaybus.queue.MessageQueue`
-    (``retry_timeout``, ``consumer_id``, ``client``).
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        redis_password: str | None = None,
-        prefix: str = "events:",
-        visibility_timeout: float = 30.0,
-        dedup_window: float = DEFAULT_DEDUP_WINDOW,
-        retention_max_len: int = DEFAULT_RETENTION_MAX_LEN,
-        retention_seconds: float | None = DEFAULT_RETENTION_SECONDS,
-        mq: MessageQueue | None = None,
-        **mq_options: Any,
-    ) -> None:
-        self._configure(visibility_timeout=visibility_timeout, dedup_window=dedup_window,
-                        retention_max_len=retention_max_len, retention_seconds=retention_seconds)
-        self.mq = mq or MessageQueue(url, redis_host=redis_host, redis_port=redis_port,
-                                     redis_db=redis_db, redis_password=redis_password,
-                                     prefix=prefix, dedup_window=dedup_window, **mq_options)
-        self._owns_mq = mq is None
-        self.prefix = self.mq.prefix
+    def _init_front(self) -> None:
         log = self._log_ref()
         vt = self.mq.driver.drive(core.open_log(log, time.time()))
         #: The event log (``all``) and the bus's dead-letter queue (``all:dlq``).
@@ -100,6 +69,9 @@ class EventBus(EventBusBase[MessageQueue]):
                                                       visibility_timeout=vt))
         self._stop = threading.Event()
         self.processor_thread: threading.Thread | None = None
+
+    def _new_mq(self, url: str | None, **options: Any) -> MessageQueue:
+        return MessageQueue(url, **options)
 
     # -- publishing ---------------------------------------------------------------
 

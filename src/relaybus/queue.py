@@ -23,7 +23,6 @@ from typing import Any
 
 import redis
 
-from . import codec
 from ._core import queue as core
 from ._core.bases import MessageQueueBase, QueueBase, check_count
 from ._core.queue import (
@@ -48,7 +47,7 @@ __all__ = ["MessageQueue", "LeanMQ", "Queue", "QueueInfo", "Transaction", "Messa
 logger = logging.getLogger("relaybus.queue")
 
 
-class Queue(QueueBase):
+class Queue(QueueBase["MessageQueue"]):
     """One stream of a queue pair: the main queue or its dead-letter queue.
 
     Get queues from :meth:`MessageQueue.create_queue_pair` or
@@ -56,14 +55,6 @@ class Queue(QueueBase):
     ``Queue`` object remembers where its reader left off: give each consuming thread
     its own (``mq.get_queue(name)``).
     """
-
-    def __init__(self, mq: MessageQueue, name: str | core.QueueRef, *, is_dlq: bool = False,
-                 visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
-                 delete_on_ack: bool = True) -> None:
-        super().__init__(name if isinstance(name, core.QueueRef) else mq._ref(
-            name, is_dlq=is_dlq, visibility_timeout=visibility_timeout,
-            delete_on_ack=delete_on_ack))
-        self.mq = mq
 
     def _run(self, step: Step[T]) -> T:
         return self.mq.driver.run(step)
@@ -280,8 +271,8 @@ class Transaction:
             self.discard()
 
 
-class MessageQueue(MessageQueueBase):
-    """A connection to a server and the queue pairs under one key prefix.
+class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
+    """A connection to a server and the queue pairs under one key prefix (sync front).
 
     ``url`` takes ``redis://``, ``rediss://``, ``unix://`` or ``embedded[:///dir]``;
     without it, ``RELAYBUS_URL`` wins over ``redis_host``/``redis_port``/``redis_db``.
@@ -290,37 +281,11 @@ class MessageQueue(MessageQueueBase):
     raise :class:`BrokerUnavailableError`. Thread-safe; usable as a context manager.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        redis_password: str | None = None,
-        prefix: str = "mq:",
-        consumer_id: str | None = None,
-        max_message_size: int = codec.DEFAULT_MAX_MESSAGE_SIZE,
-        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-        dedup_window: float = DEFAULT_DEDUP_WINDOW,
-        retry_timeout: float | None = None,
-        client: redis.Redis | None = None,
-    ) -> None:
-        super().__init__(prefix=prefix, consumer_id=consumer_id,
-                         max_message_size=max_message_size, max_deliveries=max_deliveries,
-                         dedup_window=dedup_window)
-        settings = ConnectionSettings.from_options(
-            url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
-            redis_password=redis_password, retry_timeout=retry_timeout, client=client is not None)
-        self.url = settings.url
-        self.client: redis.Redis = client if client is not None else settings.sync_client()
-        #: Runs every command of this queue layer (outage retries, script loading).
-        self.driver = Driver(self.client, retry_timeout=settings.retry_timeout, url=self.url)
+    def _new_client(self, settings: ConnectionSettings) -> redis.Redis:
+        return settings.sync_client()
 
-    @property
-    def connection(self) -> Driver:
-        """The driver (``address``, ``retry_timeout``, ``server_version()``)."""
-        return self.driver
+    def _new_driver(self, client: redis.Redis, settings: ConnectionSettings) -> Driver:
+        return Driver(client, retry_timeout=settings.retry_timeout, url=settings.url)
 
     # -- queue pairs ------------------------------------------------------------
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -65,7 +64,7 @@ from ._core.steps import Flow
 from ._sync.worker import Worker
 from .bus import EventBus
 from .codec import Message
-from .errors import ConfigurationError, Reject, RelaybusError
+from .errors import Reject, RelaybusError
 from .events import Event
 from .queue import MessageQueue, Queue
 
@@ -74,7 +73,7 @@ __all__ = ["Microservice", "WILDCARD", "STAT_NAMES"]
 logger = logging.getLogger("relaybus.service")
 
 
-class Microservice(ServiceBase):
+class Microservice(ServiceBase[EventBus]):
     """A service consuming its own durable subscription ``sub:<service_name>``.
 
     Connection: ``url`` (``redis://``, ``rediss://``, ``unix://``, ``embedded``), else
@@ -111,47 +110,20 @@ class Microservice(ServiceBase):
     and ``consumer_id`` (this instance's consumer name, set by :meth:`start`).
     """
 
-    def __init__(
-        self,
-        service_name: str,
-        redis_host: str = "localhost",
-        redis_port: int = 6379,
-        redis_db: int = 0,
-        event_types: Iterable[str | type[Event]] | None = None,
-        *,
-        event_bus: EventBus | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(service_name, redis_host, redis_port, redis_db, event_types,
-                         bus_prefix=event_bus.prefix if event_bus is not None else None,
-                         **options)
-        self._event_bus = event_bus
-        self._owns_bus = event_bus is None
+    def _init_front(self) -> None:
         self._pair: tuple[Queue, Queue] | None = None
         self._worker: Worker | None = None
-        self._started_maintenance = False
         self._lifecycle = threading.RLock()
-        self._connect_lock = threading.Lock()
         self._stop_requested = threading.Event()
         # Plain flags: signal handlers may set them (they never take a lock).
         self._signal_stop = False
-        self._force = False
         self._forever_thread: int | None = None
         self._in_forever_wait = False
 
-    # -- connection (lazy) ------------------------------------------------------------
+    def _new_bus(self, url: str | None, **options: Any) -> EventBus:
+        return EventBus(url, **options)
 
-    @property
-    def event_bus(self) -> EventBus:
-        """The service's :class:`~relaybus.bus.EventBus` (created, and connected, on first use)."""
-        with self._connect_lock:
-            if self._event_bus is None:
-                if self._closed:
-                    raise RelaybusError(f"service {self.service_name!r} is closed")
-                host, port, db = self._redis
-                self._event_bus = EventBus(self._url, redis_host=host, redis_port=port,
-                                           redis_db=db, prefix=self.prefix, **self._bus_options)
-            return self._event_bus
+    # -- connection (lazy) ------------------------------------------------------------
 
     @property
     def mq(self) -> MessageQueue:
@@ -175,15 +147,6 @@ class Microservice(ServiceBase):
                                              visibility_timeout=self.visibility_timeout)
             self._pair = pair
         return pair
-
-    def _apply_url(self, url: str) -> None:
-        """Point a service that has not connected yet at ``url`` (the runner's ``--url``)."""
-        with self._connect_lock:
-            if self._event_bus is not None:
-                raise ConfigurationError(
-                    f"service {self.service_name!r} is already connected (or was given an "
-                    "event_bus); it cannot be pointed at another URL")
-            self._url = url
 
     # -- handlers ---------------------------------------------------------------------
 

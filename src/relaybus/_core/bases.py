@@ -17,11 +17,14 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from .. import codec
+from ..connection import ConnectionSettings
 from ..errors import InvalidNameError, QueueNotFoundError
 from ..events import Event
 from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
 from . import bus
 from .queue import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_DELIVERIES,
     DEFAULT_VISIBILITY_TIMEOUT,
     Counts,
     QueueRef,
@@ -50,11 +53,37 @@ def check_count(count: object) -> int:
     return count
 
 
-class MessageQueueBase:
-    """Settings and naming of a message queue connection (no IO here)."""
+C = TypeVar("C")  # the front's redis-py client class
+D = TypeVar("D")  # the front's driver class
 
-    def __init__(self, *, prefix: str, consumer_id: str | None, max_message_size: int,
-                 max_deliveries: int, dedup_window: float) -> None:
+
+class MessageQueueBase(Generic[C, D]):
+    """A connection to a server and the queue pairs under one key prefix.
+
+    ``url`` takes ``redis://``, ``rediss://``, ``unix://`` or ``embedded[:///dir]``;
+    without it, ``RELAYBUS_URL`` wins over ``redis_host``/``redis_port``/``redis_db``.
+    ``consumer_id`` names this consumer (default: unique per process). Connecting is
+    lazy; operations retry an unreachable server for ``retry_timeout`` seconds, then
+    raise :class:`~relaybus.errors.BrokerUnavailableError`. ``client`` brings a client
+    of one's own (then the URL options are ignored).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        redis_host: str = "localhost",
+        redis_port: int = 6379,
+        redis_db: int = 0,
+        redis_password: str | None = None,
+        prefix: str = "mq:",
+        consumer_id: str | None = None,
+        max_message_size: int = codec.DEFAULT_MAX_MESSAGE_SIZE,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        retry_timeout: float | None = None,
+        client: C | None = None,
+    ) -> None:
         self.prefix = validate_prefix(prefix)
         self.settings = QueueSettings(self.prefix, int(max_message_size), int(max_deliveries),
                                       float(dedup_window))
@@ -62,6 +91,24 @@ class MessageQueueBase:
         self._consumer_pid = -1
         self._generated_id = ""
         self._counts = Counts()
+        conn = ConnectionSettings.from_options(
+            url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
+            redis_password=redis_password, retry_timeout=retry_timeout, client=client is not None)
+        self.url = conn.url
+        self.client: C = client if client is not None else self._new_client(conn)
+        #: Runs every command of this queue layer (outage retries, script loading).
+        self.driver: D = self._new_driver(self.client, conn)
+
+    def _new_client(self, settings: ConnectionSettings) -> C:
+        raise NotImplementedError
+
+    def _new_driver(self, client: C, settings: ConnectionSettings) -> D:
+        raise NotImplementedError
+
+    @property
+    def connection(self) -> D:
+        """The driver (``address``, ``retry_timeout``, ``server_version()``)."""
+        return self.driver
 
     @property
     def max_message_size(self) -> int:
@@ -120,11 +167,24 @@ class MessageQueueBase:
             raise ValueError("visibility_timeout must be a positive number of seconds")
 
 
-class QueueBase:
-    """Names, keys and reader state of one stream of a queue pair (no IO here)."""
+MQ = TypeVar("MQ", bound="MessageQueueBase[Any, Any]")
 
-    def __init__(self, ref: QueueRef) -> None:
-        self._ref = ref
+
+class QueueBase(Generic[MQ]):
+    """One stream of a queue pair: the main queue or its dead-letter queue.
+
+    Get queues from ``create_queue_pair`` or ``get_queue``. One object remembers where
+    its reader left off (reclaim cursors, when it last found nothing): give each
+    consuming thread or task its own.
+    """
+
+    def __init__(self, mq: MQ, name: str | QueueRef, *, is_dlq: bool = False,
+                 visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+                 delete_on_ack: bool = True) -> None:
+        self.mq = mq
+        self._ref = name if isinstance(name, QueueRef) else mq._ref(
+            name, is_dlq=is_dlq, visibility_timeout=visibility_timeout,
+            delete_on_ack=delete_on_ack)
         self._read = ReadState()
 
     def __repr__(self) -> str:
@@ -189,18 +249,36 @@ class QueueBase:
         return Settlement(retries=[(i, delay, record) for i in ids(message_ids)])
 
 
-M = TypeVar("M", bound=MessageQueueBase)
+class EventBusBase(Generic[MQ]):
+    """Central event bus for publishing and subscribing to events.
 
+    ``EventBus(redis_host=..., redis_port=..., redis_db=..., prefix="events:")`` as in
+    the seed, or ``EventBus(url)``. ``visibility_timeout``: seconds before another
+    instance takes over events a dead instance held (stored with the event log).
+    ``dedup_window``: seconds during which an event id is published at most once (a
+    repeat reaches each subscriber once) and a handled one is not handled again.
+    ``retention_max_len`` / ``retention_seconds``: how much history the log keeps for
+    inspection and replay; an event a subscription has not read yet is never trimmed.
+    Other keyword arguments go to the message queue (``retry_timeout``,
+    ``consumer_id``, ``client``); or pass ``mq`` to share one.
+    """
 
-class EventBusBase(Generic[M]):
-    """Settings of an event bus and what its calls send (no IO here); ``M`` is the
-    front's message queue class."""
-
-    prefix: str
-    mq: M
-
-    def _configure(self, *, visibility_timeout: float, dedup_window: float,
-                   retention_max_len: int, retention_seconds: float | None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        redis_host: str = "localhost",
+        redis_port: int = 6379,
+        redis_db: int = 0,
+        redis_password: str | None = None,
+        prefix: str = "events:",
+        visibility_timeout: float = 30.0,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        retention_max_len: int = bus.DEFAULT_RETENTION_MAX_LEN,
+        retention_seconds: float | None = bus.DEFAULT_RETENTION_SECONDS,
+        mq: MQ | None = None,
+        **mq_options: Any,
+    ) -> None:
         if not isinstance(visibility_timeout, (int, float)) or not visibility_timeout > 0:
             raise ValueError(f"visibility_timeout must be a positive number of seconds, "
                              f"not {visibility_timeout!r}")
@@ -211,6 +289,19 @@ class EventBusBase(Generic[M]):
         #: Seconds between two rounds of this bus's maintenance (the log's retention).
         self.maintenance_interval = bus.MAINTENANCE_INTERVAL
         self.running = False
+        self.mq: MQ = mq or self._new_mq(
+            url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
+            redis_password=redis_password, prefix=prefix, dedup_window=dedup_window,
+            **mq_options)
+        self._owns_mq = mq is None
+        self.prefix: str = self.mq.prefix
+        self._init_front()
+
+    def _new_mq(self, url: str | None, **options: Any) -> MQ:
+        raise NotImplementedError
+
+    def _init_front(self) -> None:
+        """What the front sets up after the settings (the sync bus opens the log)."""
 
     def _log_ref(self) -> QueueRef:
         ref = self.mq._ref(EVENTS_QUEUE, visibility_timeout=self.visibility_timeout)

@@ -7,7 +7,7 @@ the asyncio worker with tasks. Both follow the same rules, written once here:
 
 - **Backpressure.** At most ``prefetch`` messages are held (buffered, running or
   waiting to be settled). The fetcher refills in batches: when half the prefetch is
-  free, or when nothing is buffered or running.
+  free, or when nothing is buffered.
 - **Batched settlement (group commit).** A finished message waits for the settler,
   which sends everything finished since its last call as one script call
   (acknowledgements with their done records, retries, dead letters), and in the same
@@ -169,8 +169,8 @@ class Consumer:
         room = self.prefetch - len(self.held)
         if room <= 0:
             return 0
-        if room < max(1, self.prefetch // 2) and (self.buffer or self.running):
-            return 0  # refill in batches, while there is work
+        if room < max(1, self.prefetch // 2) and self.buffer:
+            return 0  # refill in batches, while handlers have work
         return room
 
     def fetch(self, count: int, clock: Callable[[], float],

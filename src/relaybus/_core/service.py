@@ -20,11 +20,12 @@ import inspect
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..codec import Message, payload_data
 from ..errors import (
@@ -32,6 +33,7 @@ from ..errors import (
     EventValidationError,
     HandlerOutcome,
     Reject,
+    RelaybusError,
     SerializationError,
     UnknownEventTypeError,
 )
@@ -95,7 +97,10 @@ def returns_awaitable(fn: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-class ServiceBase:
+B = TypeVar("B")  # the front's event bus class
+
+
+class ServiceBase(Generic[B]):
     """Settings, handlers and outcomes of a service (see the module docstring)."""
 
     #: Whether the front awaits ``async def`` handlers (the asyncio front does).
@@ -120,7 +125,7 @@ class ServiceBase:
         shutdown_timeout: float = 30.0,
         maintenance: bool = True,
         block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
-        bus_prefix: str | None = None,
+        event_bus: B | None = None,
         **bus_options: Any,
     ) -> None:
         self.service_name = validate_name(service_name, "service name")
@@ -158,7 +163,7 @@ class ServiceBase:
         self.shutdown_timeout = float(shutdown_timeout)
         self.maintenance = bool(maintenance)
         self.block_for_seconds = float(block_for_seconds)
-        self.prefix = bus_prefix if bus_prefix is not None else prefix
+        self.prefix: str = getattr(event_bus, "prefix", prefix)
         #: True between ``start`` and ``stop``.
         self.running = False
         #: This instance's consumer name in the subscription's group (set by ``start``).
@@ -170,6 +175,40 @@ class ServiceBase:
         self._dispatch: dict[str, Callable[[Any], Any] | None] = {}
         self._counters = Counters(STAT_NAMES)
         self._closed = False
+        self._event_bus = event_bus
+        self._owns_bus = event_bus is None
+        self._connect_lock = threading.Lock()
+        self._started_maintenance = False
+        self._force = False  # a second signal: stop at once (a plain flag: signal-safe)
+        self._init_front()
+
+    def _init_front(self) -> None:
+        """What the front sets up after the settings (its worker's state)."""
+
+    def _new_bus(self, url: str | None, **options: Any) -> B:
+        raise NotImplementedError
+
+    @property
+    def event_bus(self) -> B:
+        """The service's event bus (made, and connected, on first use)."""
+        with self._connect_lock:
+            if self._event_bus is None:
+                if self._closed:
+                    raise RelaybusError(f"service {self.service_name!r} is closed")
+                host, port, db = self._redis
+                self._event_bus = self._new_bus(self._url, redis_host=host, redis_port=port,
+                                                redis_db=db, prefix=self.prefix,
+                                                **self._bus_options)
+            return self._event_bus
+
+    def _apply_url(self, url: str) -> None:
+        """Point a service that has not connected yet at ``url`` (the runner's ``--url``)."""
+        with self._connect_lock:
+            if self._event_bus is not None:
+                raise ConfigurationError(
+                    f"service {self.service_name!r} is already connected (or was given an "
+                    "event_bus); it cannot be pointed at another URL")
+            self._url = url
 
     def __repr__(self) -> str:
         state = "running" if self.running else "closed" if self._closed else "stopped"

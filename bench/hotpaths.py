@@ -1,30 +1,35 @@
 """Where the time goes on relaybus's hot paths: the measurements behind docs/benchmarks.md.
 
-Each subcommand isolates one path and prints what limits it; run it under py-spy for
-a profile (``--gil`` samples only the thread holding the GIL, i.e. Python CPU)::
+Each subcommand isolates one path and prints what limits it, for the sync front
+(``Microservice``, threads), the asyncio front (``AsyncMicroservice``) or both
+(``--front``, default both); run it under py-spy for a profile (``--gil`` samples
+only the thread holding the GIL, i.e. Python CPU)::
 
     .venv/bin/python bench/hotpaths.py encode            # publish: encoding vs the pipeline
-    .venv/bin/python bench/hotpaths.py consume           # CPU shares, batched-ack prototype
-    .venv/bin/python bench/hotpaths.py e2e               # service with its router: CPU, batches
-    .venv/bin/python bench/hotpaths.py route --subs 16   # client vs server CPU, commandstats
+    .venv/bin/python bench/hotpaths.py consume           # rate, CPU shares, requests by kind
+    .venv/bin/python bench/hotpaths.py e2e               # service + a publisher process
     .venv/bin/python bench/hotpaths.py latency --rate 1000
-    .venv/bin/python bench/hotpaths.py idle              # idle: commands by name
+    .venv/bin/python bench/hotpaths.py idle              # idle: requests by kind, CPU
     .venv/bin/py-spy record -r 250 --gil --threads -f raw -o consume.txt -- \\
-        .venv/bin/python bench/hotpaths.py consume --variant 0 --rounds 1
+        .venv/bin/python bench/hotpaths.py consume --front sync --variant 0 --rounds 1
 
-Everything runs against a private embedded Valkey unless ``--url`` names a server;
-``consume`` and ``latency`` run the service in this process (so py-spy sees it).
-The *prototypes* (``consume``'s batched acknowledgements, ``encode``'s
-``model_dump_json``) patch relaybus in this process only, to size a possible change;
-they are not how relaybus works.
+Everything runs against a private embedded Valkey unless ``--url`` names a server.
+The service runs in this process (so py-spy sees it); ``e2e`` and ``latency``
+publish from a child process. "Requests by kind" counts the driver's steps (one
+round trip each): ``XREADGROUP`` (a fetch of new log entries; ``BLOCK`` when it
+waits), ``fetch.lua`` (the periodic work), ``MULTI XACK ...`` (a settle batch of
+acknowledgements), ``settle.lua``, ``trim.lua`` (the bus's maintenance), ...
+The ``encode`` prototype (``model_dump_json``) patches relaybus in this process only,
+to size a possible change; it is not how relaybus works.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
-import hashlib
+import json
 import os
 import statistics
 import subprocess
@@ -35,23 +40,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-
-from relaybus import EventBus, Microservice
+from relaybus import AsyncEventBus, AsyncMicroservice, EventBus, Microservice
 from relaybus import bus as bus_module
-from relaybus import worker as worker_module
-from relaybus.benchmark import (
-    BenchEvent,
-    make_events,
-    preload,
-    publish_all,
-    raw_fields,
-    route_all,
-)
+from relaybus._bench import BenchEvent, make_events, preload, publish_all, raw_fields
+from relaybus._core.steps import ScriptCall, Step
 from relaybus.embedded import EmbeddedServer
 from relaybus.events import serialize_event
-from relaybus.retry import Action
 from relaybus.testing import delete_prefix, unique_prefix
+
+FRONTS = ("sync", "async")
 
 
 @contextlib.contextmanager
@@ -76,6 +73,119 @@ def cpu_seconds(pid: int | None) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fronts(args: argparse.Namespace) -> tuple[str, ...]:
+    return FRONTS if args.front == "both" else (args.front,)
+
+
+# -- requests by kind ---------------------------------------------------------------------
+
+
+def step_label(step: Step[Any]) -> str:
+    """What a step sends, for a tally: ``XREADGROUP``, ``fetch.lua``, ``MULTI XACK ZADD ...``."""
+    names = []
+    for c in step.commands:
+        names.append(f"{c.script.name}.lua" if isinstance(c, ScriptCall) else str(c.args[0]))
+    label = " ".join(dict.fromkeys(names))
+    if step.transaction:
+        label = f"MULTI {label} EXEC"
+    if step.block:
+        label += " (BLOCK)"
+    return label
+
+
+def count_steps(driver: Any, tally: collections.Counter[str]) -> None:
+    """Tally every step ``driver`` (sync or asyncio) runs from now on, by kind."""
+    original = driver.run
+    if asyncio.iscoroutinefunction(original):
+        async def arun(step: Step[Any], **kw: Any) -> Any:
+            tally[step_label(step)] += 1
+            return await original(step, **kw)
+
+        driver.run = arun
+    else:
+        def run(step: Step[Any], **kw: Any) -> Any:
+            tally[step_label(step)] += 1
+            return original(step, **kw)
+
+        driver.run = run
+
+
+def print_tally(tally: collections.Counter[str], seconds: float | None = None,
+                events: int | None = None) -> None:
+    for label, n in tally.most_common():
+        extra = f"  {n / seconds:6.2f}/s" if seconds else ""
+        if events and label.startswith(("XREADGROUP", "MULTI XACK")):
+            extra += f"  ({events / n:.0f} events each)"
+        print(f"      {n:7d}  {label}{extra}")
+
+
+# -- services in this process ---------------------------------------------------------
+
+
+class Service:
+    """A service of either front running in this process: a ``Microservice`` on its
+    threads, or an ``AsyncMicroservice`` on an asyncio loop in a thread of its own (so
+    the measuring code is the same for both, and py-spy sees both)."""
+
+    def __init__(self, front: str, url: str, prefix: str, **options: Any) -> None:
+        self.front = front
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.svc: Any
+        if front == "sync":
+            self.svc = Microservice("hot", url=url, prefix=prefix, **options)
+            self.svc.on(BenchEvent)(lambda e: None)
+            self.svc.event_bus  # noqa: B018 - connect before the clock starts
+        else:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="hot-asyncio",
+                             daemon=True).start()
+            self.svc = self._await(self._make(url, prefix, options))
+
+    def _await(self, coro: Any) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(120)
+
+    @staticmethod
+    async def _make(url: str, prefix: str, options: dict[str, Any]) -> AsyncMicroservice:
+        svc = AsyncMicroservice("hot", url=url, prefix=prefix, **options)
+
+        @svc.on(BenchEvent)
+        async def handle(event: BenchEvent) -> None:
+            pass
+
+        await svc.mq.ping()  # connect before the clock starts
+        return svc
+
+    @property
+    def driver(self) -> Any:
+        return self.svc.mq.driver
+
+    def start(self) -> None:
+        if self._loop is None:
+            self.svc.start()
+        else:
+            self._await(self.svc.start())
+
+    def handled(self) -> int:
+        return int(self.svc.stats["handled"])
+
+    def wait(self, n: int, timeout: float = 120.0) -> bool:
+        """Wait until ``n`` events are handled and acknowledged (False: not in time)."""
+        deadline = time.monotonic() + timeout
+        while self.handled() < n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        if self._loop is None:
+            self.svc.close()
+            return
+        self._await(self.svc.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 # -- encode ---------------------------------------------------------------------------
@@ -111,14 +221,28 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
         raw_key = prefix + "raw"
         rates: dict[str, list[float]] = collections.defaultdict(list)
         original = bus_module.EventBus._fields
+        abus = AsyncEventBus(url, prefix=prefix)
+        loop = asyncio.new_event_loop()
+
+        async def apublish(batch: list[BenchEvent]) -> None:
+            for i in range(0, len(batch), 100):
+                await abus.publish_many(batch[i: i + 100])
+
+        loop.run_until_complete(apublish(make_events(10)))
         try:
             for _ in range(args.rounds):
                 for label, impl in (("publish_many", original),
                                     ("publish_many, model_dump_json (prototype)", fast_fields)):
                     bus_module.EventBus._fields = impl  # type: ignore[method-assign]
+                    batch = make_events(n)  # new ids: none is a duplicate
                     t = time.perf_counter()
-                    publish_all(bus, events, 100)
+                    publish_all(bus, batch, 100)
                     rates[label].append(n / (time.perf_counter() - t))
+                bus_module.EventBus._fields = original  # type: ignore[method-assign]
+                batch = make_events(n)
+                t = time.perf_counter()
+                loop.run_until_complete(apublish(batch))
+                rates["AsyncEventBus.publish_many"].append(n / (time.perf_counter() - t))
                 t = time.perf_counter()
                 for i in range(0, n, 100):
                     pipe = client.pipeline(transaction=False)
@@ -129,6 +253,8 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
                 client.delete(raw_key)
         finally:
             bus_module.EventBus._fields = original  # type: ignore[method-assign]
+            loop.run_until_complete(abus.close())
+            loop.close()
         raw = statistics.median(rates["raw pipelined XADD"])
         print(f"batches of 100, median of {args.rounds} rounds:")
         for label, values in rates.items():
@@ -142,51 +268,16 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
 # -- consume --------------------------------------------------------------------------
 
 
-def _install_batched_acks() -> None:
-    """Prototype: handler threads hand ACK decisions to one settler thread, which
-    acknowledges whatever has accumulated in one ack.lua call (group commit)."""
-    original = worker_module.Worker._apply
-
-    def _apply(self: Any, message: Any, decision: Any, done_key: Any, details: Any) -> None:
-        if decision.action is not Action.ACK:
-            original(self, message, decision, done_key, details)
-            return None
-        state = self.__dict__.get("_acks")
-        if state is None:
-            state = self._acks = {"cond": threading.Condition(), "items": []}
-
-            def settle() -> None:
-                while True:
-                    with state["cond"]:
-                        while not state["items"]:
-                            state["cond"].wait()
-                        batch, state["items"] = state["items"], []
-                    self.queue.acknowledge_messages([i for i, _ in batch],
-                                                    record_done=[k for _, k in batch if k])
-                    self.counters.incr("handled", len(batch))
-
-            threading.Thread(target=settle, daemon=True).start()
-        with state["cond"]:
-            state["items"].append((message.id, done_key))
-            state["cond"].notify()
-        return None
-
-    worker_module.Worker._apply = _apply  # type: ignore[method-assign]
-
-
-def _consume_once(url: str, spid: int | None, n: int, concurrency: int,
-                  prefetch: int | None) -> tuple[float, float, float]:
+def _consume_once(url: str, spid: int | None, front: str, n: int, concurrency: int,
+                  tally: collections.Counter[str]) -> tuple[float, float, float]:
     prefix = unique_prefix("hot")
     try:
-        preload(url, prefix, "hot", make_events(n))
-        svc = Microservice("hot", url=url, prefix=prefix, concurrency=concurrency,
-                           prefetch=prefetch, run_router=False)
-        svc.on(BenchEvent)(lambda e: None)
-        svc.event_bus  # noqa: B018 - connect before the clock starts
+        preload(url, prefix, "hot", make_events(n))  # subscribed first, then published
+        svc = Service(front, url, prefix, concurrency=concurrency, maintenance=False)
+        count_steps(svc.driver, tally)
         c0, s0, t0 = time.process_time(), cpu_seconds(spid), time.perf_counter()
         svc.start()
-        while svc.stats["handled"] < n:
-            time.sleep(0.001)
+        svc.wait(n)
         dt = time.perf_counter() - t0
         client_cpu, server_cpu = time.process_time() - c0, cpu_seconds(spid) - s0
         svc.close()
@@ -196,202 +287,183 @@ def _consume_once(url: str, spid: int | None, n: int, concurrency: int,
 
 
 def consume(url: str, spid: int | None, args: argparse.Namespace) -> None:
-    variants = [("plain", 1, None), ("plain", 1, 100), ("plain", 8, None),
-                ("batched", 1, None), ("batched", 1, 100)]
-    if args.only:
-        variants = [v for v in variants if v[0] == args.only]
+    variants = [(f, c) for f in fronts(args) for c in (1, 8)]
     if args.variant is not None:
         variants = [variants[args.variant]]
-    print(f"consume {args.events:,} pre-loaded events, trivial handler "
-          f"(median of {args.rounds}; client and server CPU in % of one core)")
-    for mode, concurrency, prefetch in variants:
-        if mode == "batched":
-            _install_batched_acks()  # stays installed: batched variants come last
-        runs = [_consume_once(url, spid, args.events, concurrency, prefetch)
+    print(f"consume {args.events:,} pre-loaded events, trivial handler (median of "
+          f"{args.rounds}; client and server CPU in % of one core)")
+    for front, concurrency in variants:
+        tally: collections.Counter[str] = collections.Counter()
+        runs = [_consume_once(url, spid, front, args.events, concurrency, tally)
                 for _ in range(args.rounds)]
         rate, ccpu, scpu = (statistics.median(x) for x in zip(*runs, strict=True))
-        label = (f"{'batched acks (prototype)' if mode == 'batched' else 'as shipped'}, "
-                 f"concurrency {concurrency}, prefetch {prefetch or 2 * concurrency}")
-        print(f"  {label:55s} {rate:8,.0f} events/s  client {ccpu:3.0f}%  server {scpu:3.0f}%")
+        print(f"  {front:5s} concurrency {concurrency}: {rate:8,.0f} events/s  "
+              f"client {ccpu:3.0f}%  server {scpu:3.0f}%; requests over all rounds:")
+        print_tally(tally, events=args.events * args.rounds)
 
 
 # -- e2e ------------------------------------------------------------------------------
 
 
+def _publisher(url: str, prefix: str, code: str) -> list[str]:
+    """A publisher process: connects, prints ``T0 <time.time()>`` just before it starts
+    publishing, runs ``code`` (``bus``, ``events`` are there)."""
+    head = ("import time\n"
+            "from relaybus import EventBus\n"
+            "from relaybus._bench import make_events, paced_publish, publish_all\n"
+            f"bus = EventBus({url!r}, prefix={prefix!r})\n")
+    return [sys.executable, "-c", head + code]
+
+
+def _t0(output: str) -> float:
+    return next(float(line.split()[1]) for line in output.splitlines() if line.startswith("T0 "))
+
+
 def e2e(url: str, spid: int | None, args: argparse.Namespace) -> None:
-    """Saturation with the service (router thread included) in this process and a
-    publisher process; prints the rate, CPU shares and the router's batches."""
-    prefix = unique_prefix("hot")
+    """Saturation with the service in this process and a publisher process
+    (publish_many of 100); prints the rate, CPU per event and requests by kind."""
     n = args.events
-    svc = Microservice("hot", url=url, prefix=prefix, run_router=True)
-    svc.on(BenchEvent)(lambda e: None)
-    svc.start()
-    code = ("from relaybus import EventBus\n"
-            "from relaybus.benchmark import make_events, publish_all\n"
-            f"publish_all(EventBus({url!r}, prefix={prefix!r}), make_events({n}), 100)\n")
-    try:
-        c0, s0, t0 = time.process_time(), cpu_seconds(spid), time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
-        while svc.stats["handled"] < n:
-            time.sleep(0.001)
-        dt = time.perf_counter() - t0
-        ccpu, scpu = time.process_time() - c0, cpu_seconds(spid) - s0
-        routed = dict(svc.event_bus.stats)
-    finally:
-        svc.close()
-        delete_prefix(url, prefix)
-    print(f"{n:,} events end to end: {n / dt:,.0f} events/s; service CPU {100 * ccpu / dt:.0f}%, "
-          f"server CPU {100 * scpu / dt:.0f}%; router batches {routed.get('batches')} "
-          f"({routed.get('routed', 0) / max(1, routed.get('batches', 1)):.0f} events each)")
-
-
-# -- route ----------------------------------------------------------------------------
-
-
-def route(url: str, spid: int | None, args: argparse.Namespace) -> None:
-    stats = redis.Redis.from_url(url, decode_responses=True)
-    for subs in args.subs:
+    cmd = (f"events = make_events({n})\nprint('T0', time.time(), flush=True)\n"
+           "publish_all(bus, events, 100)\n")
+    for front in fronts(args):
         prefix = unique_prefix("hot")
+        tally: collections.Counter[str] = collections.Counter()
         try:
-            bus = EventBus(url, prefix=prefix)
-            for i in range(subs):
-                bus.subscribe(f"s{i}", [BenchEvent])
-            publish_all(bus, make_events(args.events), 1000)
-            stats.config_resetstat()
-            c0, s0, t0 = time.process_time(), cpu_seconds(spid), time.perf_counter()
-            route_all(bus, args.events)
-            dt = time.perf_counter() - t0
-            ccpu, scpu = time.process_time() - c0, cpu_seconds(spid) - s0
-            cmd = stats.info("commandstats")
-            bus.close()
+            svc = Service(front, url, prefix)
+            count_steps(svc.driver, tally)
+            svc.start()
+            try:
+                c0, s0 = time.process_time(), cpu_seconds(spid)
+                out = subprocess.run(_publisher(url, prefix, cmd), check=True,
+                                     capture_output=True, text=True).stdout
+                svc.wait(n)
+                dt = time.time() - _t0(out)
+                ccpu, scpu = time.process_time() - c0, cpu_seconds(spid) - s0
+            finally:
+                svc.close()
         finally:
             delete_prefix(url, prefix)
-        in_cmds = sum(v["usec"] for v in cmd.values()) / 1e6
-        print(f"{subs} subscriptions: {args.events / dt:,.0f} events/s "
-              f"({args.events * subs / dt:,.0f} copies/s); client CPU {100 * ccpu / dt:.0f}%, "
-              f"server CPU {100 * scpu / dt:.0f}%, server time in commands "
-              f"{100 * in_cmds / dt:.0f}% of wall")
-        for name, v in sorted(cmd.items(), key=lambda kv: -kv[1]["usec"])[:6]:
-            print(f"    {name.removeprefix('cmdstat_'):18s} calls {v['calls']:7d}  "
-                  f"usec {v['usec']:8d}  per call {v['usec_per_call']:9.2f}")
+        print(f"{front}: {n:,} events end to end: {n / dt:,.0f} events/s; CPU per event: "
+              f"service {1e6 * ccpu / n:.0f} us, server {1e6 * scpu / n:.0f} us (publisher "
+              "not counted); requests:")
+        print_tally(tally, events=n)
 
 
 # -- latency --------------------------------------------------------------------------
 
 
 def latency(url: str, spid: int | None, args: argparse.Namespace) -> None:
-    """Split publish -> handler start at the copy into the subscription queue (its
-    stream id's millisecond, so that split is to +-1 ms)."""
-    prefix = unique_prefix("hot")
+    """Split publish -> handler start at the log entry (its stream id's millisecond, so
+    that split is to +-1 ms)."""
     n = int(args.rate * args.seconds)
-    samples: list[tuple[float, float, float]] = []
-    original = Microservice._process
+    cmd = (f"events = make_events({n})\n"
+           f"print(f'offered {{paced_publish(bus, events, {args.rate}):,.0f}}/s')\n")
+    for front in fronts(args):
+        prefix = unique_prefix("hot")
+        # handler start, payload, message id: three lists of objects the garbage
+        # collector does not track (a tuple per event would make it run a full
+        # collection, a pause of tens of ms, while the test runs)
+        samples: tuple[list[float], list[Any], list[str]] = ([], [], [])
+        cls: Any = Microservice if front == "sync" else AsyncMicroservice
+        original = cls._process
+        cls._process = _recording(original, samples, front == "async")
+        try:
+            svc = Service(front, url, prefix)
+            svc.start()
+            try:
+                subprocess.run(_publisher(url, prefix, cmd), check=True)
+                svc.wait(n, 60)
+            finally:
+                svc.close()
+        finally:
+            cls._process = original
+            delete_prefix(url, prefix)
+        kept = [(t, json.loads(p)["sent_at"], int(str(i).rsplit("/", 1)[-1].split("-")[0]) / 1e3)
+                for t, p, i in list(zip(*samples, strict=True))[len(samples[0]) // 10:]]  # 1/10: warm-up
 
-    def _process(self: Microservice, message: Any) -> Any:
-        samples.append((time.time(), float(message.data.get("sent_at", 0.0)),
-                        int(message.id.split("-")[0]) / 1000))
+        def pct(xs: list[float]) -> str:
+            q = statistics.quantiles(xs, n=100, method="inclusive")
+            return f"p50 {q[49]:6.2f}  p95 {q[94]:6.2f}  p99 {q[98]:6.2f}  max {max(xs):7.2f} ms"
+
+        print(f"{front}: {args.rate:,}/s for {args.seconds:g}s, {len(kept)} events after "
+              "warm-up")
+        print(f"  publish -> handler start            {pct([1e3 * (a - s) for a, s, _ in kept])}")
+        print(f"  publish -> log entry (stream id ms) {pct([1e3 * (c - s) for _, s, c in kept])}")
+        print(f"  log entry -> handler start          {pct([1e3 * (a - c) for a, _, c in kept])}")
+
+
+def _recording(original: Any, samples: tuple[list[float], list[Any], list[str]],
+               awaited: bool) -> Any:
+    """``_process`` that first records (handler start, payload, message id)."""
+    times, payloads, ids = samples
+    if awaited:
+        async def aprocess(self: Any, message: Any) -> Any:
+            times.append(time.time())
+            payloads.append(message.payload)
+            ids.append(message.id)
+            return await original(self, message)
+
+        return aprocess
+
+    def process(self: Any, message: Any) -> Any:
+        times.append(time.time())
+        payloads.append(message.payload)
+        ids.append(message.id)
         return original(self, message)
 
-    Microservice._process = _process  # type: ignore[method-assign]
-    svc = Microservice("hot", url=url, prefix=prefix, run_router=True)
-    svc.on(BenchEvent)(lambda e: None)
-    svc.start()
-    code = ("import sys\nfrom relaybus import EventBus\n"
-            "from relaybus.benchmark import make_events, paced_publish\n"
-            f"bus = EventBus({url!r}, prefix={prefix!r})\n"
-            f"print(f'offered {{paced_publish(bus, make_events({n}), {args.rate}):,.0f}}/s')")
-    try:
-        subprocess.run([sys.executable, "-c", code], check=True)
-        deadline = time.monotonic() + 60
-        while svc.stats["handled"] < n and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        svc.close()
-        Microservice._process = original  # type: ignore[method-assign]
-        delete_prefix(url, prefix)
-    kept = samples[len(samples) // 10:]  # the first tenth warms up
-
-    def pct(xs: list[float]) -> str:
-        q = statistics.quantiles(xs, n=100, method="inclusive")
-        return f"p50 {q[49]:6.2f}  p95 {q[94]:6.2f}  p99 {q[98]:6.2f}  max {max(xs):7.2f} ms"
-
-    print(f"{args.rate:,}/s for {args.seconds:g}s, {len(kept)} events after warm-up")
-    print(f"  publish -> handler start        {pct([1e3 * (a - s) for a, s, _ in kept])}")
-    print(f"  publish -> copy (stream id ms)  {pct([1e3 * (c - s) for _, s, c in kept])}")
-    print(f"  copy -> handler start           {pct([1e3 * (a - c) for a, _, c in kept])}")
+    return process
 
 
 # -- idle -----------------------------------------------------------------------------
 
 
 def idle(url: str, spid: int | None, args: argparse.Namespace) -> None:
-    """Commands an idle service sends, by name (scripts by their first comment line)."""
-    from redis import connection as rc
-
-    counts: collections.Counter[str] = collections.Counter()
-    originals = {}
-    scripts: dict[str, str] = {}
-    for cls in (rc.HiredisRespSerializer, rc.PythonRespSerializer):
-        originals[cls] = cls.pack
-
-        def pack(self: Any, *a: Any, _orig: Any = cls.pack) -> Any:
-            name = str(a[0]).upper()
-            if name in ("EVAL", "EVALSHA"):
-                name += " " + scripts.get(str(a[1]), str(a[1])[:40].splitlines()[0])
-            counts[name] += 1
-            return _orig(self, *a)
-
-        cls.pack = pack  # type: ignore[method-assign]
-    from relaybus import scripts as scripts_module
-
-    for name in scripts_module.SCRIPT_NAMES:
-        scripts[hashlib.sha1(scripts_module.source(name).encode()).hexdigest()] = f"{name}.lua"
-    try:
-        for router in (True, False):
-            svc = Microservice("hot", url=url, prefix=unique_prefix("hot"), run_router=router)
-            svc.on(BenchEvent)(lambda e: None)
+    """Requests an idle service sends, by kind, and its CPU (default settings:
+    maintenance on)."""
+    for front in fronts(args):
+        prefix = unique_prefix("hot")
+        tally: collections.Counter[str] = collections.Counter()
+        try:
+            svc = Service(front, url, prefix)
             svc.start()
-            time.sleep(2)
-            counts.clear()
+            time.sleep(2)  # start-up traffic
+            count_steps(svc.driver, tally)
             c0 = time.process_time()
             time.sleep(args.seconds)
             cpu = 100 * (time.process_time() - c0) / args.seconds
-            window = collections.Counter(counts)  # before close() adds its own commands
-            total = sum(window.values()) / args.seconds
+            window = collections.Counter(tally)  # before close() adds its own
             svc.close()
-            print(f"idle service, run_router={router}: {total:.2f} commands/s, CPU {cpu:.3f}%")
-            for name, c in window.most_common():
-                print(f"    {c / args.seconds:5.2f}/s  {name}")
-    finally:
-        for cls, fn in originals.items():
-            cls.pack = fn  # type: ignore[method-assign]
+        finally:
+            delete_prefix(url, prefix)
+        total = sum(window.values()) / args.seconds
+        print(f"idle {front} service: {total:.2f} requests/s, CPU {cpu:.3f}%")
+        print_tally(window, seconds=args.seconds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="server URL (default: a private embedded Valkey)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--front", choices=["sync", "async", "both"], default="both",
+                        help="which service front to run (default both)")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("encode")
     p.add_argument("--rounds", type=int, default=5)
-    p = sub.add_parser("consume")
+    p = sub.add_parser("consume", parents=[common])
     p.add_argument("--events", type=int, default=20_000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", choices=["plain", "batched"])
-    p.add_argument("--variant", type=int, help="run only the Nth variant (0: as shipped)")
-    p = sub.add_parser("e2e")
+    p.add_argument("--variant", type=int, help="run only the Nth (front, concurrency) variant")
+    p = sub.add_parser("e2e", parents=[common])
     p.add_argument("--events", type=int, default=20_000)
-    p = sub.add_parser("route")
-    p.add_argument("--events", type=int, default=10_000)
-    p.add_argument("--subs", type=int, nargs="+", default=[1, 3, 16, 64])
-    p = sub.add_parser("latency")
+    p = sub.add_parser("latency", parents=[common])
     p.add_argument("--rate", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=5.0)
-    p = sub.add_parser("idle")
+    p = sub.add_parser("idle", parents=[common])
     p.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     with server(args.url) as (url, spid):
-        {"encode": encode, "consume": consume, "e2e": e2e, "route": route,
-         "latency": latency, "idle": idle}[args.what](url, spid, args)
+        {"encode": encode, "consume": consume, "e2e": e2e, "latency": latency,
+         "idle": idle}[args.what](url, spid, args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,28 @@
-"""How many requests and commands the queue layer's batch operations cost.
+"""How many requests and commands the event bus's hot-path operations cost.
 
 Run it with::
 
     .venv/bin/python bench/roundtrips.py            # a private embedded Valkey
     .venv/bin/python bench/roundtrips.py --url redis://127.0.0.1:6379/9
 
-For each operation it reports:
+The operations are the ones a service runs, driven the way it runs them (the core's
+:class:`~relaybus._core.consumer.Consumer` on the sync driver, as ``Microservice``
+does; the asyncio front sends the very same steps):
+
+- ``publish_many`` of 100 events (one ``publish.lua`` call: appends and dedup records);
+- a subscription's fetch of a batch of 100 between two periodic rechecks (one plain
+  ``XREADGROUP`` on the event log), and a fetch that does the periodic work too
+  (``fetch.lua``: due retries, reclaiming a dead instance's events; once a second
+  while busy, every ``min(visibility_timeout / 4, 2 s)`` while idle);
+- settling a batch of 100 acknowledgements with their done records (one MULTI/EXEC);
+- settling a batch with retries and dead letters (one ``settle.lua`` call);
+- the idle wait: one blocking ``XREADGROUP`` per period on an empty subscription.
+
+For each it reports:
 
 - requests: network round trips the client made (counted on the client: every write
-  of a command or a pipeline to the socket is one; a pipeline of 100 XADDs is one
-  request, and an EVALSHA is one request however many commands its script runs);
+  of a command, a pipeline or a MULTI/EXEC to the socket is one; an EVALSHA is one
+  request however many commands its script runs);
 - top-level commands: the commands those requests carried (from ``MONITOR``);
 - in scripts: the commands Lua scripts ran inside the server (``MONITOR`` lines
   tagged ``lua``);
@@ -32,14 +45,18 @@ from typing import Any
 import redis
 from redis.connection import AbstractConnection
 
-from relaybus import MessageQueue
+from relaybus import EventBus
+from relaybus._bench import BenchEvent, make_events, temp_prefix
+from relaybus._core.consumer import Consumer, Outcome
+from relaybus.codec import Message
 from relaybus.embedded import EmbeddedServer
+from relaybus.retry import Action, Decision
 
 N = 100
 
 
 class RequestCounter:
-    """Counts requests written by redis-py connections (a pipeline is one)."""
+    """Counts requests written by redis-py sync connections (a pipeline is one)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -103,8 +120,8 @@ def commandstats(client: redis.Redis) -> Counter[str]:
     return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
 
 
-def measure(label: str, op: Callable[[], Any], url: str, stats_client: redis.Redis,
-            counter: RequestCounter, monitor: Monitor) -> dict[str, Any]:
+def measure(label: str, op: Callable[[], Any], stats_client: redis.Redis,
+            counter: RequestCounter, monitor: Monitor, expected: int) -> dict[str, Any]:
     with monitor.watch() as lines:
         before = commandstats(stats_client)
         counter.count = 0
@@ -120,6 +137,7 @@ def measure(label: str, op: Callable[[], Any], url: str, stats_client: redis.Red
         "label": label,
         "result": result,
         "requests": requests,
+        "expected": expected,
         "top": Counter(ln["command"].split(" ", 1)[0].upper() for ln in top),
         "inside": Counter(ln["command"].split(" ", 1)[0].upper() for ln in inside),
         "stats": delta,
@@ -130,61 +148,115 @@ def fmt(counter: Counter[str]) -> str:
     return ", ".join(f"{name} {n}" for name, n in sorted(counter.items())) or "-"
 
 
+class Service:
+    """One subscription's consumer, driven as a service's worker drives it."""
+
+    def __init__(self, bus: EventBus, name: str, block: float) -> None:
+        queue, _ = bus.subscription_queue(name)
+        self.driver = bus.mq.driver
+        self.core = Consumer(queue.ref, f"{name}-c1", prefetch=2 * N, block_for_seconds=block,
+                             name=name)
+
+    def between_rechecks(self) -> None:
+        """The next fetch is a plain read (the periodic work is not due)."""
+        self.core.read.next_periodic = time.monotonic() + 60
+
+    def recheck_due(self) -> None:
+        self.core.read.next_periodic = 0.0
+
+    def fetch(self, count: int = N) -> list[Message]:
+        messages = self.driver.drive(self.core.fetch(count, time.monotonic))
+        self.core.fetched(messages, time.monotonic())
+        return messages
+
+    def finish(self, outcomes: Callable[[int, Message], Outcome]) -> int:
+        """Handle everything buffered with ``outcomes(i, message)``; settle it as one
+        batch; return how many the batch held."""
+        i = 0
+        while (m := self.core.take()) is not None:
+            self.core.finish(m, outcomes(i, m), time.monotonic())
+            i += 1
+        batch = self.core.settle_batch(time.monotonic())
+        assert batch is not None
+        self.core.settled(batch, self.driver.run(self.core.settle_step(batch)),
+                          time.monotonic())
+        return len(batch.items)
+
+
+def _ack(i: int, m: Message) -> Outcome:
+    return Outcome(Decision(Action.ACK), done_key=m.dedup_key)
+
+
+def _mixed(i: int, m: Message) -> Outcome:
+    if i % 4 == 1:
+        return Outcome(Decision(Action.RETRY, delay=60.0, reason="bench: retry"),
+                       details={"attempt": 1})
+    if i % 4 == 3:
+        return Outcome(Decision(Action.DEAD_LETTER, reason="bench: dead letter"),
+                       details={"why": "bench"})
+    return _ack(i, m)
+
+
 def run(url: str) -> None:
     stats_client = redis.Redis.from_url(url, decode_responses=True)
     monitor = Monitor(url, ignore=[stats_client])
-    mq = MessageQueue(url, prefix=f"bench{uuid.uuid4().hex[:8]}:")
-    q, dlq = mq.create_queue_pair("bench", visibility_timeout=0.2)
-    # warm up: server version check, scripts loaded (EVALSHA, loading once on NOSCRIPT)
-    q.send_messages([{"warm": 1}])
-    q.acknowledge_messages([m.id for m in q.get_messages(count=10)])
-    q.move_to_dlq(q.send_message({"warm": 2}), "warm-up")
-    dlq.purge()
-
-    payloads = [{"order_id": i, "sku": f"SKU-{i:05d}", "qty": 1 + i % 3} for i in range(N)]
-    counter = RequestCounter()
     rows = []
-    try:
-        rows.append(measure(f"send_messages({N} messages)",
-                            lambda: q.send_messages(payloads), url, stats_client, counter,
-                            monitor))
-        got = measure(f"get_messages(count={N})", lambda: q.get_messages(count=N), url,
-                      stats_client, counter, monitor)
-        rows.append(got)
-        ids = [m.id for m in got["result"]]
-        assert len(ids) == N, len(ids)
-        rows.append(measure(f"acknowledge_messages({N} ids)",
-                            lambda: q.acknowledge_messages(ids), url, stats_client, counter,
-                            monitor))
-        # a dead consumer's messages: reclaimed after the visibility timeout
-        q.send_messages(payloads)
-        q.get_messages(count=N, consumer_id="dead")
-        time.sleep(0.25)
-        rows.append(measure(f"get_messages(count={N}), all {N} reclaimed from a dead consumer",
-                            lambda: q.get_messages(count=N), url, stats_client, counter,
-                            monitor))
-        held = [m.id for m in rows[-1]["result"]]
-        rows.append(measure(f"move_to_dlq({N} ids)", lambda: q.move_to_dlq(held, "bench"),
-                            url, stats_client, counter, monitor))
-        rows.append(measure("get_messages(count=100, block_for_seconds=0.1), empty queue",
-                            lambda: q.get_messages(count=N, block_for_seconds=0.1), url,
-                            stats_client, counter, monitor))
-    finally:
-        counter.restore()
-        mq.delete_queue("bench")
-        mq.close()
+    with temp_prefix(url, "rt") as p, EventBus(url, prefix=p) as bus:
+        bus.subscribe("rt", [BenchEvent])
+        svc = Service(bus, "rt", block=0.5)
+        # warm up: server check, scripts loaded (EVALSHA, loading once on NOSCRIPT)
+        bus.publish_many(make_events(10))
+        svc.fetch()
+        svc.finish(_ack)  # MULTI/EXEC
+        bus.publish_many(make_events(4))
+        svc.fetch()
+        svc.finish(_mixed)  # settle.lua
+        svc.fetch()  # empty: the next fetch waits
+        events = [make_events(N) for _ in range(4)]
+        counter = RequestCounter()
+        try:
+            rows.append(measure(f"publish_many({N} events)",
+                                lambda: bus.publish_many(events[0]), stats_client, counter,
+                                monitor, 1))
+            for batch in events[1:]:
+                bus.publish_many(batch)
+            svc.between_rechecks()
+            got = measure(f"fetch a batch of {N} (between periodic rechecks)", svc.fetch,
+                          stats_client, counter, monitor, 1)
+            rows.append(got)
+            assert len(got["result"]) == N, len(got["result"])
+            rows.append(measure(f"settle {N} acknowledgements with their done records",
+                                lambda: svc.finish(_ack), stats_client, counter, monitor, 1))
+            svc.recheck_due()
+            rows.append(measure(f"fetch a batch of {N} with the periodic work (recheck)",
+                                svc.fetch, stats_client, counter, monitor, 2))
+            svc.finish(_ack)
+            svc.between_rechecks()
+            svc.fetch()
+            rows.append(measure(f"settle {N}: {N // 2} acks, {N // 4} retries, {N // 4} dead "
+                                "letters", lambda: svc.finish(_mixed), stats_client, counter,
+                                monitor, 1))
+            svc.fetch()
+            svc.finish(_ack)
+            assert svc.fetch() == []  # nothing left: the next fetch waits
+            svc.between_rechecks()
+            rows.append(measure("idle wait: an empty subscription, one period (0.5 s)",
+                                svc.fetch, stats_client, counter, monitor, 1))
+        finally:
+            counter.restore()
 
     server = stats_client.info("server")
     name = f"valkey {server['valkey_version']}" if "valkey_version" in server else \
         f"redis {server['redis_version']}"
-    print(f"relaybus round trips, {N} messages per batch, against {name} ({url})")
+    print(f"relaybus round trips, {N} events per batch, against {name} ({url})")
     print()
     for row in rows:
         top_total = sum(row["top"].values())
         inside_total = sum(row["inside"].values())
         stats_total = sum(row["stats"].values())
+        flag = "" if row["requests"] == row["expected"] else f"  (expected {row['expected']})"
         print(row["label"])
-        print(f"  requests (round trips): {row['requests']}")
+        print(f"  requests (round trips): {row['requests']}{flag}")
         print(f"  top-level commands:     {top_total}  ({fmt(row['top'])})")
         print(f"  commands inside scripts: {inside_total}  ({fmt(row['inside'])})")
         print(f"  INFO commandstats delta: {stats_total}  ({fmt(row['stats'])})")

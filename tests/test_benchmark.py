@@ -1,7 +1,8 @@
-"""Smoke tests of ``relaybus bench`` (relaybus.benchmark): it runs, prints, writes JSON.
+"""Smoke tests of ``relaybus bench`` (relaybus._bench): it runs, prints, writes JSON.
 
 Benchmarks are not tests: nothing here looks at how fast anything was, only that the
-scenarios run end to end (including the service child process) and report figures.
+scenarios run end to end (including the service child process, both fronts) and
+report figures.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from relaybus import benchmark
-from relaybus.benchmark import SCENARIOS, Figure, make_events, run_bench
+from relaybus._bench import (
+    RUNNERS,
+    SCENARIOS,
+    Figure,
+    ServiceProcess,
+    fmt,
+    make_events,
+    payload_size,
+    run_bench,
+    temp_prefix,
+)
+from relaybus._bench.scenarios import preload
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -24,16 +35,17 @@ def _console() -> tuple[Console, io.StringIO]:
 def test_scenarios_are_named_and_described() -> None:
     names = [s.name for s in SCENARIOS]
     assert len(names) == len(set(names))
-    assert set(names) == set(benchmark._RUNNERS)
+    assert set(names) == set(RUNNERS)
+    assert "route" not in names and {"fanout", "consume", "idle"} <= set(names)
     assert all(s.description and "\n" not in s.description for s in SCENARIOS)
 
 
 def test_events_have_the_payload_size_asked_for() -> None:
     for size in (512, 2048):
         ev = make_events(2, size)
-        assert all(benchmark._payload_size(e) == size for e in ev)
+        assert all(payload_size(e) == size for e in ev)
         assert ev[0].event_id != ev[1].event_id
-    assert 200 <= benchmark._payload_size(make_events(1)[0]) <= 260  # unpadded
+    assert 200 <= payload_size(make_events(1)[0]) <= 260  # unpadded
 
 
 def test_figure_target_and_format() -> None:
@@ -41,30 +53,57 @@ def test_figure_target_and_format() -> None:
     assert fig.median == 2.0 and fig.meets() is True
     assert Figure("s", "f", "ms", [4.0], target="<= 3").meets() is False
     assert Figure("s", "f", "ms", [4.0]).meets() is None
-    assert benchmark.fmt(12_345.6) == "12,346" and benchmark.fmt(0) == "0"
+    assert fmt(12_345.6) == "12,346" and fmt(0) == "0"
+
+
+def test_child_runs_several_services_of_either_front(redis_url: str) -> None:
+    """Both fronts, three services in one child: each gets every event once."""
+    with ServiceProcess(redis_url) as child:
+        for front in ("sync", "async"):
+            with temp_prefix(redis_url) as p:
+                names = [f"svc{i}" for i in range(3)]
+                child.request("start", front=front, prefix=p, services=names)
+                child.request("expect", n=50, timeout=30)
+                preload(redis_url, p, "other", make_events(50))  # publishes 50
+                res = child.recv(40)
+                assert res["handled"] == [50, 50, 50], (front, res)
+                child.request("close")
 
 
 def test_quick_run_prints_the_table_and_writes_json(redis_url: str, tmp_path: Path) -> None:
     console, out = _console()
     json_file = tmp_path / "bench.json"
-    status = run_bench(["publish", "consume"], url=redis_url, quick=True,
+    status = run_bench(["publish", "consume", "fanout"], url=redis_url, quick=True,
                        json_file=str(json_file), console=console, rounds=1)
     text = out.getvalue()
     assert status == 0, text
-    assert "publish_many, batches of 100" in text and "concurrency 1" in text
+    assert "publish_many, batches of 100" in text and "async, concurrency 1" in text
+    assert "to 3 services: async ÷ sync" in text
     doc = json.loads(json_file.read_text())
     assert doc["errors"] == {} and doc["rounds"] == 1 and doc["quick"] is True
-    assert {f["scenario"] for f in doc["figures"]} == {"publish", "consume"}
+    assert {f["scenario"] for f in doc["figures"]} == {"publish", "consume", "fanout"}
     for fig in doc["figures"]:
         assert len(fig["values"]) == 1 and fig["median"] > 0, fig
     assert doc["environment"]["server"]
 
 
-def test_default_server_is_private_and_stopped(tmp_path: Path) -> None:
+def test_idle_counts_commands_in_the_children(redis_url: str, tmp_path: Path) -> None:
+    console, out = _console()
+    json_file = tmp_path / "idle.json"
+    assert run_bench(["idle"], url=redis_url, quick=True, json_file=str(json_file),
+                     console=console, rounds=1) == 0, out.getvalue()
+    figures = {f["figure"]: f for f in json.loads(json_file.read_text())["figures"]}
+    for front in ("sync", "async"):
+        # an idle service waits on the server: it sends something every period
+        assert figures[f"{front}: commands sent"]["median"] > 0, figures
+        assert figures[f"{front}: CPU"]["median"] >= 0
+
+
+def test_default_server_is_private_and_stopped() -> None:
     console, out = _console()
     assert run_bench(["memory"], quick=True, console=console, rounds=1) == 0, out.getvalue()
     assert "embedded (private, temporary)" in out.getvalue()
-    assert "entries left in the subscription stream" in out.getvalue()
+    assert "log entries still pending for the subscription" in out.getvalue()
 
 
 def test_unknown_scenario_is_a_usage_error() -> None:

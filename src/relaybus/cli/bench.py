@@ -13,7 +13,7 @@ from ._common import guarded
 def bench(
     scenarios: Annotated[list[str] | None, typer.Argument(
         metavar="[SCENARIO]...", show_default=False,
-        help="Scenarios to run (default: all): publish, route, consume, e2e, latency, "
+        help="Scenarios to run (default: all): publish, consume, fanout, e2e, latency, "
              "payload, memory, idle.")] = None,
     url: Annotated[str | None, typer.Option(
         "--url", show_default=False,
@@ -25,6 +25,6 @@ def bench(
         "--json", metavar="FILE", help="Also write every figure to FILE as JSON.")] = None,
 ) -> None:
     """Run the benchmark scenarios and print median and min-max per figure."""
-    from ..benchmark import run_bench  # imported late: it pulls in the services
+    from .._bench import run_bench  # imported late: it pulls in the services
 
     raise typer.Exit(run_bench(scenarios or None, url=url, quick=quick, json_file=json_file))

@@ -32,6 +32,7 @@ Nothing here asserts a time: the figures are for reading, not for failing a buil
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import tempfile
@@ -61,7 +62,6 @@ from .common import (
     render_table,
     temp_prefix,
     used_memory,
-    version,
     wait_timeout,
 )
 
@@ -535,10 +535,8 @@ def run_bench(scenarios: list[str] | None, *, url: str | None = None, quick: boo
                       f"choose from {', '.join(known)}")
         return 2
     chosen = [s for s in known if s in chosen]
-    if version("hiredis") is None:
-        console.print("[yellow]hiredis is not installed: redis-py parses replies in pure "
-                      "Python and every figure is lower (pip install 'relaybus[hiredis]')"
-                      "[/yellow]")
+    gc.collect()  # the start-up heap out of the collector's sight, as in the children
+    gc.freeze()
     with contextlib.ExitStack() as stack:
         embedded = url is None
         if embedded:

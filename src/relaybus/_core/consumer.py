@@ -9,7 +9,7 @@ the asyncio worker with tasks. Both follow the same rules, written once here:
   waiting to be settled). The fetcher refills in batches: when half the prefetch is
   free, or when nothing is buffered.
 - **Batched settlement (group commit).** A finished message waits for the settler,
-  which sends everything finished since its last call as one script call
+  which sends everything finished since its last call in one round trip
   (acknowledgements with their done records, retries, dead letters), and in the same
   call extends the lease of every other held message when one is due. While one
   settle is in flight the next batch gathers, so no message waits more than one round
@@ -59,8 +59,8 @@ DEFAULT_PREFETCH_PER_HANDLER = 2
 #: Smallest default prefetch.
 DEFAULT_PREFETCH_MIN = 100
 #: Longest time, in seconds, a finished message waits for its batch to fill before it
-#: is settled (a batch also goes out at a quarter of the prefetch, or when nothing else
-#: is buffered).
+#: is settled (a batch also goes out at half the prefetch, or when nothing else is to
+#: be handled).
 SETTLE_DELAY = 0.002
 
 
@@ -154,7 +154,7 @@ class Consumer:
         self._skip_inbox: list[str] = []
         self.settling: SettleBatch | None = None
         self._first_finished: float | None = None
-        self._batch_min = max(1, prefetch // 4)
+        self._batch_min = max(1, prefetch // 2)
         self.stopping = False
         self.abandoned = False
         self.settled_while_stopping = 0
@@ -257,7 +257,7 @@ class Consumer:
 
     def wants_settle(self, now: float) -> bool:
         """Worth a round trip now: nothing in flight, and a lease extension is due, or a
-        batch is full (a quarter of the prefetch), or nothing else is to be handled, or
+        batch is full (half the prefetch), or nothing else is to be handled, or
         its first message has waited :data:`SETTLE_DELAY` (or we are stopping)."""
         if self.settling is not None:
             return False

@@ -465,6 +465,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             counts.add("dead_lettered", got.dead_lettered)
             counts.add("skipped", got.skipped)
             entries, more = got.entries, got.more
+        drained = False  # the log gave fewer than asked: the next read may block at once
         if sub and state.types and (rows is not None or (
                 len(entries) < count and not (blocking and state.idle and not entries))):
             if rows is None:
@@ -475,6 +476,9 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
                     state.next_periodic = 0.0
                     rows = []
                 more = more or len(rows) >= room
+                drained = len(rows) < room
+            else:
+                drained = len(rows) < count
             ready, others, skip = split_log(ref, rows, state.types, parse)
             rows = None
             if skip:
@@ -487,7 +491,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             more = more or bool(skip)
         else:
             ready = []
-        state.idle = not entries and not more and not ready
+        state.idle = (not entries and not more and not ready) or (drained and not more)
         if entries or ready:
             messages, bad = decode(ref, entries, parse)
             messages += ready

@@ -181,7 +181,18 @@ async def async_rows(url: str, n: int) -> list[Row]:
             return await conn.read_response()
 
         rows.append(("connection: send_packed_command + read_response",
-                     *await atimed(n, on_connection), "what the driver does"))
+                     *await atimed(n, on_connection), "the connection's own calls"))
+        await conn.connect()
+        parser = hiredis.Reader()
+
+        async def on_streams() -> Any:
+            conn._writer.write(pack([("PING",)]))
+            while (reply := parser.gets()) is False:
+                parser.feed(await conn._reader.read(65536))
+            return reply
+
+        rows.append(("connection's streams + a hiredis reader",
+                     *await atimed(n, on_streams), "what the driver does"))
         m = max(1000, n // 10)
         cpu, wall = timed(m, lambda: conn.pack_commands([XACK, ZADD]))
         rows.append(("pack a settle request: conn.pack_commands (redis.asyncio)", cpu, wall,

@@ -58,7 +58,6 @@ from waiting import wait_for
 T = TypeVar("T")
 S = TypeVar("S", bound=AsyncMicroservice)
 
-#: Skip reason while AsyncWorker's handler tasks share a one-waiter signal.
 class Pang(Event, event_type="test.aio.pang"):
     """A third event type, for fan-out."""
 
@@ -624,6 +623,29 @@ def test_an_awaiting_handler_keeps_its_lease(redis_url: str, prefix: str) -> Non
 
 
 # -- stopping and cancelling ------------------------------------------------------------------
+
+
+def test_a_stopped_service_leaves_nothing_pending_in_the_log(redis_url: str,
+                                                            prefix: str) -> None:
+    """Entries of types it does not take are acknowledged too, even when the stop comes
+    before the next settle batch would have carried them."""
+    async def scenario() -> None:
+        async with Harness(redis_url, prefix) as h:
+            svc = h.service("picky", event_types=[Ping])
+            seen: list[int] = []
+
+            @svc.on(Ping)
+            async def handle(event: Ping) -> None:
+                seen.append(event.n)
+
+            await svc.start()
+            await h.publish(Pong(n=1), Ping(n=2), Pong(n=3))
+            await until(lambda: seen == [2], what="the Ping handled")
+            await svc.stop()
+            assert await h.log_pending("picky") == []
+            assert svc.mq.stats["skipped"] == 2
+
+    run(scenario())
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])

@@ -470,6 +470,22 @@ def test_concurrency_with_a_bounded_prefetch(make: Factory, bus: EventBus) -> No
 # -- shutdown, crashes and leases ------------------------------------------------------------
 
 
+def test_a_stopped_service_leaves_nothing_pending_in_the_log(make: Factory, bus: EventBus,
+                                                            raw: redis.Redis) -> None:
+    """Entries of types it does not take are acknowledged too, even when the stop comes
+    before the next settle batch would have carried them."""
+    svc = make("picky", event_types=[Ping], maintenance=False)
+    seen: list[int] = []
+    svc.on(Ping)(lambda e: seen.append(e.n))
+    svc.start()
+    publish(bus, Pong(n=1), Ping(n=2), Pong(n=3))
+    wait_for(lambda: seen == [2], what="the Ping handled")
+    svc.stop()
+    log = QueueKeys(svc.prefix, "all").stream
+    assert raw.xpending(log, "sub:picky")["pending"] == 0
+    assert svc.mq.stats["skipped"] == 2
+
+
 def test_graceful_stop_finishes_in_flight_and_leaves_the_rest_pending(make: Factory,
                                                                       bus: EventBus) -> None:
     first = make("graceful", concurrency=2, prefetch=3, visibility_timeout=0.5)

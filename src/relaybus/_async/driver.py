@@ -65,8 +65,7 @@ class AsyncDriver:
 
     async def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""
-        bound = self.retry_timeout if retry_timeout is None else retry_timeout
-        retrying = Retrying(bound, self.clock, self.address)
+        retrying: Retrying | None = None
         while True:
             try:
                 if not self._checked:
@@ -84,6 +83,9 @@ class AsyncDriver:
                     raise error
                 return step.parse(replies)
             except Exception as exc:
+                if retrying is None:
+                    bound = self.retry_timeout if retry_timeout is None else retry_timeout
+                    retrying = Retrying(bound, self.clock, self.address)
                 await asyncio.sleep(retrying.after(exc))
 
     async def drive(self, flow: Flow[T]) -> T:

@@ -411,9 +411,12 @@ class Consumer:
         return n
 
     def hand_back(self, *, forget: bool = True) -> q.Settlement:
-        """What to hand back now: every unstarted message; leave the group if idle."""
+        """What to send at the end: every unstarted message handed back, the skipped log
+        entries (other types) acknowledged, and the group left if nothing is held."""
         ids = [m.id for m in self.buffer]
         self.buffer.clear()
         for mid in ids:
             self.held.pop(mid, None)
-        return q.Settlement(release=ids, forget=forget)
+        skipped, self.skipped = self.skipped + self._skip_inbox, []
+        self._skip_inbox.clear()
+        return q.Settlement(acks=skipped, release=ids, forget=forget)

@@ -75,26 +75,27 @@ class Driver:
 
     def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""
-        bound = self.retry_timeout if retry_timeout is None else retry_timeout
-        retrying = Retrying(bound, self.clock, self.address)
+        retrying: Retrying | None = None
         while True:
             try:
                 if not self._checked:
-                    check_version(self._exchange(Step.one(Call("INFO", "server")))[0],
+                    check_version((self._exchange(Step.one(Call("INFO", "server"))))[0],
                                   self.address)
                     self._checked = True
                 replies = self._exchange(step)
-                missing = noscript(replies)
-                for i in missing:  # those did not run: load their scripts and send them again
+                for i in noscript(replies):  # those did not run: load and send them again
                     command = step.commands[i]
                     assert isinstance(command, ScriptCall)
                     self._exchange(Step.one(Call("SCRIPT", "LOAD", command.script.source)))
-                    replies[i] = self._exchange(Step.one(command))[0]
+                    replies[i] = (self._exchange(Step.one(command)))[0]
                 error = first_error(step, replies)
                 if error is not None:
                     raise error
                 return step.parse(replies)
             except Exception as exc:
+                if retrying is None:
+                    bound = self.retry_timeout if retry_timeout is None else retry_timeout
+                    retrying = Retrying(bound, self.clock, self.address)
                 self.sleep(retrying.after(exc))
 
     def drive(self, flow: Flow[T]) -> T:

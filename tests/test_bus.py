@@ -34,6 +34,7 @@ from relaybus.bus import ALL_EVENTS
 from relaybus.embedded import find_server_binary
 from relaybus.events import resolve_event_type
 from relaybus.keys import QueueKeys
+from streams import lag
 from waiting import wait_for as wait_until
 
 # -- events --------------------------------------------------------------------------
@@ -115,7 +116,8 @@ def settled(raw: redis.Redis, prefix: str, service: str) -> bool:
     """The subscription's group has read the whole log and holds nothing unacknowledged."""
     group = group_on_log(raw, prefix, service)
     assert group is not None, f"no group sub:{service} on the log"
-    return bool(group["pending"] == 0 and group["lag"] == 0)
+    return bool(group["pending"] == 0
+                and lag(raw, log_key(prefix), group) == 0)
 
 
 @dataclass
@@ -648,6 +650,24 @@ def test_a_subscription_made_while_another_consumer_waits_gets_the_next_event(
     client.close()
 
 
+def test_a_subscriptions_info_counts_the_log_entries_it_has_not_read(
+        make_bus: Callable[..., EventBus]) -> None:
+    """``waiting_messages`` is the lag on the log: reported by Redis 7+ and Valkey,
+    counted on Redis 6.2; ``oldest_waiting_age`` comes from the first unread entry."""
+    bus = make_bus()
+    bus.subscribe("svc", None)
+    queue, _ = bus.subscription_queue("svc")
+    assert queue.get_info().waiting_messages == 0
+    assert queue.get_info().oldest_waiting_age is None
+    bus.publish_many([OrderPlaced(order_id=f"o-{i}") for i in range(5)])
+    info = queue.get_info()
+    assert info.waiting_messages == 5 and info.pending_messages == 0
+    assert info.oldest_waiting_age is not None
+    queue.get_messages(count=2, consumer_id="c")
+    info = queue.get_info()
+    assert info.waiting_messages == 3 and info.pending_messages == 2
+
+
 def test_a_subscription_made_after_events_were_published_gets_only_later_ones(
         make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     """A new subscription states where it starts: at the log's end, when it is made."""
@@ -658,7 +678,8 @@ def test_a_subscription_made_after_events_were_published_gets_only_later_ones(
     bus.subscribe("late", [OrderPlaced])  # ...the subscription only after them
     bus.subscribe("late_all", None)
     group = group_on_log(raw, prefix, "late")
-    assert group is not None and group["lag"] == 0 and group["pending"] == 0
+    assert group is not None and group["pending"] == 0
+    assert lag(raw, log_key(prefix), group) == 0
     later = [OrderPlaced(order_id=f"later-{i}") for i in range(3)]
     bus.publish_many(later)
     assert received(bus, "late") == [e.event_id for e in later]

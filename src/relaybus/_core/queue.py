@@ -26,7 +26,7 @@ from ..keys import DLQ_SUFFIX, GROUP, QueueKeys, registry_key
 from ..scripts import script
 from .outage import GroupMissing
 from .replies import flat_to_dict, group_rows, id_order, read_entries, stream_entries, text
-from .steps import Call, Flow, ScriptCall, Step
+from .steps import Call, Command, Flow, ScriptCall, Step
 
 __all__ = ["DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES", "DEFAULT_DEDUP_WINDOW",
            "IDLE_RECHECK_MAX", "MAX_BLOCK", "LOG_ID_SEPARATOR", "QueueSettings", "QueueRef",
@@ -52,6 +52,9 @@ IDLE_RECHECK_MAX = 10.0
 SUB_RECHECK_MAX = 2.0
 #: Longest time, in seconds, a busy consumer goes without the periodic work.
 BUSY_RECHECK = 1.0
+#: Most entries counted for a subscription's lag on a server that does not report it
+#: (Redis 6.2: ``XINFO GROUPS`` has no ``lag``).
+LAG_COUNT_CAP = 1000
 #: Longest single blocking read, in seconds (kept under the socket timeout).
 MAX_BLOCK = 5.0
 #: Between the log's queue name and a log entry's id in a subscription's message ids:
@@ -815,14 +818,15 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
                      flat_to_dict(meta) if isinstance(meta, (dict, list)) else {},
                      delayed, dlq_len))
     # the first entry not yet delivered, per stream: its id's time is its age
-    second: list[Call] = []
+    second: list[Command] = []
     for r, _, own, on_log, *_ in rows:
         last = text(own.get("last-delivered-id", b"0-0")) if own else "0-0"
         second.append(Call("XRANGE", r.key, "(" + last, "+", "COUNT", 1))
-        if on_log and r.log is not None:
-            second.append(Call("XRANGE", r.log.stream,
-                               "(" + text(on_log.get("last-delivered-id", b"0-0")), "+",
-                               "COUNT", 1))
+        start = "(" + text(on_log.get("last-delivered-id", b"0-0")) if on_log else ""
+        if on_log and r.log is not None and on_log.get("lag") is None:  # Redis 6.2
+            second.append(ScriptCall(script("count"), [r.log.stream], [start, LAG_COUNT_CAP]))
+        elif on_log and r.log is not None:
+            second.append(Call("XRANGE", r.log.stream, start, "+", "COUNT", 1))
         else:
             second.append(Call("PING"))
     oldest = yield Step(tuple(second), lambda x: x, tolerate=True)
@@ -837,10 +841,13 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
         firsts = [oldest[2 * i]]
         if on_log:
             pending += int(on_log.get("pending", 0))
-            log_lag = on_log.get("lag")
+            log_lag, on_log_first = on_log.get("lag"), oldest[2 * i + 1]
+            if log_lag is None and isinstance(on_log_first, list):  # counted (Redis 6.2)
+                log_lag = on_log_first[0]
+                on_log_first = [[on_log_first[1]]] if on_log_first[1] else []
             lag += int(log_lag) if log_lag is not None else 0
             consumers = max(consumers, int(on_log.get("consumers", 0)))
-            firsts.append(oldest[2 * i + 1])
+            firsts.append(on_log_first)
         ages = [max(0.0, (now_ms - int(text(f[0][0]).split("-")[0])) / 1000)
                 for f in firsts if isinstance(f, list) and f]
         created = meta.get(b"created_at")
@@ -865,6 +872,7 @@ def ping() -> Step[bool]:
 
 
 __all__ += ["failure_record", "send", "send_many", "fetch", "wait", "decode", "get_messages",
-            "peek", "decode_rows", "follow", "read_log", "split_log", "settle", "requeue", "requeue_where", "delete",
+            "peek", "decode_rows", "follow", "read_log", "split_log", "settle", "requeue",
+            "requeue_where", "delete",
             "purge", "ensure_pair", "visibility", "queue_names", "delete_pair",
             "entries_added", "infos", "ping", "recheck_interval", "Counts"]

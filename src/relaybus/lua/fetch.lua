@@ -54,15 +54,27 @@ local gone, skipped = 0, 0
 local function reclaim(src, from, limit)
   if limit <= 0 then return from end
   local r = redis.call('XAUTOCLAIM', src.key, src.group, consumer, min_idle, from, 'COUNT', limit)
+  local holes = false
   for _, e in ipairs(r[2]) do
     if type(e) == 'table' and type(e[2]) == 'table' then
       add(src, e[1], e[2], deliveries_of(src.key, src.group, e[1]))
-    elseif type(e) == 'table' and type(e[1]) == 'string' then
-      redis.call('XACK', src.key, src.group, e[1])  -- Redis 6.2: pending, payload deleted
-      gone = gone + 1
+    else
+      holes = true
     end
   end
   if r[3] then gone = gone + #r[3] end  -- Redis 7+: already dropped from the PEL
+  if holes and not r[3] then
+    -- Redis 6.2: an entry pending but deleted from the stream comes back as nil, without
+    -- its id, and stays pending; find the claimed ids with no entry and acknowledge them
+    local to = r[1] == '0-0' and '+' or '(' .. r[1]
+    local rows = redis.call('XPENDING', src.key, src.group, from, to, limit, consumer)
+    for _, row in ipairs(rows) do
+      if #redis.call('XRANGE', src.key, row[1], row[1]) == 0 then
+        redis.call('XACK', src.key, src.group, row[1])
+        gone = gone + 1
+      end
+    end
+  end
   return r[1]
 end
 

@@ -178,7 +178,7 @@ class Service:
             i += 1
         batch = self.core.settle_batch(time.monotonic())
         assert batch is not None
-        self.core.settled(batch, self.driver.run(self.core.settle_step(batch)),
+        self.core.settled(batch, self.driver.drive(self.core.settle_flow(batch)),
                           time.monotonic())
         return len(batch.items)
 

@@ -393,6 +393,30 @@ def test_exhaustion_dead_letters_with_the_failure_record(redis_url: str, prefix:
     run(main())
 
 
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt])
+def test_a_handler_raising_system_exit_fails_like_any_other(redis_url: str, prefix: str,
+                                                            raised: type[BaseException]) -> None:
+    """As in the sync front: retried, then dead-lettered with the reason; the loop and the
+    service live on and handle the next event."""
+    async def main() -> None:
+        async with Harness(redis_url, prefix) as h:
+            svc = h.service("exits", max_attempts=2)
+
+            @svc.on(Ping)
+            async def exits(event: Ping) -> None:
+                if event.n == 1:
+                    raise raised(3)
+
+            await svc.start()
+            await h.publish(Ping(n=1), Ping(n=2))
+            [dead] = await until(lambda: dead_letters(svc), what="a DLQ entry")
+            assert dead.failures[-1]["exception_type"] == f"builtins.{raised.__name__}"
+            await until(lambda: svc.stats["handled"] == 1, what="the next event handled")
+            assert svc.running
+
+    run(main())
+
+
 def test_false_reject_and_retry(redis_url: str, prefix: str) -> None:
     async def main() -> None:
         async with Harness(redis_url, prefix) as h:

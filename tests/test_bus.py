@@ -429,6 +429,35 @@ def test_out_of_memory_server_refuses_publish_and_nothing_is_written(
     admin.close()
 
 
+def test_a_full_server_still_takes_acknowledgements_with_their_done_records(
+        private_server: PrivateServer) -> None:
+    """Refused as a transaction (its ZADD), the batch goes through the settle script,
+    which a full server runs: consumers keep draining, and the dedup records are kept."""
+    admin = redis.Redis.from_url(private_server.url)
+    p = "oomack:"
+    with EventBus(private_server.url, prefix=p, retry_timeout=2.0) as bus:
+        bus.subscribe("a", None)
+        events = [OrderPlaced(order_id=str(i)) for i in range(4)]
+        bus.publish_many(events)
+        queue, _ = bus.subscription_queue("a")
+        messages = queue.get_messages(count=10, consumer_id="c")
+        assert len(messages) == 4
+        admin.config_set("maxmemory", "1")
+        try:
+            assert queue.acknowledge_messages(
+                [m.id for m in messages[:2]],
+                record_done=[e.event_id for e in events[:2]]) == 2  # a batch of them
+            assert queue.acknowledge_messages([messages[2].id],
+                                              record_done=[events[2].event_id]) == 1
+        finally:
+            admin.config_set("maxmemory", "0")
+        assert queue.acknowledge_messages([messages[3].id]) == 1
+        done = {m.decode() for m in admin.zrange(QueueKeys(p, "sub:a").done, 0, -1)}
+        assert done == {e.event_id for e in events[:3]}
+        assert settled(admin, p, "a")
+    admin.close()
+
+
 # -- fan-out ---------------------------------------------------------------------------
 
 
@@ -557,6 +586,36 @@ def test_an_entry_of_another_shape_is_delivered_with_every_field(
         other = make_bus()
         assert consume(other.subscription_queue("other")[0]) == []
         assert other.mq.stats.get("skipped") == 1
+
+
+@pytest.mark.parametrize("types", [None, [OrderPlaced]], ids=["wildcard", "typed"])
+def test_an_entry_without_sent_time_is_delivered_with_its_entry_ids_time(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str,
+        types: list[Any] | None) -> None:
+    """Another writer's entry without ``t``: its time is the entry id's (server clock)."""
+    bus = make_bus()
+    bus.subscribe("svc", types)
+    entry_id = cast(bytes, raw.xadd(log_key(prefix), {
+        "d": json.dumps({"event_type": "bustest.order_placed", "event_id": "e-1",
+                         "order_id": "o-1"}), "e": "bustest.order_placed"})).decode()
+    (message,) = consume(bus.subscription_queue("svc")[0])
+    assert message.id == f"all/{entry_id}"
+    assert message.timestamp == int(entry_id.split("-")[0]) / 1000
+    assert settled(raw, prefix, "svc")
+
+
+def test_a_typed_subscription_passes_over_a_payload_type_with_a_lone_surrogate(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    """No routing field, and a payload type that is not valid UTF-8 once decoded: not a
+    type this subscription takes, so it is passed over, and the read goes on."""
+    bus = make_bus()
+    bus.subscribe("svc", [OrderPlaced])
+    raw.xadd(log_key(prefix), {"d": json.dumps({"event_type": "bustest.order\udc80",
+                                                "event_id": "odd"}), "t": "1"})
+    good = OrderPlaced(order_id="good")
+    bus.publish(good)
+    assert received(bus, "svc") == [good.event_id]
+    assert settled(raw, prefix, "svc")
 
 
 @pytest.mark.parametrize("types", [None, [OrderPlaced]], ids=["wildcard", "typed"])

@@ -81,9 +81,12 @@ class AsyncQueue(QueueBase["AsyncMessageQueue"]):
     async def _run(self, step: Step[T]) -> T:
         return await self.mq.driver.run(step)
 
+    async def _drive(self, flow: Flow[T]) -> T:
+        return await self.mq.driver.drive(flow)
+
     async def _settle(self, batch: Settlement, dlq: AsyncQueue | None = None) -> core.Settled:
-        return await self._run(core.settle(self._ref, self.mq.consumer_id, batch,
-                                           dlq.key if dlq is not None else None))
+        return await self._drive(core.settle(self._ref, self.mq.consumer_id, batch,
+                                             dlq.key if dlq is not None else None))
 
     async def send_message(self, data: Mapping[str, Any], *, ttl: float | None = None,
                            message_id: str | None = None,
@@ -157,14 +160,14 @@ class AsyncQueue(QueueBase["AsyncMessageQueue"]):
         batch = Settlement(extend=_id_list(ids))
         if not batch:
             return 0
-        return (await self._run(core.settle(self._ref, consumer_id or self.mq.consumer_id,
-                                            batch))).extended
+        return (await self._drive(core.settle(self._ref, consumer_id or self.mq.consumer_id,
+                                              batch))).extended
 
     async def release(self, ids: str | Iterable[str], consumer_id: str | None = None
                       ) -> tuple[int, bool]:
         """Hand back fetched messages at once; forget the consumer if it holds nothing."""
-        done = await self._run(core.settle(self._ref, consumer_id or self.mq.consumer_id,
-                                           Settlement(release=_id_list(ids), forget=True)))
+        done = await self._drive(core.settle(self._ref, consumer_id or self.mq.consumer_id,
+                                             Settlement(release=_id_list(ids), forget=True)))
         return done.released, done.removed
 
     async def delete_messages(self, ids: str | Iterable[str]) -> int:
@@ -510,7 +513,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             result = await self._call(handler, event)
         except asyncio.CancelledError:
             raise  # not an outcome: the message is handed back
-        except Exception as exc:
+        except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front
             error = exc
         return self._conclude(message, event, result, error, started, time.time())
 

@@ -183,7 +183,9 @@ def decode_entry(
         if not isinstance(data, dict):
             raise SerializationError(f"malformed entry {mid}: payload is not a JSON object")
         sent = fields.get(b"t")
-        sent_ms = int(sent) if sent is not None else int(mid.split("-", 1)[0])
+        # without one: the entry id's time (a log entry's message id is "all/<entry id>")
+        sent_ms = int(sent) if sent is not None else \
+            int(mid.rpartition("/")[2].split("-", 1)[0])
         raw_headers = fields.get(b"h")
         headers = json.loads(raw_headers) if raw_headers is not None else {}
         raw_failures = fields.get(b"f")

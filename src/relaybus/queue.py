@@ -63,8 +63,8 @@ class Queue(QueueBase["MessageQueue"]):
         return self.mq.driver.drive(flow)
 
     def _settle(self, batch: Settlement, dlq: Queue | None = None) -> core.Settled:
-        return self._run(core.settle(self._ref, self.mq.consumer_id, batch,
-                                     dlq.key if dlq is not None else None))
+        return self._drive(core.settle(self._ref, self.mq.consumer_id, batch,
+                                       dlq.key if dlq is not None else None))
 
     # -- sending ------------------------------------------------------------------
 
@@ -195,8 +195,8 @@ class Queue(QueueBase["MessageQueue"]):
         batch = Settlement(extend=_id_list(ids))
         if not batch:
             return 0
-        return self._run(core.settle(self._ref, consumer_id or self.mq.consumer_id,
-                                     batch)).extended
+        return self._drive(core.settle(self._ref, consumer_id or self.mq.consumer_id,
+                                       batch)).extended
 
     def release(self, ids: str | Iterable[str], consumer_id: str | None = None
                 ) -> tuple[int, bool]:
@@ -207,8 +207,8 @@ class Queue(QueueBase["MessageQueue"]):
         visibility timeout. Then, if the consumer holds no message at all, it is removed
         from the group. Returns ``(messages released, consumer removed)``.
         """
-        done = self._run(core.settle(self._ref, consumer_id or self.mq.consumer_id,
-                                     Settlement(release=_id_list(ids), forget=True)))
+        done = self._drive(core.settle(self._ref, consumer_id or self.mq.consumer_id,
+                                       Settlement(release=_id_list(ids), forget=True)))
         return done.released, done.removed
 
     def delete_messages(self, ids: str | Iterable[str]) -> int:

@@ -88,13 +88,13 @@ class AsyncDriver:
                     retrying = Retrying(bound, self.clock, self.address)
                 await asyncio.sleep(retrying.after(exc))
 
-    async def drive(self, flow: Flow[T]) -> T:
-        """Run ``flow`` to its end and return its result."""
+    async def drive(self, flow: Flow[T], *, retry_timeout: float | None = None) -> T:
+        """Run ``flow`` to its end and return its result (each step as :meth:`run`)."""
         try:
             step = next(flow)
             while True:
                 try:
-                    value = await self.run(step)
+                    value = await self.run(step, retry_timeout=retry_timeout)
                 except Exception as exc:
                     step = flow.throw(exc)
                 else:

@@ -219,13 +219,13 @@ class AsyncWorker:
 
     async def _settle(self, batch: SettleBatch) -> Any:
         try:
-            return await self.driver.run(self.core.settle_step(batch))
+            return await self.driver.drive(self.core.settle_flow(batch))
         except Exception as exc:
             return exc
 
     async def _hand_back(self, settlement: Settlement) -> None:
         try:
-            done = await self.driver.run(self.core.settle_step_for(settlement), retry_timeout=1.0)
+            done = await self.driver.drive(self.core.settle_flow_for(settlement), retry_timeout=1.0)
         except Exception as exc:  # best effort: they lapse as after a crash
             logger.warning("%s: could not hand back %d events (%s); they will be redelivered "
                            "after the visibility timeout", self.name, len(settlement.release),

@@ -40,7 +40,7 @@ from ..codec import Message
 from ..errors import BrokerCommandError, BrokerError, SerializationError
 from ..retry import Action, Decision
 from . import queue as q
-from .steps import Flow, Step
+from .steps import Flow
 
 __all__ = ["Outcome", "Counters", "Consumer", "StopReport", "SettleBatch",
            "DEFAULT_BLOCK_FOR_SECONDS", "BUSY_BLOCK_FOR_SECONDS", "DEFAULT_PREFETCH_PER_HANDLER"]
@@ -315,10 +315,12 @@ class Consumer:
                              "reason only", self.name, message.id)
             return q.failure_record(self.ref, decision.reason, None)
 
-    def settle_step(self, batch: SettleBatch) -> Step[q.Settled]:
-        return self.settle_step_for(batch.settlement)
+    def settle_flow(self, batch: SettleBatch) -> Flow[q.Settled]:
+        """The settle call of ``batch``."""
+        return self.settle_flow_for(batch.settlement)
 
-    def settle_step_for(self, settlement: q.Settlement) -> Step[q.Settled]:
+    def settle_flow_for(self, settlement: q.Settlement) -> Flow[q.Settled]:
+        """The settle call of ``settlement`` (the hand-back at the end, say)."""
         return q.settle(self.ref, self.consumer_id, settlement)
 
     def settled(self, batch: SettleBatch, result: q.Settled | BaseException, now: float

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 from collections.abc import Callable
 
 import redis
@@ -41,6 +42,9 @@ MIN_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 #: Error-reply prefixes of transient server states: outages, not refusals.
 TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: How Redis 6.2 reports the error of a call inside a script:
+#: ``Error running script (call to f_...): @user_script:125: @user_script: 125: -OOM ...``.
+_SCRIPT_ERROR = re.compile(r"^Error running script .*?@user_script: ?\d+: -([A-Z]+) ")
 
 
 class GroupMissing(BrokerCommandError):
@@ -83,6 +87,9 @@ def _error_code(exc: BaseException) -> str:
     if isinstance(exc, redis.exceptions.NoScriptError):
         return "NOSCRIPT"
     text = str(exc).rpartition(" of pipeline caused error: ")[2]
+    inner = _SCRIPT_ERROR.search(text)  # Redis 6.2 wraps an error a script's call got
+    if inner:
+        return inner.group(1).upper()
     return text.split(" ", 1)[0].upper() if text else ""
 
 

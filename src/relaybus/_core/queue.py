@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import codec
 from ..codec import Message
-from ..errors import SerializationError
+from ..errors import BrokerOutOfMemoryError, SerializationError
 from ..keys import DLQ_SUFFIX, GROUP, QueueKeys, registry_key
 from ..scripts import script
 from .outage import GroupMissing
@@ -345,7 +345,7 @@ def split_log(ref: QueueRef, rows: list[Any], types: frozenset[str], parse: bool
             continue
         if not every:
             found = _type_of(f)
-            if found is not None and found.encode() not in wanted:
+            if found is not None and found not in types:  # (may hold a lone surrogate)
                 skip.append(prefix + text(entry_id))
                 continue
         others.append((prefix + text(entry_id), f, 1))
@@ -489,7 +489,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
                 if skipped is not None:
                     skipped(skip)
                 else:
-                    yield settle(ref, consumer, Settlement(acks=skip))
+                    yield from settle(ref, consumer, Settlement(acks=skip))
             entries += others
             more = more or bool(skip)
         else:
@@ -499,7 +499,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             messages, bad = decode(ref, entries, parse)
             messages += ready
             if bad:
-                yield settle(ref, consumer, Settlement(dead=[
+                yield from settle(ref, consumer, Settlement(dead=[
                     (i, failure_record(ref, reason, None)) for reason, ids_ in bad.items()
                     for i in ids_]))
                 counts.add("dead_lettered", sum(len(v) for v in bad.values()))
@@ -581,18 +581,33 @@ def follow(ref: QueueRef, after_id: str, count: int, block_for_seconds: float | 
 
 
 def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None = None
-           ) -> Step[Settled]:
+           ) -> Flow[Settled]:
     """One round trip settling ``batch``; dead letters go to ``dlq_key`` (default: the
     pair's own dead-letter queue).
 
     A batch of acknowledgements alone (the hot path) is one MULTI/EXEC of plain
     commands; anything else is one call of ``lua/settle.lua``. Either way it is atomic,
     and the done records are scored by the newest acknowledged entry's id (stream
-    time: the server's clock).
+    time: the server's clock). A server out of memory refuses the whole transaction
+    (its ``ZADD`` of done records; on Redis 6.2 even its ``XACK``); the batch then goes
+    through the script, which a full server runs since its first write, the ``XACK``,
+    frees memory: acknowledging keeps working while the server is full.
     """
-    if batch.acks and not (batch.retries or batch.dead or batch.extend or batch.release
-                           or batch.forget):
-        return _acknowledge(ref, batch)
+    fast = bool(batch.acks) and not (batch.retries or batch.dead or batch.extend
+                                     or batch.release or batch.forget)
+    done: Settled
+    if fast:
+        try:
+            done = yield _acknowledge(ref, batch)
+            return done
+        except BrokerOutOfMemoryError:
+            pass
+    done = yield _settle_script(ref, consumer, batch, dlq_key)
+    return done
+
+
+def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None
+                   ) -> Step[Settled]:
     k = ref.keys
     keys = [ref.key, k.delayed, k.done, dlq_key or k.dlq]
     log = ref.log

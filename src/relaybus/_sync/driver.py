@@ -98,13 +98,13 @@ class Driver:
                     retrying = Retrying(bound, self.clock, self.address)
                 self.sleep(retrying.after(exc))
 
-    def drive(self, flow: Flow[T]) -> T:
-        """Run ``flow`` to its end and return its result."""
+    def drive(self, flow: Flow[T], *, retry_timeout: float | None = None) -> T:
+        """Run ``flow`` to its end and return its result (each step as :meth:`run`)."""
         try:
             step = next(flow)
             while True:
                 try:
-                    value = self.run(step)
+                    value = self.run(step, retry_timeout=retry_timeout)
                 except Exception as exc:
                     step = flow.throw(exc)
                 else:

@@ -123,7 +123,7 @@ class Worker:
                            "pending (settled if they finish, else redelivered after the "
                            "visibility timeout)", self.name, abandoned, timeout)
         try:
-            done = self.driver.run(self.core.settle_step_for(batch), retry_timeout=1.0)
+            done = self.driver.drive(self.core.settle_flow_for(batch), retry_timeout=1.0)
         except Exception as exc:  # best effort: they lapse as after a crash
             logger.warning("%s: could not hand back %d events (%s); they will be redelivered "
                            "after the visibility timeout", self.name, len(batch.release), exc)
@@ -215,7 +215,7 @@ class Worker:
     def _settle_late(self, batch: Any) -> None:
         result: Any
         try:
-            result = self.driver.run(self.core.settle_step(batch))
+            result = self.driver.drive(self.core.settle_flow(batch))
         except Exception as exc:  # best effort: the messages stay pending, redelivered
             result = exc
         with self._lock:
@@ -235,7 +235,7 @@ class Worker:
                     return
             result: Any
             try:
-                result = self.driver.run(self.core.settle_step(batch))
+                result = self.driver.drive(self.core.settle_flow(batch))
             except Exception as exc:
                 result = exc
             with self._lock:

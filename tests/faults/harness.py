@@ -3,9 +3,13 @@
 :class:`Server` runs the embedded engine's binary in the foreground (its own process
 group, append-only file with ``appendfsync always``, no RDB) on a free loopback port,
 so a scenario can SIGKILL it, SIGSTOP it, and restart it on the same port from its
-append-only file. :class:`Cluster` starts producers, routers and services
-(:mod:`faults.procs`), each in its own process group, and kills every one of them
-when the test ends, passed or failed.
+append-only file. :class:`Cluster` starts producers, maintenance processes and
+services of either front (:mod:`faults.procs`), each in its own process group, and
+kills every one of them when the test ends, passed or failed. It also reads the
+state of the bus as the server has it: the event log ``P{all}`` and each
+subscription's consumer group ``sub:NAME`` on it (native fan-out: what the group has
+read, what it has not, what is delivered and unacknowledged), and each subscription's
+own stream and retries.
 """
 
 from __future__ import annotations
@@ -22,8 +26,16 @@ from typing import Any, TypeVar
 
 import redis
 
-from faults.ledger import DeadLetters, Ledger, bus_dlq_key, sub_dlq_key
-from faults.procs import command
+from faults.ledger import (
+    DeadLetters,
+    Ledger,
+    bus_dlq_key,
+    log_key,
+    sub_dlq_key,
+    sub_group,
+    sub_key,
+)
+from faults.procs import FRONTS, command
 from relaybus.embedded import find_server_binary
 
 T = TypeVar("T")
@@ -133,6 +145,8 @@ class Child:
         self.ledger = ledger
         self.err_path = root / "logs" / f"{label}.err"
         self.err_path.parent.mkdir(parents=True, exist_ok=True)
+        #: the front of a service child (sync or async)
+        self.front = ""
         env = {k: v for k, v in os.environ.items() if k not in ("RELAYBUS_URL",)}
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.err_path, "ab") as err:
@@ -231,24 +245,58 @@ class Cluster:
                           "--retry-timeout", str(retry_timeout), "--on-oom", on_oom,
                           "--pad", str(pad), url=url)
 
-    def router(self, label: str = "router", *, vt: float = 30.0, retry_timeout: float = 10.0,
-               url: str | None = None) -> Child:
-        return self.spawn("router", label, "--vt", str(vt),
-                          "--retry-timeout", str(retry_timeout), url=url)
+    def maintenance(self, label: str = "maint", *, max_len: int = 100_000,
+                    interval: float = 0.5, retry_timeout: float = 10.0,
+                    url: str | None = None) -> Child:
+        """A process running ``EventBus.run()`` (the log's retention trim every ``interval``)."""
+        return self.spawn("maintenance", label, "--max-len", str(max_len),
+                          "--interval", str(interval), "--retry-timeout", str(retry_timeout),
+                          url=url)
 
-    def service(self, name: str, *, types: str = "*", concurrency: int = 2, prefetch: int = 0,
-                vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5, block: float = 0.5,
-                retry_timeout: float = 10.0, url: str | None = None) -> Child:
+    def service(self, name: str, *, front: str = "sync", types: str = "*", concurrency: int = 2,
+                prefetch: int = 0, vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5,
+                block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None) -> Child:
+        """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
+        AsyncMicroservice); instances of one service share its subscription, whatever
+        their front."""
+        assert front in FRONTS, front
         self.dead.watch(sub_dlq_key(self.prefix, name))
-        return self.spawn("service", f"svc-{name}", "--service", name, "--types", types,
-                          "--concurrency", str(concurrency), "--prefetch", str(prefetch),
-                          "--vt", str(vt), "--delay", str(delay),
-                          "--max-attempts", str(max_attempts), "--block", str(block),
-                          "--retry-timeout", str(retry_timeout), url=url)
+        child = self.spawn("service", f"svc-{name}-{front}", "--service", name, "--front", front,
+                           "--types", types, "--concurrency", str(concurrency),
+                           "--prefetch", str(prefetch), "--vt", str(vt), "--delay", str(delay),
+                           "--max-attempts", str(max_attempts), "--block", str(block),
+                           "--retry-timeout", str(retry_timeout), url=url)
+        child.front = front
+        return child
+
+    def services(self, name: str, count: int, *, first: str = "sync", **options: Any
+                 ) -> list[Child]:
+        """``count`` instances of ``name``, their fronts alternating (``first`` first)."""
+        order = [first] + [f for f in FRONTS if f != first]
+        return [self.service(name, front=order[i % 2], **options) for i in range(count)]
 
     def wait_ready(self, children: Iterable[Child], timeout: float = 60.0) -> None:
         for child in children:
             wait_until(child.ready, timeout, f"{child.label} to be ready")
+
+    def terminate(self, children: Iterable[Child], timeout: float = 15.0) -> None:
+        """SIGTERM every child at once (graceful stops run in parallel); wait for each.
+
+        Fails if one does not exit within ``timeout`` (it is SIGKILLed) or exits non-zero.
+        """
+        kids = list(children)
+        for child in kids:
+            if child.alive():
+                child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in kids:
+            try:  # one signal only: a second one would cut its graceful stop short
+                code = child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                raise AssertionError(f"{child.label} did not stop within {timeout}s on "
+                                     f"SIGTERM:\n{child.log_tail()}") from None
+            assert code == 0, f"{child.label} exited with {code} on SIGTERM:\n{child.log_tail()}"
 
     def wait_exit(self, children: Iterable[Child], timeout: float) -> None:
         """Wait for children that end on their own (producers with a count)."""
@@ -262,32 +310,53 @@ class Cluster:
 
     # -- the state of the queues -----------------------------------------------------------
 
+    def groups(self) -> dict[str, dict[str, Any]]:
+        """The consumer groups on the event log, by name (``sub:NAME``), as XINFO GROUPS
+        gives them (``entries-read``, ``lag``, ``pending``, ``last-delivered-id``)."""
+        rows = self.client.xinfo_groups(log_key(self.prefix))
+        out = {}
+        for g in rows:
+            name = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
+            out[name] = g
+        return out
+
+    def log_info(self) -> dict[str, Any]:
+        return self.client.xinfo_stream(log_key(self.prefix))
+
     def backlog(self, services: Iterable[str]) -> dict[str, int]:
-        """What is still in motion: unrouted or pending log entries, queued work per service."""
+        """What is still in motion, per service: log entries its group has not read yet
+        (``lag``) or has delivered and not acknowledged (``pending``), and entries of
+        its own stream (retries due again) and retries waiting for their time."""
         c = self.client
-        log = f"{self.prefix}{{all}}"
-        pipe = c.pipeline(transaction=False)
-        pipe.xinfo_stream(log)
-        pipe.xinfo_groups(log)
         names = list(services)
+        pipe = c.pipeline(transaction=False)
+        pipe.xinfo_stream(log_key(self.prefix))
+        pipe.xinfo_groups(log_key(self.prefix))
         for name in names:
-            pipe.xlen(f"{self.prefix}{{sub:{name}}}")
-            pipe.zcard(f"{self.prefix}{{sub:{name}}}:delayed")
+            pipe.xlen(sub_key(self.prefix, name))
+            pipe.zcard(sub_key(self.prefix, name) + ":delayed")
         res = pipe.execute()
         info, groups = res[0], res[1]
         last = info["last-generated-id"]
-        out: dict[str, int] = {"log_pending": 0, "log_unread": 0}
-        for g in groups:
-            out["log_pending"] += int(g["pending"])
-            if g["last-delivered-id"] != last:
-                out["log_unread"] += 1
+        by_name = {(g["name"].decode() if isinstance(g["name"], bytes) else g["name"]): g
+                   for g in groups}
+        out: dict[str, int] = {}
         for i, name in enumerate(names):
+            g = by_name.get(sub_group(name))
+            if g is None:
+                out[f"{name}_no_group"] = 1
+                continue
+            lag = g.get("lag")
+            out[f"{name}_unread"] = int(lag) if lag is not None else \
+                int(g["last-delivered-id"] != last)
+            out[f"{name}_pending"] = int(g["pending"])
             out[f"{name}_queued"] = int(res[2 + 2 * i])
             out[f"{name}_delayed"] = int(res[3 + 2 * i])
         return out
 
     def quiet(self, services: Iterable[str]) -> bool:
-        """True when every event is settled: routed, and handled or dead-lettered."""
+        """True when every event is settled: read by every group, and handled or
+        dead-lettered (nothing pending, nothing queued or waiting to be retried)."""
         try:
             return not any(self.backlog(services).values())
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
@@ -301,20 +370,49 @@ class Cluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {self.backlog(names)}") from None
 
-    def held_by(self, stream: str, pid: int) -> int:
-        """Entries of ``stream`` pending for the consumer of process ``pid``."""
-        summary = self.client.xpending(stream, "relaybus")
+    def fan_out(self, services: Iterable[str]) -> dict[str, int]:
+        """Each subscription's ``entries-read`` on the log (every log entry is read once
+        by each group, of its types or not), and the log's ``entries-added``."""
+        groups = self.groups()
+        out = {"log entries": int(self.log_info()["entries-added"])}
+        for name in services:
+            g = groups.get(sub_group(name), {})
+            read = g.get("entries-read")
+            out[name] = int(read) if read is not None else -1
+        return out
+
+    def held_by(self, service: str, pid: int) -> int:
+        """Entries delivered to the consumer of process ``pid`` and not yet acknowledged:
+        log entries in the service's group, and entries of its own stream."""
         total = 0
-        for consumer in summary.get("consumers") or []:
-            name = consumer["name"].decode() if isinstance(consumer["name"], bytes) \
-                else str(consumer["name"])
-            if f"-{pid}-" in name or name.endswith(f"-{pid}"):
-                total += int(consumer["pending"])
+        for stream, group in ((log_key(self.prefix), sub_group(service)),
+                              (sub_key(self.prefix, service), "relaybus")):
+            try:
+                summary = self.client.xpending(stream, group)
+            except redis.ResponseError:  # no such group (yet)
+                continue
+            for consumer in summary.get("consumers") or []:
+                name = consumer["name"].decode() if isinstance(consumer["name"], bytes) \
+                    else str(consumer["name"])
+                if f"-{pid}-" in name or name.endswith(f"-{pid}"):
+                    total += int(consumer["pending"])
         return total
 
-    def kill_holding(self, child: Child, stream: str, rng: random.Random,
+    def in_flight(self, services: Iterable[str]) -> int:
+        """Events delivered and not yet acknowledged, every service together."""
+        total = 0
+        for name in services:
+            for stream, group in ((log_key(self.prefix), sub_group(name)),
+                                  (sub_key(self.prefix, name), "relaybus")):
+                try:
+                    total += int(self.client.xpending(stream, group)["pending"])
+                except redis.ResponseError:
+                    continue
+        return total
+
+    def kill_holding(self, child: Child, service: str, rng: random.Random,
                      timeout: float = 10.0) -> int:
-        """SIGKILL ``child`` at a moment it holds entries of ``stream``; return how many.
+        """SIGKILL ``child`` at a moment it holds events of ``service``; return how many.
 
         Freezes it (SIGSTOP) at a random moment and looks at what it holds; thaws it and
         tries again if nothing. Falls back to a plain kill after ``timeout``.
@@ -322,7 +420,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             child.signal(signal.SIGSTOP)
-            held = self.held_by(stream, child.pid)
+            held = self.held_by(service, child.pid)
             if held or time.monotonic() >= deadline:
                 child.kill()
                 return held
@@ -346,18 +444,36 @@ class Cluster:
         return used() - before
 
     def check_threads(self, children: Iterable[Child], since: float = 0.0) -> None:
-        """Every child is alive, its status is fresh, and its relaybus threads all run."""
+        """Every child is alive, its status is fresh, and its relaybus loops all run.
+
+        A sync service: its fetch, settle and first handler threads are alive. An async
+        service: its loop runs the fetch, settle and first handler tasks, and ran the
+        heartbeat task after ``since`` (the loop is not stuck). A maintenance process:
+        it completed a trim round after ``since``.
+        """
         for child in children:
             assert child.alive(), f"{child.label} died:\n{child.log_tail()}"
             st = wait_until(lambda c=child: (s := c.status()) and s["time"] > since and s,
                             10, f"a fresh status from {child.label}")
-            if child.kind == "service":
+            name = st.get("label", "")
+            if child.kind == "service" and st.get("front") == "async":
+                st = wait_until(lambda c=child: (s := c.status()) and
+                                s.get("loop_beat", 0) > since and s, 10,
+                                f"{child.label}'s event loop to run")
+                tasks = st["tasks"]
+                for part in ("-fetch", "-settle", "-h0"):
+                    assert any(t.endswith(part) for t in tasks), \
+                        f"{name}: no {part} task among {tasks}"
+                assert st["running"], f"{name} is not running"
+            elif child.kind == "service":
                 threads = st["threads"]
-                name = st.get("label", "")
-                for part in ("fetch", "lease", "handler-0"):
+                for part in ("fetch", "settle", "handler-0"):
                     assert any(t.startswith("relaybus-") and t.endswith(part) for t in threads), \
                         f"{name}: no {part} thread among {threads}"
                 assert st["running"], f"{name} is not running"
+            elif child.kind == "maintenance":
+                wait_until(lambda c=child: (s := c.status()) and s.get("last_round", 0) > since,
+                           15, f"a trim round of {child.label}")
 
     def close(self) -> None:
         for child in self.children:

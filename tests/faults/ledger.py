@@ -9,8 +9,8 @@ the last line of its own file, which readers ignore)::
                               [event_id, event_type, time, error]
     handled/<service>/<label>.log
                               one JSON line per event a handler completed:
-                              [event_id, probe, time]
-    named/<label>.log         the named-service host: [service, event_id, time]
+                              [event_id, probe, time, front]  (front: sync or async)
+    named/<label>.log         the named-service host: [service, event_id, time, front]
     status/<label>.json       each process's latest status (threads, stats, memory)
 
 Lines are JSON with ``ensure_ascii`` so any event id (odd unicode, lone
@@ -109,14 +109,26 @@ class Ledger:
         self.republished = 0
         #: event_id -> (event type, error) for publishes that raised and were given up.
         self.refused: dict[str, tuple[str, str]] = {}
+        #: when each given-up publish raised (epoch seconds), in file order.
+        self.refused_times: list[float] = []
         #: service -> Counter of completed event ids.
         self.completed: dict[str, Counter[str]] = {}
         #: service -> completion times (epoch seconds), in file order.
         self.completion_times: dict[str, list[float]] = {}
         #: probe -> number of completions carrying it (poison scenario).
         self.probes: Counter[str] = Counter()
+        #: service -> probe -> completions carrying it.
+        self.service_probes: dict[str, Counter[str]] = {}
         #: (service, event_id) -> completions (named-service host).
         self.named: Counter[tuple[str, str]] = Counter()
+        #: front (sync, async) -> completions, every service together.
+        self.by_front: Counter[str] = Counter()
+        #: service -> front -> completions.
+        self.service_fronts: dict[str, Counter[str]] = {}
+        #: front -> second (and later) completions it ran of an event already completed.
+        self.duplicate_fronts: Counter[str] = Counter()
+        #: front -> completions in the named-service host.
+        self.named_fronts: Counter[str] = Counter()
 
     def _rows(self, pattern: str) -> Iterable[tuple[Path, list[Any]]]:
         for path in sorted(self.root.glob(pattern)):
@@ -135,15 +147,24 @@ class Ledger:
             self.published_at[row[0]] = float(row[2])
         for _, row in self._rows("refused/*.log"):
             self.refused[row[0]] = (row[1], row[3])
+            self.refused_times.append(float(row[2]))
         for path, row in self._rows("handled/*/*.log"):
             service = path.parent.name
-            self.completed.setdefault(service, Counter())[row[0]] += 1
+            front = str(row[3]) if len(row) > 3 else "sync"
+            done = self.completed.setdefault(service, Counter())
+            if done[row[0]]:
+                self.duplicate_fronts[front] += 1
+            done[row[0]] += 1
+            self.by_front[front] += 1
+            self.service_fronts.setdefault(service, Counter())[front] += 1
             self.completion_times.setdefault(service, []).append(float(row[2]))
             self.completed_at.setdefault(row[0], float(row[2]))
             if row[1]:
                 self.probes[row[1]] += 1
+                self.service_probes.setdefault(service, Counter())[row[1]] += 1
         for _, row in self._rows("named/*.log"):
             self.named[(row[0], row[1])] += 1
+            self.named_fronts[str(row[3]) if len(row) > 3 else "sync"] += 1
         return self
 
     def handled_count(self, service: str) -> int:
@@ -223,6 +244,8 @@ class DeadLetters:
         self.entries: list[DeadLetter] = []
         self.by_event: dict[str, DeadLetter] = {}
         self.by_probe: dict[str, DeadLetter] = {}
+        #: (DLQ stream, probe or event id) -> its entries there
+        self.in_stream: dict[tuple[str, str], list[DeadLetter]] = {}
 
     def watch(self, key: str) -> None:
         self.cursors.setdefault(key, "-")
@@ -241,8 +264,11 @@ class DeadLetters:
                     self.entries.append(dl)
                     if dl.event_id is not None:
                         self.by_event[dl.event_id] = dl
+                        self.in_stream.setdefault((key, dl.event_id), []).append(dl)
                     if dl.probe is not None:
                         self.by_probe[dl.probe] = dl
+                        if dl.probe != dl.event_id:
+                            self.in_stream.setdefault((key, dl.probe), []).append(dl)
                 cursor = "(" + _text(rows[-1][0])
             self.cursors[key] = cursor
         return self
@@ -265,15 +291,24 @@ class Report:
     dead_lettered: int = 0
     faults: str = ""
     seconds: float = 0.0
+    #: front -> completions it ran (of the scenario's services)
+    fronts: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     missing_ids: list[str] = field(default_factory=list, repr=False)
+
+    def fronts_text(self) -> str:
+        """``sync 1,020 / async 980``: completions per front ('-' when none recorded)."""
+        return " / ".join(f"{f} {n:,}" for f, n in sorted(self.fronts.items(),
+                                                          key=lambda kv: kv[0] != "sync")) \
+            or "-"
 
     def line(self) -> str:
         notes = ", ".join(f"{k}={v}" for k, v in self.notes.items())
         return (f"[{self.scenario}] published={self.published} expected={self.expected} "
                 f"completed={self.completed} missing={self.missing} "
                 f"duplicates={self.duplicates} (bound {self.duplicate_bound}) "
-                f"dlq={self.dead_lettered} faults: {self.faults}; {self.seconds:.1f}s; {notes}")
+                f"dlq={self.dead_lettered} fronts: {self.fronts_text()} "
+                f"faults: {self.faults}; {self.seconds:.1f}s; {notes}")
 
     def assert_ok(self) -> None:
         assert self.missing == 0, f"{self.missing} events lost, e.g. {self.missing_ids[:5]}: " \
@@ -281,8 +316,23 @@ class Report:
         assert self.duplicates <= self.duplicate_bound, f"too many duplicates: {self.line()}"
 
 
+def log_key(prefix: str) -> str:
+    """The event log: every subscription reads it through a consumer group of its own."""
+    return f"{prefix}{{all}}"
+
+
+def sub_group(service: str) -> str:
+    """The consumer group of a service's subscription on the log."""
+    return f"sub:{service}"
+
+
+def sub_key(prefix: str, service: str) -> str:
+    """A subscription's own stream: retries due again, requeued dead letters."""
+    return f"{prefix}{{all}}:sub:{service}"
+
+
 def sub_dlq_key(prefix: str, service: str) -> str:
-    return f"{prefix}{{sub:{service}}}:dlq"
+    return sub_key(prefix, service) + ":dlq"
 
 
 def bus_dlq_key(prefix: str) -> str:
@@ -305,6 +355,10 @@ def reconcile(ledger: Ledger, dead: DeadLetters, plan: Mapping[str, Iterable[str
     dead.refresh()
     report = Report(scenario, published=len(ledger.published), faults=faults,
                     duplicate_bound=duplicate_bound, seconds=seconds)
+    fronts: Counter[str] = Counter()
+    for service in plan:
+        fronts.update(ledger.service_fronts.get(service, Counter()))
+    report.fronts = dict(fronts)
     report.dead_lettered = len(dead.entries)
     in_bus_dlq = {d.event_id for d in dead.entries
                   if d.event_id is not None and d.reason and d.stream == bus_dlq_key(prefix)}
@@ -336,13 +390,13 @@ def _plain(value: Any) -> str:
 def markdown_table(reports: Iterable[Report]) -> str:
     """The table of scenarios for docs/reliability.md."""
     head = ("| scenario | faults injected | events | completions expected | missing | "
-            "duplicates (bound) | in DLQ | time | notes |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+            "duplicates (bound) | in DLQ | completions by front | time | notes |\n"
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---|\n")
     rows = []
     for r in sorted(reports, key=lambda r: r.scenario):
         notes = "; ".join(f"{k} {_plain(v)}" for k, v in r.notes.items())
         rows.append(f"| {r.scenario} | {r.faults} | {r.published:,} | {r.expected:,} | "
                     f"{r.missing} | {r.duplicates} ({r.duplicate_bound}) | {r.dead_lettered:,} | "
-                    f"{r.seconds:.1f} s | {notes} |")
+                    f"{r.fronts_text()} | {r.seconds:.1f} s | {notes} |")
     return head + "\n".join(rows) + "\n"
 

@@ -3,22 +3,30 @@
 Each child is started by :func:`command` (the harness does that) and imports this
 module by name, so the event classes register under one identity everywhere::
 
-    producer  publish COUNT events (0: until SIGTERM) at RATE per second, recording
-              each one whose publish returned; on BrokerUnavailableError retry the
-              same events (a duplicate is suppressed by event_id); on
-              BrokerOutOfMemoryError retry, or (--on-oom drop) give them up and
-              record them as refused
-    router    EventBus.run() until SIGTERM
-    service   a Microservice whose handler records every completed event
-    host      runs one Microservice per name pushed on a Redis list (odd names)
+    producer     publish COUNT events (0: until SIGTERM) at RATE per second, recording
+                 each one whose publish returned; on BrokerUnavailableError retry the
+                 same events (publish.lua drops a repeat by event_id); on
+                 BrokerOutOfMemoryError retry, or (--on-oom drop) give them up and
+                 record them as refused
+    maintenance  EventBus.run() until SIGTERM: the event log's retention trim, with the
+                 retention and the period given (counts what it trimmed)
+    service      a service whose handler records every completed event, on either
+                 front: ``--front sync`` a Microservice (handler threads), ``--front
+                 async`` an AsyncMicroservice (an ``async def`` handler on the loop);
+                 both run by relaybus.runner.run_service until SIGTERM
+    host         runs one service per name pushed on a Redis list (odd names), of the
+                 front pushed with it (async ones on an event loop in a thread)
 
-Every child writes ``status/<label>.json`` five times a second: its threads, its
-counters, its memory; and once more, with ``exited``, when it stops.
+Every child writes ``status/<label>.json`` five times a second: its threads (for an
+async service also the loop's task names and the last time the loop ran its
+heartbeat task), its counters, its memory; and once more, with ``exited``, when it
+stops. A handled record names the front that ran the handler.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -35,6 +43,7 @@ import redis
 
 from faults.ledger import LineLog, write_json_atomic
 from relaybus import (
+    AsyncMicroservice,
     BrokerOutOfMemoryError,
     BrokerUnavailableError,
     Event,
@@ -87,6 +96,9 @@ TYPES: dict[str, type[Work]] = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
 
 #: Handler behaviours chosen by ``Poisoned.n``.
 RAISE, RETURN_FALSE, REJECT, SYSTEM_EXIT, BASE_EXC = -1, -2, -3, -4, -5
+
+#: The two fronts a service child can run on.
+FRONTS = ("sync", "async")
 
 
 # -- plumbing --------------------------------------------------------------------------
@@ -248,27 +260,51 @@ def producer(argv: list[str]) -> None:
     bus.close()
 
 
-# -- router ----------------------------------------------------------------------------
+# -- maintenance -----------------------------------------------------------------------
 
 
-def router(argv: list[str]) -> None:
-    p = argparse.ArgumentParser("router")
+class _CountingBus(EventBus):
+    """An EventBus that counts its maintenance rounds and what they trimmed."""
+
+    rounds = 0
+    trimmed = 0
+    last_round = 0.0
+
+    def trim(self) -> int:
+        n = super().trim()
+        self.rounds += 1
+        self.trimmed += n
+        self.last_round = time.time()
+        return n
+
+
+def maintenance(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("maintenance")
     p.add_argument("--url", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--ledger", type=Path, required=True)
     p.add_argument("--label", required=True)
-    p.add_argument("--vt", type=float, default=30.0)
+    p.add_argument("--max-len", type=int, default=100_000, help="retention_max_len")
+    p.add_argument("--max-age", type=float, default=0.0, help="retention_seconds (0: none)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between two trims")
     p.add_argument("--retry-timeout", type=float, default=10.0)
     args = p.parse_args(argv)
     _logging()
-    bus = EventBus(args.url, prefix=args.prefix, visibility_timeout=args.vt,
-                   retry_timeout=args.retry_timeout, consumer_id=f"{args.label}-{os.getpid()}")
+    bus = _CountingBus(args.url, prefix=args.prefix, retention_max_len=args.max_len,
+                       retention_seconds=args.max_age or None,
+                       retry_timeout=args.retry_timeout)
+    bus.maintenance_interval = args.interval
     _on_term(bus.stop)
-    status = Status(args.ledger, args.label, "router", lambda: {"stats": dict(bus.stats)})
+
+    def probe() -> dict[str, Any]:
+        return {"rounds": bus.rounds, "trimmed": bus.trimmed, "last_round": bus.last_round,
+                "running": bus.running}
+
+    status = Status(args.ledger, args.label, "maintenance", probe)
     status.start()
     status.mark_ready()
     bus.run()
-    status.finish(stats=dict(bus.stats))
+    status.finish(**probe())
     bus.close()
 
 
@@ -288,6 +324,18 @@ def _poison_behaviour(event: Event) -> None:
         raise KeyboardInterrupt
 
 
+def _service_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor arguments of the service child, the same for both fronts."""
+    names = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
+    types: list[str | type[Event]] = [names.get(t, t) for t in args.types.split(",")]
+    return dict(url=args.url, prefix=args.prefix, event_types=types,
+                concurrency=args.concurrency, prefetch=args.prefetch or None,
+                visibility_timeout=args.vt, maintenance=False,
+                block_for_seconds=args.block, shutdown_timeout=5.0,
+                max_attempts=args.max_attempts, retry_backoff=0.01,
+                retry_backoff_max=0.05, retry_timeout=args.retry_timeout)
+
+
 def service(argv: list[str]) -> None:
     p = argparse.ArgumentParser("service")
     p.add_argument("--url", required=True)
@@ -295,6 +343,7 @@ def service(argv: list[str]) -> None:
     p.add_argument("--ledger", type=Path, required=True)
     p.add_argument("--label", required=True)
     p.add_argument("--service", required=True)
+    p.add_argument("--front", choices=FRONTS, default="sync")
     p.add_argument("--types", default="*", help="comma-separated type names; * = all")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=0)
@@ -305,45 +354,122 @@ def service(argv: list[str]) -> None:
     p.add_argument("--retry-timeout", type=float, default=10.0)
     args = p.parse_args(argv)
     _logging()
-
-    names = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
-    types: list[str | type[Event]] = [names.get(t, t) for t in args.types.split(",")]
-    svc = Microservice(args.service, url=args.url, prefix=args.prefix, event_types=types,
-                       concurrency=args.concurrency, prefetch=args.prefetch or None,
-                       visibility_timeout=args.vt, run_router=False,
-                       block_for_seconds=args.block, shutdown_timeout=5.0,
-                       max_attempts=args.max_attempts, retry_backoff=0.01,
-                       retry_backoff_max=0.05, retry_timeout=args.retry_timeout)
     done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")
+    if args.front == "async":
+        _async_service(args, done)
+    else:
+        _sync_service(args, done)
+
+
+def _record(done: LineLog, event: Event, front: str) -> None:
+    done.write(event.event_id, getattr(event, "probe", ""), time.time(), front)
+
+
+class _Running:
+    """How many handler runs are under way at once (and the most seen); thread-safe."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def _probe(svc: Microservice | AsyncMicroservice, max_in_flight: list[int],
+           running: _Running) -> dict[str, Any]:
+    worker = svc._worker
+    out: dict[str, Any] = {"stats": svc.stats, "prefetch": svc.prefetch,
+                           "concurrency": svc.concurrency, "running": svc.running,
+                           "max_in_flight": max_in_flight[0], "max_running": running.most,
+                           "in_flight": worker.in_flight if worker is not None else 0}
+    try:  # read from another thread than the one updating them: best effort
+        out["queue_stats"] = dict(worker.core.queue_counts.values) if worker is not None else {}
+    except RuntimeError:
+        out["queue_stats"] = {}
+    return out
+
+
+def _sync_service(args: argparse.Namespace, done: LineLog) -> None:
+    svc = Microservice(args.service, **_service_options(args))
     max_in_flight = [0]
+    running = _Running()
 
     @svc.on("*")
     def handle(event: Event) -> bool:
         worker = svc._worker
         if worker is not None:
             max_in_flight[0] = max(max_in_flight[0], worker.in_flight)
-        if args.delay:
-            time.sleep(args.delay)  # the work this service does per event
+        with running:
+            if args.delay:
+                time.sleep(args.delay)  # the work this service does per event
         _poison_behaviour(event)
         if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
             return False
-        done.write(event.event_id, getattr(event, "probe", ""), time.time())
+        _record(done, event, "sync")
         return True
 
-    def probe() -> dict[str, Any]:
-        worker = svc._worker
-        return {"stats": svc.stats, "queue_stats": dict(svc.mq.stats) if svc.running else {},
-                "in_flight": worker.in_flight if worker is not None else 0,
-                "max_in_flight": max_in_flight[0], "prefetch": svc.prefetch,
-                "running": svc.running}
-
-    status = Status(args.ledger, args.label, "service", probe)
+    status = Status(args.ledger, args.label, "service",
+                    lambda: dict(_probe(svc, max_in_flight, running), front="sync"))
     from relaybus.runner import run_service
 
     svc.start()  # connect and subscribe before saying "ready"
     status.start()
     status.mark_ready()
     run_service(svc)
+    status.finish(stats=svc.stats)
+
+
+def _async_service(args: argparse.Namespace, done: LineLog) -> None:
+    loop_state: dict[str, Any] = {"tasks": [], "beat": 0.0}
+    max_in_flight = [0]
+    running = _Running()
+
+    async def heartbeat() -> None:
+        """Shows the loop runs (and which tasks it runs): the status thread reads it."""
+        while True:
+            loop_state["tasks"] = sorted(t.get_name() for t in asyncio.all_tasks())
+            loop_state["beat"] = time.time()
+            await asyncio.sleep(0.1)  # a reporting period, not synchronisation
+
+    class Service(AsyncMicroservice):
+        async def start(self) -> None:
+            await super().start()
+            # connected and subscribed: say "ready"
+            self._heartbeat = asyncio.get_running_loop().create_task(heartbeat(),
+                                                                     name="faults-heartbeat")
+            status.mark_ready()
+
+    svc = Service(args.service, **_service_options(args))
+
+    @svc.on("*")
+    async def handle(event: Event) -> bool:
+        worker = svc._worker
+        if worker is not None:
+            max_in_flight[0] = max(max_in_flight[0], worker.in_flight)
+        with running:
+            if args.delay:
+                await asyncio.sleep(args.delay)  # the work this service does per event
+        _poison_behaviour(event)
+        if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
+            return False
+        _record(done, event, "async")
+        return True
+
+    status = Status(args.ledger, args.label, "service",
+                    lambda: dict(_probe(svc, max_in_flight, running), front="async",
+                                 tasks=loop_state["tasks"], loop_beat=loop_state["beat"]))
+    from relaybus.runner import run_service
+
+    status.start()
+    run_service(svc)  # asyncio.run(svc.run()): SIGTERM stops it gracefully
     status.finish(stats=svc.stats)
 
 
@@ -356,50 +482,84 @@ def host(argv: list[str]) -> None:
     p.add_argument("--prefix", required=True)
     p.add_argument("--ledger", type=Path, required=True)
     p.add_argument("--label", required=True)
-    p.add_argument("--ctl", required=True, help="list of names to start; replies on CTL:started")
+    p.add_argument("--ctl", required=True,
+                   help="list of [name, front] to start; replies on CTL:started")
     args = p.parse_args(argv)
     _logging()
     stop = threading.Event()
     _on_term(stop.set)
     client = redis.Redis.from_url(args.url)
     log = LineLog(args.ledger / "named" / f"{args.label}.log")
-    services: dict[str, Microservice] = {}
+    services: dict[str, Microservice | AsyncMicroservice] = {}
+    # the async services run on one event loop, in a thread of its own
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="faults-host-loop",
+                                   daemon=True)
+    loop_thread.start()
     status = Status(args.ledger, args.label, "host",
                     lambda: {"services": len(services),
+                             "fronts": {n: "async" if isinstance(s, AsyncMicroservice)
+                                        else "sync" for n, s in services.items()},
                              "stats": {n: s.stats for n, s in services.items()}})
     status.start()
     status.mark_ready()
+
+    def start_sync(name: str) -> Microservice:
+        svc = Microservice(name, url=args.url, prefix=args.prefix, event_types=[Named],
+                           maintenance=False, block_for_seconds=0.5, shutdown_timeout=2.0)
+        svc.on(Named)(lambda e, n=name: log.write(n, e.event_id, time.time(), "sync"))
+        svc.start()
+        return svc
+
+    def start_async(name: str) -> AsyncMicroservice:
+        svc = AsyncMicroservice(name, url=args.url, prefix=args.prefix, event_types=[Named],
+                                maintenance=False, block_for_seconds=0.5, shutdown_timeout=2.0)
+
+        @svc.on(Named)
+        async def handle(e: Event, n: str = name) -> None:
+            log.write(n, e.event_id, time.time(), "async")
+
+        asyncio.run_coroutine_threadsafe(svc.start(), loop).result(timeout=30)
+        return svc
+
     while not stop.is_set():
         item = client.blpop([args.ctl], timeout=0.5)
         if item is None:
             continue
-        name = item[1].decode("utf-8")
+        name, front = json.loads(item[1])
         reply: str
         if name in services:
             reply = "started"
         else:
             try:
-                svc = Microservice(name, url=args.url, prefix=args.prefix,
-                                   event_types=[Named], run_router=False, block_for_seconds=0.5,
-                                   shutdown_timeout=2.0)
-                svc.on(Named)(lambda e, n=name: log.write(n, e.event_id, time.time()))
-                svc.start()
-                services[name] = svc
+                services[name] = start_async(name) if front == "async" else start_sync(name)
                 reply = "started"
             except Exception as exc:  # reported to the test, which judges it
                 reply = f"error {type(exc).__name__}: {exc}"
         client.rpush(args.ctl + ":started", json.dumps([name, reply], ensure_ascii=True))
-    closers = [threading.Thread(target=svc.close) for svc in services.values()]
+    closers = [threading.Thread(target=svc.close) for svc in services.values()
+               if isinstance(svc, Microservice)]
     for t in closers:  # each waits for its fetcher's blocking read: stop them together
         t.start()
+
+    async def close_async() -> None:
+        await asyncio.gather(*(s.close() for s in services.values()
+                               if isinstance(s, AsyncMicroservice)))
+
+    asyncio.run_coroutine_threadsafe(close_async(), loop).result(timeout=30)
     for t in closers:
         t.join()
+    loop.call_soon_threadsafe(loop.stop)
+    loop_thread.join(timeout=5)
     status.finish()
 
 
 def main(argv: list[str]) -> None:
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: where is it stuck?
     kind, *rest = argv
     commands: dict[str, Callable[[list[str]], None]] = {
-        "producer": producer, "router": router, "service": service, "host": host}
+        "producer": producer, "maintenance": maintenance, "service": service, "host": host}
     random.seed()
     commands[kind](rest)

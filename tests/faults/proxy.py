@@ -6,7 +6,7 @@ reply with the command it answers, so a rule can act on "the reply to that
 command"::
 
     proxy = RespProxy(server.url)
-    proxy.drop_reply(is_xadd, times=5, every=40)   # the command runs, its reply is lost
+    proxy.drop_reply(is_exec, times=5, every=40, name="ack")  # it runs, its reply is lost
     proxy.cut_waiting(is_blocking_read)            # drop a connection blocked in a read
 
 A dropped reply closes the client's connection (as a network failure would): the
@@ -100,6 +100,7 @@ class _Rule:
     match: Callable[[Command, bytes], bool]
     times: int
     every: int
+    name: str = ""
     seen: int = 0
     fired: int = 0
 
@@ -203,6 +204,8 @@ class RespProxy:
         self._closed = False
         #: replies dropped, per command name
         self.dropped: collections.Counter[str] = collections.Counter()
+        #: replies dropped, per rule name (``drop_reply(..., name=...)``)
+        self.dropped_by: collections.Counter[str] = collections.Counter()
         #: connections cut while their command waited for a reply, per command name
         self.cut: collections.Counter[str] = collections.Counter()
         threading.Thread(target=self._accept_loop, name="faults-proxy", daemon=True).start()
@@ -235,17 +238,19 @@ class RespProxy:
             for rule in self._rules:
                 if rule.fires(cmd, reply):
                     self.dropped[name_of(cmd)] += 1
+                    self.dropped_by[rule.name or name_of(cmd)] += 1
                     return True
         return False
 
     def drop_reply(self, match: Callable[[Command, bytes], bool], *, times: int = 1,
-                   every: int = 1) -> None:
+                   every: int = 1, name: str = "") -> None:
         """Lose the reply of every ``every``-th command ``match`` accepts, ``times`` times.
 
-        ``match(command, reply)`` sees the command's arguments and the server's reply.
+        ``match(command, reply)`` sees the command's arguments and the server's reply;
+        ``name`` counts the rule's drops in :attr:`dropped_by`.
         """
         with self._lock:
-            self._rules.append(_Rule(match, times, max(1, every)))
+            self._rules.append(_Rule(match, times, max(1, every), name))
 
     def waiting(self, match: Callable[[Command], bool]) -> int:
         """Connections whose oldest unanswered command ``match`` accepts."""
@@ -288,6 +293,22 @@ def is_blocking_read(cmd: Command) -> bool:
 
 def is_xadd(cmd: Command, reply: bytes) -> bool:
     return name_of(cmd) == "XADD"
+
+
+def is_exec(cmd: Command, reply: bytes) -> bool:
+    """The EXEC of a MULTI/EXEC transaction (relaybus: the settle of acknowledgements)."""
+    return name_of(cmd) == "EXEC"
+
+
+def is_read_of(stream: bytes) -> Callable[[Command, bytes], bool]:
+    """An XREADGROUP of new entries (``>``) of ``stream``, blocking or not, whose reply
+    carries entries (not a timeout's null)."""
+
+    def match(cmd: Command, reply: bytes) -> bool:
+        return (name_of(cmd) == "XREADGROUP" and len(cmd) >= 2 and cmd[-2] == stream
+                and cmd[-1] == b">" and reply[:3] not in (b"*-1", b"_\r\n", b"*0\r"))
+
+    return match
 
 
 def delivers_entries(cmd: Command, reply: bytes) -> bool:

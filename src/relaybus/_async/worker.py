@@ -143,6 +143,7 @@ class AsyncWorker:
             if core.fetched(messages, time.monotonic()):
                 self._work.set()
                 self._to_settle.set()  # its next lease extension is due in time
+                await asyncio.sleep(0)  # handlers start before the next fetch is sent
             elif core.skipped:
                 self._to_settle.set()  # entries of other types to acknowledge
 

@@ -69,7 +69,7 @@ def default_prefetch(concurrency: int) -> int:
     return max(DEFAULT_PREFETCH_MIN, DEFAULT_PREFETCH_PER_HANDLER * concurrency)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What to do with one message after processing it.
 

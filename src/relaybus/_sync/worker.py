@@ -169,6 +169,8 @@ class Worker:
                     self._work.notify(new)
                 if new or self.core.skipped:
                     self._to_settle.notify()  # a lease extension due, or skipped entries
+            if new:
+                time.sleep(0)  # let go of the GIL: a woken handler starts before the next fetch
 
     # -- handling -------------------------------------------------------------------
 
@@ -194,6 +196,9 @@ class Worker:
                                      "pending and will be redelivered after the visibility "
                                      "timeout", self.name, message.id)
                     failed.append(message)
+            # let go of the GIL between chunks: a fetch or settle reply that came meanwhile
+            # is read now, not after the switch interval (5 ms) or the buffer ran dry
+            time.sleep(0)
             with self._lock:
                 now = time.monotonic()
                 for message, outcome in done:

@@ -16,6 +16,7 @@ import redis
 
 from helpers_service import Ping, child_command
 from relaybus import ConfigurationError, EventBus, Microservice, load_service, run_service
+from relaybus.keys import QueueKeys
 from waiting import wait_for
 
 MODULE = '''
@@ -173,9 +174,12 @@ def test_sigterm_lets_the_in_flight_handler_finish(redis_url: str, prefix: str,
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
         wait_for(lambda: "term" in bus.subscriptions(), what="the child to subscribe")
-        for n in range(3):
-            bus.publish(Ping(n=n))
+        bus.publish_many([Ping(n=n) for n in range(3)])
         assert child.stdout.readline().strip() == "started 0"
+        # the child holds its prefetch (2): event 1 read and waiting, event 2 not read
+        log = QueueKeys(prefix, "all").stream
+        wait_for(lambda: raw.xpending(log, "sub:term")["pending"] == 2,
+                 what="the child to hold two events")
         child.send_signal(signal.SIGTERM)
         assert child.stderr is not None
         logged = [child.stderr.readline()]

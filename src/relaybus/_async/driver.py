@@ -1,10 +1,10 @@
 """The asyncio driver: runs the core's steps and flows on ``redis.asyncio`` connections.
 
-The same policy as :mod:`relaybus._sync.driver`, awaited: each step is one write and
-its raw replies, outages retried within the bound (``asyncio.sleep`` between attempts,
-so the loop is never blocked), scripts loaded on ``NOSCRIPT``, the rest raised as the
-core says. A call that is cancelled (or fails) mid-exchange disconnects its
-connection, so no reply is ever read by the wrong call: cancellation is safe.
+The same core :class:`~relaybus._core.running.StepRunner` as
+:mod:`relaybus._sync.driver`, awaited: each step is one write and its raw replies,
+outage pauses with ``asyncio.sleep`` (the loop is never blocked). A call that is
+cancelled (or fails) mid-exchange disconnects its connection, so no reply is ever read
+by the wrong call: cancellation is safe.
 """
 
 from __future__ import annotations
@@ -19,19 +19,15 @@ import hiredis
 import redis
 import redis.asyncio
 
-from .._core.outage import Retrying
-from .._core.resp import pack
+from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
     Flow,
-    ScriptCall,
     Step,
-    command_args,
-    first_error,
-    noscript,
     unwrap,
+    wire,
 )
-from ..connection import address_of, check_version, server_name
+from ..connection import address_of, server_name
 
 __all__ = ["AsyncDriver"]
 
@@ -54,51 +50,42 @@ class AsyncDriver:
         self.pool = client.connection_pool
         self.address = address_of(client)
         self.url = url
-        self.retry_timeout = retry_timeout
-        self.clock = clock
-        self._checked = False
+        self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
+                                 address=self.address)
         self._idle: list[Any] = []  # redis-py connections (untyped)
         self._taken: list[Any] = []
         self._readers: dict[int, tuple[Any, Any]] = {}  # connection -> (writer, hiredis reader)
         self.socket_timeout = float(client.connection_pool.connection_kwargs.get(
             "socket_timeout") or 10.0)
 
+    @property
+    def retry_timeout(self) -> float:
+        """Longest time, in seconds, one step retries an outage."""
+        return self.runner.retry_timeout
+
     async def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""
-        retrying: Retrying | None = None
-        while True:
-            try:
-                if not self._checked:
-                    check_version((await self._exchange(Step.one(Call("INFO", "server"))))[0],
-                                  self.address)
-                    self._checked = True
-                replies = await self._exchange(step)
-                for i in noscript(replies):  # those did not run: load and send them again
-                    command = step.commands[i]
-                    assert isinstance(command, ScriptCall)
-                    await self._exchange(Step.one(Call("SCRIPT", "LOAD", command.script.source)))
-                    replies[i] = (await self._exchange(Step.one(command)))[0]
-                error = first_error(step, replies)
-                if error is not None:
-                    raise error
-                return step.parse(replies)
-            except Exception as exc:
-                if retrying is None:
-                    bound = self.retry_timeout if retry_timeout is None else retry_timeout
-                    retrying = Retrying(bound, self.clock, self.address)
-                await asyncio.sleep(retrying.after(exc))
+        return await self._go(self.runner.run(step, retry_timeout))
 
     async def drive(self, flow: Flow[T], *, retry_timeout: float | None = None) -> T:
         """Run ``flow`` to its end and return its result (each step as :meth:`run`)."""
+        return await self._go(self.runner.drive(flow, retry_timeout))
+
+    async def _go(self, io: IO[T]) -> T:
+        """Do what the core's runner asks (exchanges, pauses) until it returns."""
         try:
-            step = next(flow)
+            want = next(io)
             while True:
+                if isinstance(want, Pause):
+                    await asyncio.sleep(want.seconds)
+                    want = io.send(None)
+                    continue
                 try:
-                    value = await self.run(step, retry_timeout=retry_timeout)
+                    replies = await self._exchange(want)
                 except Exception as exc:
-                    step = flow.throw(exc)
+                    want = io.throw(exc)
                 else:
-                    step = flow.send(value)
+                    want = io.send(replies)
         except StopIteration as done:
             result: T = done.value
             return result
@@ -114,12 +101,9 @@ class AsyncDriver:
         except IndexError:
             conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
             self._taken.append(conn)
-        cmds = [command_args(c) for c in step.commands]
-        if step.transaction:
-            cmds = [("MULTI",), *cmds, ("EXEC",)]
-        packed = pack(cmds)
+        packed, n = wire(step)
         try:
-            replies = await self._replies(conn, packed, len(cmds), step.block)
+            replies = await self._replies(conn, packed, n, step.block)
         except BaseException:
             await conn.disconnect(nowait=True)  # cancelled or failed: never reuse it half-read
             self._readers.pop(id(conn), None)

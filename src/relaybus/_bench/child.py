@@ -72,25 +72,22 @@ def install_command_counter() -> None:
     """Count, in this process, every command sent to a server and every request
     (socket write) they went in, for both redis-py's sync and asyncio connections.
 
-    relaybus's drivers pack their steps themselves (``relaybus._core.resp.pack``,
-    several commands per request when a step has several); redis-py's own commands
+    relaybus's drivers send what the core packs (``relaybus._core.steps.wire`` calls
+    ``pack``, several commands per request when a step has several); redis-py's own commands
     (the connection handshake, health-check PINGs) go through ``send_command``.
     """
     from redis import connection as sync_conn
     from redis.asyncio import connection as async_conn
 
-    from .._async import driver as async_driver
-    from .._core import resp
-    from .._sync import driver as sync_driver
+    from .._core import resp, steps
 
     def pack(commands: Iterable[Sequence[Any]]) -> bytes:
         cmds = list(commands)
         COUNTS["commands"] += len(cmds)
         return resp.pack(cmds)
 
-    drivers: list[Any] = [sync_driver, async_driver]  # each calls its module's ``pack``
-    for module in drivers:
-        module.pack = pack
+    packing: Any = steps  # ``wire`` calls its module's ``pack``
+    packing.pack = pack
 
     sync_cls: Any = sync_conn.AbstractConnection
     sync_packed, sync_command = sync_cls.send_packed_command, sync_cls.send_command

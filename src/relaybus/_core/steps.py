@@ -22,8 +22,9 @@ from typing import Any, Generic, TypeVar
 
 from ..scripts import Script
 from .outage import Kind, classify
+from .resp import pack
 
-__all__ = ["Call", "ScriptCall", "Command", "Step", "Flow", "T", "command_args", "unwrap",
+__all__ = ["Call", "ScriptCall", "Command", "Step", "Flow", "T", "command_args", "wire", "unwrap",
            "first_error", "noscript"]
 
 T = TypeVar("T")
@@ -93,6 +94,15 @@ Flow = Generator[Step[Any], Any, T]
 def command_args(command: Command) -> tuple[Any, ...]:
     """What to send for ``command``: its arguments, or the EVALSHA of a script call."""
     return command.evalsha if isinstance(command, ScriptCall) else command.args
+
+
+def wire(step: Step[Any]) -> tuple[bytes, int]:
+    """The bytes to write for ``step`` (MULTI/EXEC around a transaction) and how many
+    replies they bring back."""
+    cmds = [command_args(c) for c in step.commands]
+    if step.transaction:
+        cmds = [("MULTI",), *cmds, ("EXEC",)]
+    return pack(cmds), len(cmds)
 
 
 def unwrap(step: Step[Any], replies: list[Any]) -> list[Any]:

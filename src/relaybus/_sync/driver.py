@@ -1,12 +1,12 @@
 """The sync driver: runs the core's steps and flows on redis-py connections.
 
 :meth:`Driver.run` sends one :class:`~relaybus._core.steps.Step` (one command, a
-pipeline, or MULTI/EXEC) as one write and reads its replies raw, retrying outages by
-:mod:`relaybus._core.outage`'s policy, loading a script on ``NOSCRIPT``, and raising
-what the policy says otherwise. :meth:`Driver.drive` runs a flow: each step's value
-is sent back into it, each unhandled error thrown into it.
+pipeline, or MULTI/EXEC) as one write and reads its replies raw; :meth:`Driver.drive`
+runs a flow. What happens around each exchange (version check, ``NOSCRIPT``, errors,
+outage retries) is decided by the core's :class:`~relaybus._core.running.StepRunner`;
+this module does only the IO it asks for.
 
-The driver talks to the connections of the client's pool directly (``pack_commands``,
+The driver talks to the connections of the client's pool directly (the core's ``wire``,
 ``send_packed_command``, ``read_response``) instead of through ``Redis.execute_command``:
 measured on a 2-vCPU VM, the client wrapper (pool checkout, retry wrapper, response
 callbacks, hooks) cost about 60 µs of CPU per command, more than the round trip itself
@@ -23,19 +23,15 @@ from typing import Any, TypeVar
 
 import redis
 
-from .._core.outage import Retrying
-from .._core.resp import pack
+from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
     Flow,
-    ScriptCall,
     Step,
-    command_args,
-    first_error,
-    noscript,
     unwrap,
+    wire,
 )
-from ..connection import address_of, check_version, server_name
+from ..connection import address_of, server_name
 
 __all__ = ["Driver"]
 
@@ -64,51 +60,42 @@ class Driver:
         self.pool = client.connection_pool
         self.address = address_of(client)
         self.url = url
-        self.retry_timeout = retry_timeout
         self.sleep = sleep
-        self.clock = clock
-        self._checked = False
+        self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
+                                 address=self.address)
         self._idle: list[Any] = []  # redis-py connections (untyped)
         self._taken: list[Any] = []
 
     # -- running ---------------------------------------------------------------------
 
+    @property
+    def retry_timeout(self) -> float:
+        """Longest time, in seconds, one step retries an outage."""
+        return self.runner.retry_timeout
+
     def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""
-        retrying: Retrying | None = None
-        while True:
-            try:
-                if not self._checked:
-                    check_version((self._exchange(Step.one(Call("INFO", "server"))))[0],
-                                  self.address)
-                    self._checked = True
-                replies = self._exchange(step)
-                for i in noscript(replies):  # those did not run: load and send them again
-                    command = step.commands[i]
-                    assert isinstance(command, ScriptCall)
-                    self._exchange(Step.one(Call("SCRIPT", "LOAD", command.script.source)))
-                    replies[i] = (self._exchange(Step.one(command)))[0]
-                error = first_error(step, replies)
-                if error is not None:
-                    raise error
-                return step.parse(replies)
-            except Exception as exc:
-                if retrying is None:
-                    bound = self.retry_timeout if retry_timeout is None else retry_timeout
-                    retrying = Retrying(bound, self.clock, self.address)
-                self.sleep(retrying.after(exc))
+        return self._go(self.runner.run(step, retry_timeout))
 
     def drive(self, flow: Flow[T], *, retry_timeout: float | None = None) -> T:
         """Run ``flow`` to its end and return its result (each step as :meth:`run`)."""
+        return self._go(self.runner.drive(flow, retry_timeout))
+
+    def _go(self, io: IO[T]) -> T:
+        """Do what the core's runner asks (exchanges, pauses) until it returns."""
         try:
-            step = next(flow)
+            want = next(io)
             while True:
+                if isinstance(want, Pause):
+                    self.sleep(want.seconds)
+                    want = io.send(None)
+                    continue
                 try:
-                    value = self.run(step, retry_timeout=retry_timeout)
+                    replies = self._exchange(want)
                 except Exception as exc:
-                    step = flow.throw(exc)
+                    want = io.throw(exc)
                 else:
-                    step = flow.send(value)
+                    want = io.send(replies)
         except StopIteration as done:
             result: T = done.value
             return result
@@ -127,13 +114,11 @@ class Driver:
         except IndexError:
             conn = _take(self.pool)
             self._taken.append(conn)
-        cmds = [command_args(c) for c in step.commands]
-        if step.transaction:
-            cmds = [("MULTI",), *cmds, ("EXEC",)]
+        packed, n = wire(step)
         try:
-            conn.send_packed_command([pack(cmds)])
+            conn.send_packed_command([packed])
             replies: list[Any] = []
-            for _ in cmds:
+            for _ in range(n):
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:  # read on: keep the connection in step

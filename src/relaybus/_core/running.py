@@ -1,0 +1,96 @@
+"""How a step is run, IO excluded: what both drivers do around one exchange.
+
+:meth:`StepRunner.run` is a generator that yields what the driver must do (a
+:class:`~.steps.Step` to exchange, whose raw replies, errors in their place, are sent
+back; or a :class:`Pause` to sleep) and returns the step's value. It checks the
+server's version on first use, loads a script the server answered ``NOSCRIPT`` for
+and sends that command again, raises the first error reply, and retries outages by
+:mod:`.outage`'s policy. An exchange that fails (the connection, a timeout) is
+thrown back in. :meth:`StepRunner.drive` does the same for a whole flow.
+
+A driver is then one loop (``send`` the replies or the pause's end, ``throw`` what the
+exchange raised) over its own IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..connection import check_version
+from .outage import Retrying
+from .steps import Call, Flow, ScriptCall, Step, first_error, noscript
+
+__all__ = ["Pause", "IO", "StepRunner"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Sleep ``seconds`` before the next attempt (an outage is being retried)."""
+
+    seconds: float
+
+
+#: What a runner generator asks of its driver; it is sent the replies of a step (a
+#: list) or ``None`` after a pause.
+IO = Generator["Step[Any] | Pause", Any, T]
+
+_INFO: Step[Any] = Step.one(Call("INFO", "server"))
+
+
+class StepRunner:
+    """The driver's logic for one server: version check, scripts, errors, retries.
+
+    ``retry_timeout``: longest time, in seconds, one step retries an outage;
+    ``clock``: monotonic time; ``address``: the server's, for error messages.
+    """
+
+    def __init__(self, *, retry_timeout: float, clock: Callable[[], float],
+                 address: str) -> None:
+        self.retry_timeout = retry_timeout
+        self.clock = clock
+        self.address = address
+        self.checked = False
+
+    def run(self, step: Step[T], retry_timeout: float | None = None) -> IO[T]:
+        """Run ``step``: yields exchanges and pauses, returns its value."""
+        retrying: Retrying | None = None
+        while True:
+            try:
+                if not self.checked:
+                    check_version((yield _INFO)[0], self.address)
+                    self.checked = True
+                replies: list[Any] = yield step
+                for i in noscript(replies):  # those did not run: load and send them again
+                    command = step.commands[i]
+                    assert isinstance(command, ScriptCall)
+                    yield Step.one(Call("SCRIPT", "LOAD", command.script.source))
+                    replies[i] = (yield Step.one(command))[0]
+                error = first_error(step, replies)
+                if error is not None:
+                    raise error
+                return step.parse(replies)
+            except Exception as exc:
+                if retrying is None:
+                    bound = self.retry_timeout if retry_timeout is None else retry_timeout
+                    retrying = Retrying(bound, self.clock, self.address)
+                yield Pause(retrying.after(exc))
+
+    def drive(self, flow: Flow[T], retry_timeout: float | None = None) -> IO[T]:
+        """Run ``flow`` to its end (each step as :meth:`run`); an error a step raises
+        is thrown into the flow."""
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    value = yield from self.run(step, retry_timeout)
+                except Exception as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(value)
+        except StopIteration as done:
+            result: T = done.value
+            return result

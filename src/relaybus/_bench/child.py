@@ -73,48 +73,42 @@ def install_command_counter() -> None:
     (socket write) they went in, for both redis-py's sync and asyncio connections.
 
     relaybus's drivers send what the core packs (``relaybus._core.steps.wire`` calls
-    ``pack``, several commands per request when a step has several); redis-py's own commands
-    (the connection handshake, health-check PINGs) go through ``send_command``.
+    ``pack`` once per step: one request, several commands when the step has several);
+    redis-py's own commands (the connection handshake, health-check PINGs) go through
+    ``send_command``, one request each.
     """
     from redis import connection as sync_conn
     from redis.asyncio import connection as async_conn
 
     from .._core import resp, steps
 
-    def pack(commands: Iterable[Sequence[Any]]) -> bytes:
+    def pack(commands: Iterable[Sequence[Any]]) -> bytes:  # one request per step
         cmds = list(commands)
         COUNTS["commands"] += len(cmds)
+        COUNTS["requests"] += 1
         return resp.pack(cmds)
 
     packing: Any = steps  # ``wire`` calls its module's ``pack``
     packing.pack = pack
 
     sync_cls: Any = sync_conn.AbstractConnection
-    sync_packed, sync_command = sync_cls.send_packed_command, sync_cls.send_command
-
-    def send_packed(self: Any, command: Any, check_health: bool = True) -> None:
-        COUNTS["requests"] += 1
-        sync_packed(self, command, check_health)
+    sync_command = sync_cls.send_command
 
     def send_command(self: Any, *args: Any, **kwargs: Any) -> None:
         COUNTS["commands"] += 1
+        COUNTS["requests"] += 1
         sync_command(self, *args, **kwargs)
 
-    sync_cls.send_packed_command = send_packed
     sync_cls.send_command = send_command
 
     async_cls: Any = async_conn.AbstractConnection
-    async_packed, async_command = async_cls.send_packed_command, async_cls.send_command
-
-    async def asend_packed(self: Any, command: Any, check_health: bool = True) -> None:
-        COUNTS["requests"] += 1
-        await async_packed(self, command, check_health)
+    async_command = async_cls.send_command
 
     async def asend_command(self: Any, *args: Any, **kwargs: Any) -> None:
         COUNTS["commands"] += 1
+        COUNTS["requests"] += 1
         await async_command(self, *args, **kwargs)
 
-    async_cls.send_packed_command = asend_packed
     async_cls.send_command = asend_command
 
 

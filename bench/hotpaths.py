@@ -96,20 +96,19 @@ def step_label(step: Step[Any]) -> str:
 
 
 def count_steps(driver: Any, tally: collections.Counter[str]) -> None:
-    """Tally every step ``driver`` (sync or asyncio) runs from now on, by kind."""
-    original = driver.run
-    if asyncio.iscoroutinefunction(original):
-        async def arun(step: Step[Any], **kw: Any) -> Any:
-            tally[step_label(step)] += 1
-            return await original(step, **kw)
+    """Tally every step ``driver`` (sync or asyncio) runs from now on, by kind.
 
-        driver.run = arun
-    else:
-        def run(step: Step[Any], **kw: Any) -> Any:
-            tally[step_label(step)] += 1
-            return original(step, **kw)
+    Both drivers run each step, and each step of a flow, through their core
+    ``StepRunner.run``: counting there counts both fronts alike.
+    """
+    runner = driver.runner
+    original = runner.run
 
-        driver.run = run
+    def run(step: Step[Any], retry_timeout: float | None = None) -> Any:
+        tally[step_label(step)] += 1
+        return original(step, retry_timeout)
+
+    runner.run = run
 
 
 def print_tally(tally: collections.Counter[str], seconds: float | None = None,

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import redis
 
 from relaybus import (
+    AsyncEventBus,
     BrokerError,
     BrokerOutOfMemoryError,
     BrokerUnavailableError,
     ConfigurationError,
+    EventBus,
     MessageQueue,
     Queue,
     RelaybusError,
@@ -63,6 +67,7 @@ def test_defaults_build_url_from_host_port_db() -> None:
     assert resolve_url() == "redis://localhost:6379/0"
     assert resolve_url(redis_host="h", redis_port=1234, redis_db=3) == "redis://h:1234/3"
     assert resolve_url(redis_host="h", redis_password="pw") == "redis://:pw@h:6379/0"
+    assert resolve_url(redis_host="h", redis_password="p@ss/w") == "redis://:p%40ss%2Fw@h:6379/0"
 
 
 def test_env_url_wins_over_host_and_port(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,6 +110,11 @@ def test_bad_url_raises_configuration_error(url: str) -> None:
     assert isinstance(info.value, ValueError) and isinstance(info.value, RelaybusError)
 
 
+def test_a_host_with_a_port_is_not_taken_for_a_host_name() -> None:
+    with pytest.raises(ConfigurationError, match="unsupported URL 'localhost:6379'"):
+        EventBus("localhost:6379")
+
+
 def test_bad_env_url_raises_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAYBUS_URL", "http://nope")
     with pytest.raises(ConfigurationError):
@@ -123,6 +133,28 @@ def test_env_url_used_by_message_queue(monkeypatch: pytest.MonkeyPatch, redis_ur
         q, _ = mq.create_queue_pair("env")
         q.send_message({"via": "env"})
         assert [m.data for m in q.get_messages()] == [{"via": "env"}]
+
+
+def test_the_seeds_positional_form_connects_to_that_host(monkeypatch: pytest.MonkeyPatch,
+                                                         redis_url: str, prefix: str,
+                                                         closed_port: int) -> None:
+    """``EventBus("localhost", 6379, 0, "events:")`` as the seed's signature allows, on
+    both fronts; a host given so is as explicit as a URL (``RELAYBUS_URL`` does not win)."""
+    monkeypatch.setenv("RELAYBUS_URL", f"redis://127.0.0.1:{closed_port}/0")
+    parsed = urlparse(redis_url)
+    host, port, db = parsed.hostname or "", parsed.port or 0, int(parsed.path.strip("/") or 0)
+    with EventBus(host, port, db, prefix, retry_timeout=1) as bus:
+        assert bus.mq.connection.url == f"redis://{host}:{port}/{db}"
+        assert bus.prefix == prefix
+        bus.subscribe("seed")
+        assert "seed" in bus.subscriptions()
+
+    async def scenario() -> list[str]:
+        async with AsyncEventBus(host, port, db, prefix, retry_timeout=1) as abus:
+            assert abus.prefix == prefix
+            return list(await abus.subscriptions())
+
+    assert "seed" in asyncio.run(scenario())
 
 
 def test_explicit_url_beats_env_in_message_queue(monkeypatch: pytest.MonkeyPatch,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import redis
 import redis.asyncio
@@ -40,6 +40,17 @@ DEFAULT_SOCKET_TIMEOUT = 10.0
 _MIN_VERSION = (6, 2)
 
 
+def is_host(text: str) -> bool:
+    """``text`` names a host (``localhost``, ``10.0.0.5``), not a URL: it has no scheme."""
+    return bool(text) and text != "embedded" and not any(c in text for c in ":/@")
+
+
+def host_url(host: str, port: int = 6379, db: int = 0, password: str | None = None) -> str:
+    """The ``redis://`` URL of ``host``, ``port``, database ``db`` (and ``password``)."""
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{int(port)}/{int(db)}"
+
+
 def resolve_url(
     url: str | None = None,
     *,
@@ -54,8 +65,7 @@ def resolve_url(
     """
     chosen = url or os.environ.get(URL_ENV)
     if not chosen:
-        auth = f":{redis_password}@" if redis_password else ""
-        return f"redis://{auth}{redis_host}:{int(redis_port)}/{int(redis_db)}"
+        return host_url(redis_host, redis_port, redis_db, redis_password)
     if chosen == "embedded" or chosen.startswith("embedded:"):
         from .embedded import EmbeddedServer
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from .. import codec
-from ..connection import ConnectionSettings
+from ..connection import ConnectionSettings, host_url, is_host
 from ..errors import InvalidNameError, QueueNotFoundError
 from ..events import Event
 from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
@@ -252,8 +252,9 @@ class QueueBase(Generic[MQ]):
 class EventBusBase(Generic[MQ]):
     """Central event bus for publishing and subscribing to events.
 
-    ``EventBus(redis_host=..., redis_port=..., redis_db=..., prefix="events:")`` as in
-    the seed, or ``EventBus(url)``. ``visibility_timeout``: seconds before another
+    ``EventBus(url)``, or as in the seed: ``EventBus("localhost", 6379, 0, "events:")``
+    (a first argument without a scheme is a host name) or ``EventBus(redis_host=...,
+    redis_port=..., redis_db=..., prefix=...)``. ``visibility_timeout``: seconds before another
     instance takes over events a dead instance held (stored with the event log).
     ``dedup_window``: seconds during which an event id is published at most once (a
     repeat reaches each subscriber once) and a handled one is not handled again.
@@ -266,12 +267,12 @@ class EventBusBase(Generic[MQ]):
     def __init__(
         self,
         url: str | None = None,
-        *,
-        redis_host: str = "localhost",
         redis_port: int = 6379,
         redis_db: int = 0,
-        redis_password: str | None = None,
         prefix: str = "events:",
+        *,
+        redis_host: str = "localhost",
+        redis_password: str | None = None,
         visibility_timeout: float = 30.0,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         retention_max_len: int = bus.DEFAULT_RETENTION_MAX_LEN,
@@ -289,6 +290,8 @@ class EventBusBase(Generic[MQ]):
         #: Seconds between two rounds of this bus's maintenance (the log's retention).
         self.maintenance_interval = bus.MAINTENANCE_INTERVAL
         self.running = False
+        if url is not None and is_host(url):  # the seed's EventBus(host, port, db, prefix)
+            url = host_url(url, redis_port, redis_db, redis_password)
         self.mq: MQ = mq or self._new_mq(
             url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
             redis_password=redis_password, prefix=prefix, dedup_window=dedup_window,

@@ -196,6 +196,28 @@ def test_unreachable_broker_exits_1_naming_it(closed_port: int, args: list[str])
     assert len(lines) == 1 and f"127.0.0.1:{closed_port}" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["queues"],
+    ["subscriptions"],
+    ["dlq", "list", "sub:x"],
+    ["dlq", "show", "sub:x", "1-0"],
+    ["tail", "--count", "1"],
+    ["top", "--iterations", "1"],
+])
+def test_read_only_commands_never_start_a_server(tmp_path: Path, args: list[str]) -> None:
+    data_dir = tmp_path / "none"
+    try:
+        result = CliRunner().invoke(app, [*args, "--url", f"embedded://{data_dir}",
+                                          "--timeout", "0.5"])
+        assert result.exit_code == 1, result.output
+        no_traceback(result)
+        assert "no embedded server is running" in result.stderr
+        assert str(data_dir) in result.stderr
+        assert not data_dir.exists()  # nothing started there: no state, no lock, no AOF
+    finally:
+        EmbeddedServer(data_dir).stop()  # had one started, it ends with the test
+
+
 def test_version_through_python_dash_m() -> None:
     proc = subprocess.run([sys.executable, "-m", "relaybus", "--version"], capture_output=True,
                           text=True, timeout=30, check=False)

@@ -51,6 +51,14 @@ def host_url(host: str, port: int = 6379, db: int = 0, password: str | None = No
     return f"redis://{auth}{host}:{int(port)}/{int(db)}"
 
 
+def embedded_dir(url: str) -> str | None:
+    """The data directory an ``embedded`` URL names ("" for the default one), or None
+    for any other URL."""
+    if url == "embedded" or url.startswith("embedded:"):
+        return urlparse(url).path if url.startswith("embedded://") else ""
+    return None
+
+
 def resolve_url(
     url: str | None = None,
     *,
@@ -66,11 +74,11 @@ def resolve_url(
     chosen = url or os.environ.get(URL_ENV)
     if not chosen:
         return host_url(redis_host, redis_port, redis_db, redis_password)
-    if chosen == "embedded" or chosen.startswith("embedded:"):
+    data_dir = embedded_dir(chosen)
+    if data_dir is not None:
         from .embedded import EmbeddedServer
 
-        path = urlparse(chosen).path if chosen.startswith("embedded://") else ""
-        return EmbeddedServer(path or None).start().url
+        return EmbeddedServer(data_dir or None).start().url
     parsed = urlparse(chosen)
     if parsed.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(

@@ -33,6 +33,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..connection import embedded_dir
+from ..embedded import EmbeddedServer
 from ..errors import BrokerUnavailableError, ConfigurationError, RelaybusError
 from ..queue import MessageQueue
 
@@ -117,10 +119,28 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
 
 # -- connecting ---------------------------------------------------------------------
 
+def running_url(url: str) -> str:
+    """The URL for a command that only reads: an ``embedded`` URL names the server
+    running for its data directory; with none running the command fails (exit 1)
+    instead of starting one."""
+    data_dir = embedded_dir(url)
+    if data_dir is None:
+        return url
+    server = EmbeddedServer(data_dir or None)
+    state = server.status()
+    if state is None:
+        fail(f"no embedded server is running for {server.data_dir}, so there is nothing "
+             "to inspect; start it with `relaybus server start`, or pass --url")
+    return state.url
+
+
 @contextlib.contextmanager
-def open_mq(url: str, prefix: str, timeout: float) -> Iterator[MessageQueue]:
-    """A :class:`MessageQueue` for one command (an embedded URL starts the server)."""
-    mq = MessageQueue(url, prefix=prefix, retry_timeout=timeout)
+def open_mq(url: str, prefix: str, timeout: float, *, read_only: bool = False
+            ) -> Iterator[MessageQueue]:
+    """A :class:`MessageQueue` for one command. An embedded URL starts the server,
+    unless the command only reads (``read_only``: see :func:`running_url`)."""
+    mq = MessageQueue(running_url(url) if read_only else url, prefix=prefix,
+                      retry_timeout=timeout)
     try:
         yield mq
     finally:

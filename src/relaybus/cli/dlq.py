@@ -118,7 +118,7 @@ def list_(
     timeout: TimeoutOption = DEFAULT_TIMEOUT, as_json: JsonOption = False,
 ) -> None:
     """List dead-lettered messages: id, event type, reason, attempts, failure times."""
-    with open_mq(url, prefix, timeout) as mq:
+    with open_mq(url, prefix, timeout, read_only=True) as mq:
         dlq = dead_letter_queue(mq, queue)
         messages = dlq.peek(count=limit)
         total = dlq.get_info().message_count if len(messages) == limit else len(messages)
@@ -141,7 +141,7 @@ def show(
     if not _STREAM_ID.match(message_id):
         raise typer.BadParameter(f"{message_id!r} is not a message id (like 1732630000000-0)",
                                  param_hint="'ID'")
-    with open_mq(url, prefix, timeout) as mq:
+    with open_mq(url, prefix, timeout, read_only=True) as mq:
         dlq = dead_letter_queue(mq, queue)
         found = [m for m in dlq.peek(count=1, start_id=message_id) if m.id == message_id]
     if not found:

@@ -70,7 +70,7 @@ def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
     (retries that came due, requeued messages). The event log itself (all) shows only
     its DLQ; the caption says how many events it keeps.
     """
-    with open_mq(url, prefix, timeout) as mq:
+    with open_mq(url, prefix, timeout, read_only=True) as mq:
         infos = [i for i in mq.list_queues() if not i.is_dlq]
         address = mq.connection.address
     caption = f"{address} · prefix {prefix}"
@@ -86,7 +86,7 @@ def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
 def subscriptions(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
                   timeout: TimeoutOption = DEFAULT_TIMEOUT, as_json: JsonOption = False) -> None:
     """Show every subscription: service, its queue, and the event types it receives."""
-    with open_mq(url, prefix, timeout) as mq:
+    with open_mq(url, prefix, timeout, read_only=True) as mq:
         subs = read_subscriptions(mq)
         address = mq.connection.address
     rows: list[dict[str, Any]] = [

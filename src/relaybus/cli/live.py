@@ -93,7 +93,7 @@ def tail(
     out = console()
     shown = 0
     type_width = max([16, *(len(t) for t in wanted)])
-    with open_mq(url, prefix, timeout) as mq, contextlib.suppress(KeyboardInterrupt):
+    with open_mq(url, prefix, timeout, read_only=True) as mq, contextlib.suppress(KeyboardInterrupt):
         log = Queue(mq, EVENTS_QUEUE)
         cursor = "0-0" if from_start else "$"
         while True:
@@ -273,7 +273,7 @@ def top(
     live = Live(console=out, auto_refresh=False) if out.is_terminal and not as_json else None
     prev: Sample | None = None
     frames = 0
-    with open_mq(url, prefix, timeout) as mq, QuitKeys() as keys, \
+    with open_mq(url, prefix, timeout, read_only=True) as mq, QuitKeys() as keys, \
             _maybe_live(live), contextlib.suppress(KeyboardInterrupt):
         address = mq.connection.address
         while True:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import tempfile
 
 import pytest
 from rich.console import Console
 
-from relaybus.demo import run_demo
+from relaybus import EventBus
+from relaybus.demo import DEMO_PREFIX, run_demo
+from relaybus.testing import delete_prefix
 from relaybus.demo.services import DECLINE_RATE, _rng
 
 
@@ -50,3 +53,28 @@ def test_default_demo_leaves_no_server_and_no_files(monkeypatch: pytest.MonkeyPa
     after = set(glob.glob(os.path.join(tempfile.gettempdir(), "relaybus-demo-*")))
     assert after == before
     assert os.listdir(tmp_path) == []
+
+
+def test_the_demo_keeps_to_its_own_prefix_and_counts_its_own_run(redis_url: str) -> None:
+    """Run twice on one server (as after ``--keep``): the second run's summary counts
+    only its own dead letters, and an application's subscription of the same name under
+    the default prefix is left as it was."""
+    assert DEMO_PREFIX == "demo:"
+    app_prefix = "events:"
+    try:
+        with EventBus(redis_url, prefix=app_prefix) as app:
+            app.subscribe("notification", ["app.Something"])
+            before = app.subscriptions()
+            bounced = []
+            for _ in range(2):
+                console, out = _console()
+                assert run_demo(url=redis_url, orders=30, seed=5, console=console) == 0, \
+                    out.getvalue()
+                found = re.search(r"(\d+) bounced", out.getvalue())
+                assert found is not None, out.getvalue()
+                bounced.append(int(found.group(1)))
+            assert bounced[0] > 0 and bounced[1] == bounced[0]  # same seed, same bounces
+            assert app.subscriptions() == before
+    finally:
+        delete_prefix(redis_url, app_prefix)
+        delete_prefix(redis_url, DEMO_PREFIX)

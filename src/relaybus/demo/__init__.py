@@ -46,8 +46,9 @@ from .services import (
 
 __all__ = ["DemoResult", "run_demo"]
 
-#: Key prefix the demo uses (the CLI's default, so ``relaybus queues`` shows it with --keep).
-DEMO_PREFIX = "events:"
+#: Key prefix the demo uses: its own, so it never touches an application's subscriptions
+#: on the same server (``relaybus queues --prefix demo:`` shows it after ``--keep``).
+DEMO_PREFIX = "demo:"
 
 
 @dataclass
@@ -87,17 +88,23 @@ def _server(url: str | None, keep: bool, console: Console) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _snapshot(client: redis.Redis, prefix: str, run: str, result: DemoResult) -> None:
+def _bounce_dlq(prefix: str) -> str:
+    """The dead-letter queue the bounced confirmations land in."""
+    return QueueKeys(prefix, "sub:notification").dlq
+
+
+def _snapshot(client: redis.Redis, prefix: str, run: str, result: DemoResult,
+              dlq_before: int) -> None:
     with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(orders_key(prefix, run))
         pipe.get(notifications_key(prefix, run))
-        pipe.xlen(QueueKeys(prefix, "sub:notification").dlq)
+        pipe.xlen(_bounce_dlq(prefix))
         pipe.get(retries_key(prefix, run))
         raw, notes, bounced, retries = pipe.execute()
     result.orders = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
                      for k, v in raw.items()}
     result.notifications = int(notes or 0)
-    result.bounced = int(bounced or 0)
+    result.bounced = int(bounced or 0) - dlq_before  # this run's (a kept server has others)
     result.retries = int(retries or 0)
 
 
@@ -120,6 +127,7 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, process
     run = uuid.uuid4().hex[:8]
     with _server(url, keep, console) as server_url:
         client = redis.Redis.from_url(server_url)
+        dlq_before = int(client.xlen(_bounce_dlq(prefix)))
         started = time.monotonic()
         services: list[Microservice] = []
         procs: list[subprocess.Popen[bytes]] = []
@@ -134,7 +142,8 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, process
                 for svc in services:
                     svc.start()
                 create_orders(services[0], run, orders, seed)
-            result = _watch(client, prefix, run, orders, timeout, started, console, procs)
+            result = _watch(client, prefix, run, orders, timeout, started, console, procs,
+                            dlq_before)
         finally:
             # stop the services side by side: each waits out its blocking read
             stoppers = [threading.Thread(target=svc.close) for svc in services]
@@ -151,19 +160,20 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, process
                 except subprocess.TimeoutExpired:
                     proc.kill()
             client.close()
-    _report(result, orders, processes, console)
+    _report(result, orders, processes, console, prefix)
     return 0 if result.complete else 1
 
 
 def _watch(client: redis.Redis, prefix: str, run: str, orders: int, timeout: float, started: float,
-           console: Console, procs: list[subprocess.Popen[bytes]]) -> DemoResult:
+           console: Console, procs: list[subprocess.Popen[bytes]], dlq_before: int
+           ) -> DemoResult:
     result = DemoResult()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[note]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("orders settled", total=orders, note="")
         while True:
-            _snapshot(client, prefix, run, result)
+            _snapshot(client, prefix, run, result, dlq_before)
             done = sum(1 for r in result.orders.values() if r.get("status") in FINAL_STATES)
             progress.update(task, completed=done,
                             note=f"{result.notifications} notifications")
@@ -185,7 +195,8 @@ def _watch(client: redis.Redis, prefix: str, run: str, orders: int, timeout: flo
             time.sleep(0.05)
 
 
-def _report(result: DemoResult, orders: int, processes: bool, console: Console) -> None:
+def _report(result: DemoResult, orders: int, processes: bool, console: Console,
+            prefix: str) -> None:
     table = Table(title=f"Orders ({'one process per service' if processes else 'one process'})")
     for col in ("order", "status", "amount", "payment", "carrier", "tracking"):
         table.add_column(col)
@@ -205,7 +216,8 @@ def _report(result: DemoResult, orders: int, processes: bool, console: Console) 
                   f"{handled} events handled in {result.elapsed:.2f}s "
                   f"({handled / max(result.elapsed, 1e-9):.0f}/s)")
     console.print(f"{result.notifications} notifications sent, {result.bounced} bounced "
-                  f"(dead-lettered: relaybus dlq list sub:notification); {result.retries} "
+                  f"(dead-lettered: relaybus dlq list sub:notification --prefix {prefix}); "
+                  f"{result.retries} "
                   "carrier time-outs retried")
     if not result.complete:
         stuck = result.stuck or ["(orders not all created)"]

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from relaybus import EventBus
 from relaybus.demo import DEMO_PREFIX, run_demo
-from relaybus.testing import delete_prefix
 from relaybus.demo.services import DECLINE_RATE, _rng
+from relaybus.testing import delete_prefix
 
 
 def _console() -> tuple[Console, io.StringIO]:

@@ -666,6 +666,31 @@ def test_failure_history_kept_across_requeue_and_second_failure(mq: MessageQueue
     assert all(f["queue"] == "orders" for f in dead2.failures)
 
 
+def test_failure_records_round_trip_exactly(mq: MessageQueue) -> None:
+    """Details come back as written, through a retry, a dead letter, a requeue and a
+    second failure: empty lists stay lists, large integers keep every digit."""
+    details = {"errors": [], "empty": {}, "big": 2**63 + 1, "precise": 12345678901234567,
+               "nested": [[], {"k": []}], "text": "a/b \u00e9 \"q\""}
+    q, dlq = mq.create_queue_pair("orders")
+    q.send_message({"n": 1})
+    [msg] = q.get_messages()
+    q.schedule_retry(msg.id, 0, "try again", details=details)
+    [retried] = wait_for(lambda: q.get_messages(), what="the retry due")
+    assert retried.failures[0] == {**details, "reason": "try again", "queue": "orders",
+                                   "message_id": msg.id, "attempt": 1,
+                                   "timestamp": retried.failures[0]["timestamp"]}
+    q.move_to_dlq(retried.id, "gave up", details=details)
+    [dead] = dlq.get_messages()
+    assert dlq.requeue_messages([dead.id], q) == 1
+    [back] = q.get_messages()
+    q.move_to_dlq(back.id, "again", details={"list": [1, []]})
+    [dead2] = dlq.peek()
+    assert [f["reason"] for f in dead2.failures] == ["try again", "gave up", "again"]
+    for record in dead2.failures[:2]:
+        assert {k: record[k] for k in details} == details
+    assert dead2.failures[2]["list"] == [1, []]
+
+
 def test_requeue_messages_default_destination_and_unknown_ids(mq: MessageQueue,
                                                               raw: redis.Redis) -> None:
     q, dlq = mq.create_queue_pair("orders")

@@ -233,7 +233,8 @@ def failure_record(ref: QueueRef, reason: str, details: Mapping[str, Any] | None
     """A failure record's JSON (the script adds message_id, attempt and the server time)."""
     record: dict[str, Any] = dict(details or {})
     record.update(reason=str(reason), queue=ref.name)
-    return codec.dumps(record, lossy=True)  # the scripts decode it with cjson
+    # lossy: the scripts check failure lists with cjson, which refuses lone surrogates
+    return codec.dumps(record, lossy=True)
 
 
 # -- writing ------------------------------------------------------------------------

@@ -172,7 +172,8 @@ for i, c in ipairs(cands) do
     end
   end
   if reason then
-    park(c[3], src.prefix .. id, deliveries, {reason = reason, queue = qname}, dlq, nil, now)
+    park(c[3], src.prefix .. id, deliveries, cjson.encode({reason = reason, queue = qname}),
+         dlq, nil, now)
     if src == own then drop_own[#drop_own + 1] = id else
       redis.call('XACK', src.key, src.group, id) end
     dead = dead + 1

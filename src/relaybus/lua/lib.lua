@@ -14,14 +14,18 @@ local function field_of(f, name)
   return nil
 end
 
--- A failure list 'f' as a table; one that is not a JSON list (written by another tool)
--- gives a new list and the old value, to keep in the record as 'invalid_history'.
-local function decode_history(raw)
-  local ok, decoded = pcall(cjson.decode, raw)
-  if ok and type(decoded) == 'table' and (next(decoded) == nil or decoded[1] ~= nil) then
-    return decoded, nil
+-- The members of failure list 'f' as JSON text (nil: none), or nil and the old value
+-- when it is not a JSON list (written by another tool), to keep in the record as
+-- 'invalid_history'. The list is never decoded into Lua and encoded again: cjson
+-- would turn an empty list into {} and round large integers.
+local function history_items(raw)
+  if raw == nil then return nil, nil end
+  local items = string.match(raw, '^%s*%[(.*)%]%s*$')
+  if items ~= nil and pcall(cjson.decode, raw) then
+    if string.match(items, '^%s*$') then return nil, nil end
+    return items, nil
   end
-  return {}, raw
+  return nil, raw
 end
 
 -- Call `cmd key [extra...] ids` for `ids` in chunks (unpack() has a stack limit).
@@ -39,16 +43,16 @@ local function chunked(cmd, key, extra, ids)
 end
 
 -- Park an entry (flat fields `f`, delivered `deliveries` times) with failure `record`
--- (a table: it gains message_id, attempt, timestamp): appended to the stream `dst` (a
--- dead-letter queue) when `due` is nil, else added to the sorted set `dst` (retries,
--- score: due ms) as a JSON list {id, k1, v1, ...}. The entry keeps its fields; its
--- failure list 'f' gains the record; a retry adds its deliveries to the attempt count 'n'
--- (a non-numeric 'n' counts as 0).
+-- (a JSON object's text, kept as the client wrote it; it gains message_id, attempt and
+-- timestamp): appended to the stream `dst` (a dead-letter queue) when `due` is nil,
+-- else added to the sorted set `dst` (retries, score: due ms) as a JSON list {id, k1,
+-- v1, ...}. The entry keeps its fields; its failure list 'f' gains the record; a retry
+-- adds its deliveries to the attempt count 'n' (a non-numeric 'n' counts as 0).
 local function park(f, id, deliveries, record, dst, due, now)
-  local fields, history, invalid, attempts = {}, {}, nil, 0
+  local fields, items, invalid, attempts = {}, nil, nil, 0
   for i = 1, #f, 2 do
     if f[i] == 'f' then
-      history, invalid = decode_history(f[i + 1])
+      items, invalid = history_items(f[i + 1])
     elseif f[i] == 'n' then
       attempts = tonumber(f[i + 1]) or 0
     else
@@ -56,13 +60,21 @@ local function park(f, id, deliveries, record, dst, due, now)
       fields[#fields + 1] = f[i + 1]
     end
   end
-  record['message_id'] = id
-  record['attempt'] = attempts + deliveries
-  record['timestamp'] = now / 1000
-  if invalid then record['invalid_history'] = invalid end
-  history[#history + 1] = record
+  local added = '"message_id":' .. cjson.encode(id) ..
+    ',"attempt":' .. string.format('%d', attempts + deliveries) ..
+    ',"timestamp":' .. string.format('%.3f', now / 1000)
+  if invalid then added = added .. ',"invalid_history":' .. cjson.encode(invalid) end
+  local members = string.match(record, '^%s*{(.*)}%s*$')
+  if members == nil then  -- not an object (not written by relaybus): kept as text
+    members = '"record":' .. cjson.encode(record)
+  end
+  if string.match(members, '^%s*$') then
+    record = '{' .. added .. '}'
+  else
+    record = '{' .. members .. ',' .. added .. '}'
+  end
   fields[#fields + 1] = 'f'
-  fields[#fields + 1] = cjson.encode(history)
+  fields[#fields + 1] = '[' .. (items and (items .. ',') or '') .. record .. ']'
   if due == nil then
     if attempts > 0 then
       fields[#fields + 1] = 'n'

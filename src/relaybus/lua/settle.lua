@@ -76,7 +76,7 @@ local function move(wire_id, record_json, dst, due)
   if not okp then p = {} end
   -- a log entry stays in the log once settled: only a pending one is ours to move
   if r[1] and (src.delete or p[1]) then
-    park(r[1][2], wire_id, p[1] and tonumber(p[1][4]) or 1, cjson.decode(record_json),
+    park(r[1][2], wire_id, p[1] and tonumber(p[1][4]) or 1, record_json,
          dst, due, now)
   else
     missing[#missing + 1] = wire_id

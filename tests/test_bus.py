@@ -510,6 +510,27 @@ def test_same_event_published_twice_reaches_each_subscriber_once(
     assert event_ids(consume(bus.subscription_queue("b")[0])) == logged_event_ids(raw, prefix)
 
 
+def test_events_of_two_types_sharing_an_id_are_both_kept_and_repeats_are_counted(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Dedup identity is type and id: an event of another type with the same id is
+    appended and delivered; a true repeat is not appended, counted and logged."""
+    bus = make_bus()
+    bus.subscribe("a", None)
+    placed, paid = OrderPlaced(order_id="1", event_id="shared"), \
+        OrderPaid(order_id="1", event_id="shared")
+    with caplog.at_level(logging.INFO, logger="relaybus.bus"):
+        first, second = bus.publish_many([placed, paid])
+        assert first != second
+        assert bus.publish(paid) == second  # the same type and id again: a repeat
+    assert raw.xlen(log_key(prefix)) == 2
+    assert [m.data["event_type"] for m in consume(bus.subscription_queue("a")[0])] == \
+        ["bustest.order_placed", "bustest.order_paid"]
+    assert bus.mq.stats["publish_duplicates"] == 1
+    [line] = [r.getMessage() for r in caplog.records if "published again" in r.getMessage()]
+    assert "shared" in line and "bustest.order_paid" in line and second in line
+
+
 def test_same_event_twice_in_one_publish_many_is_written_once(
         make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
     bus = make_bus()

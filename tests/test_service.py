@@ -414,6 +414,24 @@ def test_stop_from_inside_a_handler(make: Factory, bus: EventBus) -> None:
 # -- duplicates -------------------------------------------------------------------------
 
 
+def test_two_events_of_different_types_sharing_an_id_are_both_handled_once(
+        make: Factory, bus: EventBus) -> None:
+    """The done record of one does not make the other look handled, and a copy of
+    each, requeued into the subscription, is dropped as the duplicate it is."""
+    svc = make("both")
+    seen: list[str] = []
+    svc.on(Ping)(lambda e: seen.append("ping"))
+    svc.on(Pong)(lambda e: seen.append("pong"))
+    svc.start()
+    ping, pong = Ping(n=1, event_id="shared"), Pong(n=2, event_id="shared")
+    publish(bus, ping, pong)
+    wait_for(lambda: svc.stats["handled"] == 2, what="both handled")
+    for event in (ping, pong):  # copies, as from a DLQ requeue or a redelivery
+        svc.subscription_queue.send_message(serialize_event(event), dedup_key="shared")
+    wait_for(lambda: svc.stats["duplicates"] == 2, what="both copies dropped")
+    assert sorted(seen) == ["ping", "pong"]
+
+
 def test_duplicates_are_not_handled_again(make: Factory, bus: EventBus) -> None:
     svc = make("once")
     calls = Counter[str]()

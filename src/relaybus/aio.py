@@ -336,8 +336,7 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def publish(self, event: Event) -> str:
         """Publish an event; return its id in the event log (see :meth:`relaybus.EventBus.publish`)."""
-        [msg_id] = await self.mq.driver.run(core_bus.publish(self.prefix, [self._fields(event)],
-                                                             self.dedup_window))
+        [msg_id] = await self.mq.driver.run(self._publish([self._fields(event)]))
         return msg_id
 
     async def publish_many(self, events: Iterable[Event]) -> list[str]:
@@ -345,13 +344,11 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         encoded = [self._fields(e) for e in events]
         if not encoded:
             return []
-        return await self.mq.driver.run(core_bus.publish(self.prefix, encoded,
-                                                         self.dedup_window))
+        return await self.mq.driver.run(self._publish(encoded))
 
     async def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class."""
-        [msg_id] = await self.mq.driver.run(core_bus.publish(
-            self.prefix, [self._raw_fields(event_type, data)], self.dedup_window))
+        [msg_id] = await self.mq.driver.run(self._publish([self._raw_fields(event_type, data)]))
         return msg_id
 
     async def subscribe(self, service_name: str,

@@ -81,8 +81,7 @@ class EventBus(EventBusBase[MessageQueue]):
         Validation happened when the event was built. Publishing the same event (same
         ``event_id``) again within ``dedup_window`` reaches each subscriber once.
         """
-        [msg_id] = self.mq.driver.run(core.publish(self.prefix, [self._fields(event)],
-                                                   self.dedup_window))
+        [msg_id] = self.mq.driver.run(self._publish([self._fields(event)]))
         logger.debug("published %s %s as %s", event.event_type, event.event_id, msg_id)
         return msg_id
 
@@ -93,8 +92,7 @@ class EventBus(EventBusBase[MessageQueue]):
         server refuses it (out of memory), none is written.
         """
         encoded = [self._fields(e) for e in events]
-        return self.mq.driver.run(core.publish(self.prefix, encoded, self.dedup_window)) \
-            if encoded else []
+        return self.mq.driver.run(self._publish(encoded)) if encoded else []
 
     def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class; return its log id.
@@ -105,8 +103,7 @@ class EventBus(EventBusBase[MessageQueue]):
         here: a subscriber with a class for the type validates them on receipt and
         dead-letters what does not fit. Deduplicated by ``event_id`` like :meth:`publish`.
         """
-        return self.mq.driver.run(core.publish(self.prefix, [self._raw_fields(event_type, data)],
-                                               self.dedup_window))[0]
+        return self.mq.driver.run(self._publish([self._raw_fields(event_type, data)]))[0]
 
     # -- subscriptions --------------------------------------------------------------
 

@@ -53,6 +53,17 @@ def dumps(data: Any, *, lossy: bool = False) -> str:
         raise SerializationError(f"payload cannot be encoded as JSON: {exc}") from exc
 
 
+#: Between an event's type and its id in its dedup identity.
+IDENTITY_SEP = "\x1f"
+
+
+def dedup_identity(routing: str | None, key: str) -> str:
+    """What deduplicates an entry (its publish-dedup and done records): its event type
+    and id (``routing``, ``key``), so two events of different types that share an id are
+    both kept; an entry without a type (a plain queue message) by its key alone."""
+    return f"{routing}{IDENTITY_SEP}{key}" if routing else key
+
+
 def _key_text(what: str, value: str) -> str:
     """A dedup or routing key, which travels as UTF-8 (so no lone surrogates)."""
     try:

@@ -135,7 +135,8 @@ class Queue(QueueBase["MessageQueue"]):
         Acknowledged messages leave the stream (except on the event log, which keeps
         them for its retention). The keys in ``record_done`` are recorded, in the same
         atomic step, as handled for the dedup window: later messages carrying one of
-        them as ``dedup_key`` are dropped instead of delivered.
+        them as ``dedup_key`` are dropped instead of delivered (an event's key is its
+        dedup identity, :func:`relaybus.codec.dedup_identity` of its type and id).
         """
         batch = self._acks(ids, record_done)
         return self._settle(batch).acknowledged if batch else 0

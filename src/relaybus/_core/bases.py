@@ -126,7 +126,9 @@ class MessageQueueBase(Generic[C, D]):
     def stats(self) -> dict[str, int]:
         """Counters of what the queue layer handled on its own: ``gone`` (pending entries
         whose payload was deleted), ``duplicates``, ``dead_lettered``, ``skipped`` (log
-        entries of types a subscription does not take), ``groups_recreated``."""
+        entries of types a subscription does not take), ``groups_recreated``,
+        ``publish_duplicates`` (events an event bus did not append: published again
+        within the dedup window)."""
         return self._counts.values
 
     @property
@@ -313,6 +315,10 @@ class EventBusBase(Generic[MQ]):
     def _sub_ref(self, service_name: str, visibility_timeout: float | None) -> QueueRef:
         return self.mq._ref(bus.subscription_queue_name(service_name),
                             visibility_timeout=visibility_timeout)
+
+    def _publish(self, encoded: list[dict[str, str | int]]) -> Step[list[str]]:
+        """The publish call of ``encoded`` events (repeats counted in ``mq.stats``)."""
+        return bus.publish(self.prefix, encoded, self.dedup_window, self.mq._counts)
 
     def _fields(self, event: Event) -> dict[str, str | int]:
         return bus.event_fields(self.mq._encode, event)

@@ -25,11 +25,13 @@ slot. The log is trimmed by retention, never past what a group has not acknowled
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..codec import dedup_identity
 from ..errors import EventValidationError, InvalidNameError
 from ..events import Event, event_type_name, serialize_event
 from ..keys import (
@@ -42,9 +44,11 @@ from ..keys import (
     validate_name,
 )
 from ..scripts import script
-from .queue import QueueRef, ensure_pair
+from .queue import Counts, QueueRef, ensure_pair
 from .replies import text
 from .steps import Call, Flow, ScriptCall, Step
+
+logger = logging.getLogger("relaybus.bus")
 
 __all__ = ["ALL_EVENTS", "EVENTS_QUEUE", "DEFAULT_RETENTION_MAX_LEN", "DEFAULT_RETENTION_SECONDS",
            "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "subscription_queue_name",
@@ -129,17 +133,32 @@ def _log(prefix: str) -> QueueKeys:
     return QueueKeys(prefix, EVENTS_QUEUE)
 
 
-def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: float
-            ) -> Step[list[str]]:
-    """Append events to the log in one script call, all or none, each event id once per
-    ``dedup_window`` (a repeat gets the first one's log id); the value: their log ids."""
+def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: float,
+            counts: Counts) -> Step[list[str]]:
+    """Append events to the log in one script call, all or none, each event (type and
+    id) once per ``dedup_window``; the value: their log ids. A repeat (published within
+    the window, in this call or before) is not appended and gets its first log id; it
+    is counted in ``counts`` (``publish_duplicates``) and logged."""
     log = _log(prefix)
     args: list[Any] = [int(dedup_window * 1000)]
     for fields in encoded:
         flat = [x for kv in fields.items() for x in kv]
-        args += [fields.get("k", ""), len(flat), *flat]
+        key = fields.get("k")
+        routing = fields.get("e")
+        args += [dedup_identity(str(routing) if routing else None, str(key)) if key else "",
+                 len(flat), *flat]
+
+    def parse(reply: Any) -> list[str]:
+        ids, repeats = [text(i) for i in reply[0]], [int(i) - 1 for i in reply[1]]
+        counts.add("publish_duplicates", len(repeats))
+        for i in repeats:
+            logger.info("event %s of type %s was published again within the dedup window: "
+                        "not appended (its log id is %s)", encoded[i].get("k"),
+                        encoded[i].get("e"), ids[i])
+        return ids
+
     return Step.one(ScriptCall(script("publish"), [log.stream, log.published, log.published_ids],
-                               args), lambda r: [text(i) for i in r])
+                               args), parse)
 
 
 def open_log(log: QueueRef, now: float) -> Flow[float]:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
-from ..codec import Message, payload_data
+from ..codec import Message, dedup_identity, payload_data
 from ..errors import (
     ConfigurationError,
     EventValidationError,
@@ -370,7 +370,10 @@ class ServiceBase(Generic[B]):
         """The outcome of a handler run that returned ``result`` or raised ``error``."""
         if error is None and result is not False and (result is None or
                                                       not inspect.isawaitable(result)):
-            return Outcome(_ACK, done_key=message.dedup_key or event.event_id)  # handled
+            routing = message.fields.get(b"e")  # its dedup identity: type and id
+            return Outcome(_ACK, done_key=dedup_identity(
+                text(routing) if routing else event.event_type,
+                message.dedup_key or event.event_id))
         attempt = message.attempts
         if error is None and inspect.isawaitable(result):
             close = getattr(result, "close", None)

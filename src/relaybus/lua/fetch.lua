@@ -143,12 +143,26 @@ read_new(own, count - #cands)
 
 local more, dups = 0, 0
 
+-- a candidate's dedup identity (codec.dedup_identity): its event type and its key; the
+-- type from the routing field, else from the payload (a copy written without one), and
+-- the key alone for an entry that is no event
+local function identity(c)
+  local e = c[5]
+  if not e then
+    local ok, data = pcall(cjson.decode, field_of(c[3], 'd') or '')
+    if ok and type(data) == 'table' and type(data['event_type']) == 'string' then
+      e = data['event_type']
+    end
+  end
+  return e and (e .. '\031' .. c[6]) or c[6]
+end
+
 -- expired, over-delivered, and (own stream) already handled entries
 local done_hit = {}
 if screen then
   local keys, idx = {}, {}
   for i, c in ipairs(cands) do
-    if c[1] == own and c[6] then keys[#keys + 1] = c[6]; idx[#idx + 1] = i end
+    if c[1] == own and c[6] then keys[#keys + 1] = identity(c); idx[#idx + 1] = i end
   end
   for c = 1, #keys, 500 do
     local part = {}

@@ -1,18 +1,19 @@
--- Append events to the event log, each event id once per dedup window.
--- KEYS[1] the log, KEYS[2] published zset (event id -> ms), KEYS[3] published hash
--- (event id -> its log id).
--- ARGV[1] dedup window ms, then per event: its event id ('' = none), N, and N field
--- names and values.
--- An event id published within the window (or earlier in this call) is not appended
--- again: its first log id is returned for it. The first write is an XADD, so a server out of memory refuses the
--- whole call (nothing written); the published ids older than the window are forgotten
--- after the appends. Returns the log id of each event.
+-- Append events to the event log, each event (type and id) once per dedup window.
+-- KEYS[1] the log, KEYS[2] published zset (dedup identity -> ms), KEYS[3] published
+-- hash (dedup identity -> its log id).
+-- ARGV[1] dedup window ms, then per event: its dedup identity (event type and id; ''
+-- = none), N, and N field names and values.
+-- An identity published within the window (or earlier in this call) is not appended
+-- again: its first log id is returned for it, and its position among the repeats.
+-- The first write is an XADD, so a server out of memory refuses the whole call
+-- (nothing written); the identities older than the window are forgotten after the
+-- appends. Returns {the log id of each event, positions (1-based) of repeats}.
 local log, zset, hash = KEYS[1], KEYS[2], KEYS[3]
 local window = tonumber(ARGV[1])
 local now = now_ms()
-local out = {}
+local out, repeats = {}, {}
 local keyed = {}
-local this_call = {}  -- event id -> log id, for repeats within this call
+local this_call = {}  -- dedup identity -> log id, for repeats within this call
 local i = 2
 while i <= #ARGV do
   local key = ARGV[i]
@@ -25,7 +26,9 @@ while i <= #ARGV do
       if score and tonumber(score) >= now - window then id = redis.call('HGET', hash, key) end
     end
   end
-  if not id then
+  if id then
+    repeats[#repeats + 1] = #out + 1
+  else
     id = redis.call('XADD', log, '*', unpack(ARGV, i + 2, i + 1 + n))
     if key ~= '' then
       redis.call('HSET', hash, key, id)
@@ -47,4 +50,4 @@ if #old > 0 then
   chunked('HDEL', hash, {}, old)
   chunked('ZREM', zset, {}, old)
 end
-return out
+return {out, repeats}

@@ -11,9 +11,11 @@ from urllib.parse import urlparse
 
 import pytest
 import redis
+from typer.testing import CliRunner
 
 from relaybus import (
     AsyncEventBus,
+    BrokerAuthenticationError,
     BrokerError,
     BrokerOutOfMemoryError,
     BrokerUnavailableError,
@@ -25,11 +27,13 @@ from relaybus import (
 )
 from relaybus._core.queue import ping
 from relaybus._sync.driver import Driver
+from relaybus.cli import app
 from relaybus.connection import (
     DEFAULT_RETRY_TIMEOUT,
     ConnectionSettings,
     address_of,
     is_nogroup,
+    redact,
     resolve_url,
 )
 from relaybus.embedded import EmbeddedServer
@@ -265,3 +269,52 @@ def test_is_nogroup_recognises_group_errors() -> None:
     assert is_nogroup(redis.ResponseError("UNBLOCKED the stream key no longer exists"))
     assert not is_nogroup(redis.ResponseError("BUSYGROUP Consumer Group name already exists"))
     assert not is_nogroup(ValueError("NOGROUP"))
+
+
+# -- refused credentials and databases ---------------------------------------------------
+
+SECRET = "s3cret-pw-9q"
+
+
+@pytest.fixture(scope="module")
+def locked_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private server that wants the password SECRET: ``redis://127.0.0.1:PORT``."""
+    server = EmbeddedServer(tmp_path_factory.mktemp("locked"))
+    state = server.start()
+    try:
+        redis.Redis.from_url(state.url).config_set("requirepass", SECRET)
+        yield f"redis://127.0.0.1:{state.port}"
+    finally:
+        server.stop()
+
+
+def test_redact_hides_the_password() -> None:
+    assert redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+@pytest.mark.parametrize("auth", [":wrong-pw-7x@", ""], ids=["wrong", "none"])
+def test_a_refused_password_is_an_authentication_error_at_once(locked_url: str,
+                                                               auth: str) -> None:
+    url = locked_url.replace("redis://", f"redis://{auth}") + "/0"
+    started = time.monotonic()
+    with MessageQueue(url, retry_timeout=5) as mq, \
+            pytest.raises(BrokerAuthenticationError) as info:
+        mq.create_queue_pair("x")
+    assert time.monotonic() - started < 2  # not retried as an outage for 5 s
+    assert "127.0.0.1" in str(info.value) and "wrong-pw-7x" not in str(info.value)
+    with MessageQueue(locked_url.replace("redis://", f"redis://:{SECRET}@") + "/0") as ok:
+        ok.create_queue_pair("x")  # the right one works
+
+
+def test_the_cli_names_refused_credentials_and_databases(locked_url: str) -> None:
+    wrong = CliRunner().invoke(app, ["queues", "--url", locked_url.replace(
+        "redis://", "redis://:wrong-pw-7x@") + "/0", "--timeout", "5"])
+    assert wrong.exit_code == 1 and "refused the credentials" in wrong.stderr, wrong.output
+    assert "wrong-pw-7x" not in wrong.output
+    url99 = locked_url.replace("redis://", f"redis://:{SECRET}@") + "/99"
+    no_db = CliRunner().invoke(app, ["queues", "--url", url99, "--timeout", "5"])
+    assert no_db.exit_code == 2, no_db.output
+    assert redact(url99) in no_db.stderr and "no such database" in no_db.stderr
+    assert SECRET not in no_db.output

@@ -15,6 +15,7 @@ from .aio import AsyncEventBus, AsyncMessageQueue, AsyncMicroservice, AsyncQueue
 from .bus import EventBus
 from .codec import Message
 from .errors import (
+    BrokerAuthenticationError,
     BrokerCommandError,
     BrokerError,
     BrokerOutOfMemoryError,
@@ -56,6 +57,7 @@ __all__ = [
     "AsyncMicroservice",
     "AsyncQueue",
     "AsyncTransaction",
+    "BrokerAuthenticationError",
     "BrokerCommandError",
     "BrokerError",
     "BrokerOutOfMemoryError",

@@ -51,6 +51,19 @@ def host_url(host: str, port: int = 6379, db: int = 0, password: str | None = No
     return f"redis://{auth}{host}:{int(port)}/{int(db)}"
 
 
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parsed = urlparse(url)
+        password = parsed.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+
+
 def embedded_dir(url: str) -> str | None:
     """The data directory an ``embedded`` URL names ("" for the default one), or None
     for any other URL."""

@@ -7,6 +7,7 @@ Every error relaybus raises derives from :class:`RelaybusError`::
     │   ├── BrokerUnavailableError       no answer within the retry bound (names the address)
     │   ├── BrokerOutOfMemoryError       the server refused a write (maxmemory reached)
     │   ├── BrokerCommandError           the server refused a command (repeating it fails again)
+    │   ├── BrokerAuthenticationError    the server refused the credentials (not retried)
     │   └── UnsupportedServerError       the server is older than Redis 6.2 / Valkey 7.2
     ├── ConfigurationError (ValueError)  a bad option or URL
     │   └── InvalidNameError (ValueError)  a queue or service name relaybus cannot use
@@ -31,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BrokerAuthenticationError",
     "BrokerCommandError",
     "BrokerError",
     "BrokerOutOfMemoryError",
@@ -82,6 +84,18 @@ class BrokerCommandError(BrokerError):
 
     Not an outage: the same command would fail again, so nothing retries it.
     """
+
+
+class BrokerAuthenticationError(BrokerError):
+    """The server refused the password or user name: not an outage, so not retried.
+
+    ``address`` names the server (``host:port`` or a socket path); the message never
+    holds the password.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        super().__init__(f"the server at {address} refused the credentials: {reason}")
 
 
 class UnsupportedServerError(BrokerError):

@@ -51,7 +51,7 @@ class AsyncDriver:
         self.address = address_of(client)
         self.url = url
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
-                                 address=self.address)
+                                 address=self.address, url=url)
         self._idle: list[Any] = []  # redis-py connections (untyped)
         self._taken: list[Any] = []
         self._readers: dict[int, tuple[Any, Any]] = {}  # connection -> (writer, hiredis reader)

@@ -9,6 +9,10 @@ One policy for every caller, both fronts:
   after failover), ``MASTERDOWN``, ``TRYAGAIN`` and ``CLUSTERDOWN``;
 - **out of memory** (``OOM``): :class:`~relaybus.errors.BrokerOutOfMemoryError`, not
   retried (nothing was written; the caller decides);
+- refused credentials (a wrong password or user):
+  :class:`~relaybus.errors.BrokerAuthenticationError` at once, not retried; a
+  database number the server does not have: :class:`~relaybus.errors.ConfigurationError`
+  naming the URL;
 - ``NOSCRIPT``: the driver loads the script and sends the command again;
 - ``NOGROUP``: :class:`GroupMissing`, for the flow to recreate the group;
 - any other error reply: :class:`~relaybus.errors.BrokerCommandError` (repeating
@@ -27,9 +31,11 @@ from collections.abc import Callable
 import redis
 
 from ..errors import (
+    BrokerAuthenticationError,
     BrokerCommandError,
     BrokerOutOfMemoryError,
     BrokerUnavailableError,
+    ConfigurationError,
     RelaybusError,
 )
 
@@ -59,6 +65,8 @@ class Kind(enum.Enum):
     NOSCRIPT = "noscript"
     NOGROUP = "nogroup"
     REFUSED = "refused"
+    AUTH = "auth"
+    NO_DB = "no_db"
     OTHER = "other"
 
 
@@ -97,6 +105,8 @@ def classify(exc: BaseException) -> Kind:
     """The :class:`Kind` of an exception raised by a redis-py (sync or asyncio) call."""
     if isinstance(exc, RelaybusError):
         return Kind.NOGROUP if isinstance(exc, GroupMissing) else Kind.OTHER
+    if isinstance(exc, redis.AuthenticationError):  # a ConnectionError, but no outage
+        return Kind.AUTH
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
         return Kind.OUTAGE
     if not isinstance(exc, redis.ResponseError):
@@ -104,6 +114,10 @@ def classify(exc: BaseException) -> Kind:
     if is_nogroup(exc):
         return Kind.NOGROUP
     code = _error_code(exc)
+    if code in ("WRONGPASS", "NOAUTH", "NOPERM") and "auth" in str(exc).lower():
+        return Kind.AUTH
+    if "DB index is out of range" in str(exc):
+        return Kind.NO_DB
     if code in TRANSIENT_PREFIXES:
         return Kind.OUTAGE
     if code == "OOM":
@@ -113,11 +127,18 @@ def classify(exc: BaseException) -> Kind:
     return Kind.REFUSED
 
 
-def translate(exc: BaseException, address: str) -> BaseException:
-    """The relaybus exception to raise for ``exc`` (an outage past its bound included)."""
+def translate(exc: BaseException, address: str, url: str = "") -> BaseException:
+    """The relaybus exception to raise for ``exc`` (an outage past its bound included);
+    ``url``, with its password redacted, names the server in a configuration error."""
     kind = classify(exc)
     if kind is Kind.OUTAGE:
         return BrokerUnavailableError(address, exc)
+    if kind is Kind.AUTH:
+        return BrokerAuthenticationError(address, str(exc))
+    if kind is Kind.NO_DB:
+        return ConfigurationError(f"{url or address}: the server has no such database "
+                                  f"({exc}); use a number below its 'databases' setting "
+                                  "(16 unless configured)")
     if kind is Kind.OOM:
         reason = str(exc).rpartition(" of pipeline caused error: ")[2]
         return BrokerOutOfMemoryError(f"server at {address} is out of memory and refused the "
@@ -157,10 +178,12 @@ class Retrying:
     Drivers loop ``try: send; except Exception as exc: sleep(retrying.after(exc))``.
     """
 
-    def __init__(self, bound: float, clock: Callable[[], float], address: str) -> None:
+    def __init__(self, bound: float, clock: Callable[[], float], address: str,
+                 url: str = "") -> None:
         self._bound = bound
         self._clock = clock
         self._address = address
+        self._url = url
         self._backoff: Backoff | None = None
 
     def after(self, exc: Exception) -> float:
@@ -171,7 +194,7 @@ class Retrying:
             delay = self._backoff.delay(self._clock())
             if delay is not None:
                 return delay
-        raised = translate(exc, self._address)
+        raised = translate(exc, self._address, self._url)
         if raised is exc:
             raise exc
         raise raised from exc

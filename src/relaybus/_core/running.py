@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..connection import check_version
+from ..connection import check_version, redact
 from .outage import Retrying
 from .steps import Call, Flow, ScriptCall, Step, first_error, noscript
 
@@ -45,14 +45,16 @@ class StepRunner:
     """The driver's logic for one server: version check, scripts, errors, retries.
 
     ``retry_timeout``: longest time, in seconds, one step retries an outage;
-    ``clock``: monotonic time; ``address``: the server's, for error messages.
+    ``clock``: monotonic time; ``address`` and ``url`` (its password is never shown):
+    the server's, for error messages.
     """
 
     def __init__(self, *, retry_timeout: float, clock: Callable[[], float],
-                 address: str) -> None:
+                 address: str, url: str = "") -> None:
         self.retry_timeout = retry_timeout
         self.clock = clock
         self.address = address
+        self.url = redact(url)
         self.checked = False
 
     def run(self, step: Step[T], retry_timeout: float | None = None) -> IO[T]:
@@ -76,7 +78,7 @@ class StepRunner:
             except Exception as exc:
                 if retrying is None:
                     bound = self.retry_timeout if retry_timeout is None else retry_timeout
-                    retrying = Retrying(bound, self.clock, self.address)
+                    retrying = Retrying(bound, self.clock, self.address, self.url)
                 yield Pause(retrying.after(exc))
 
     def drive(self, flow: Flow[T], retry_timeout: float | None = None) -> IO[T]:

@@ -62,7 +62,7 @@ class Driver:
         self.url = url
         self.sleep = sleep
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
-                                 address=self.address)
+                                 address=self.address, url=url)
         self._idle: list[Any] = []  # redis-py connections (untyped)
         self._taken: list[Any] = []
 

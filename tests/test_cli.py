@@ -196,6 +196,17 @@ def test_unreachable_broker_exits_1_naming_it(closed_port: int, args: list[str])
     assert len(lines) == 1 and f"127.0.0.1:{closed_port}" in lines[0], result.stderr
 
 
+def test_an_inspecting_command_gives_up_on_a_wrong_url_within_two_seconds(
+        closed_port: int) -> None:
+    url = f"redis://:hidden-pw@127.0.0.1:{closed_port}/0"
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["queues", "--url", url])  # the default --timeout
+    assert time.monotonic() - started < 3.5
+    assert result.exit_code == 1, result.output
+    assert f"redis://:***@127.0.0.1:{closed_port}/0" in result.stderr
+    assert "hidden-pw" not in result.output
+
+
 @pytest.mark.parametrize("args", [
     ["queues"],
     ["subscriptions"],

@@ -24,7 +24,7 @@ from ..testing import delete_prefix, unique_prefix
 
 __all__ = ["BenchEvent", "DEFAULT_PAYLOAD", "Figure", "environment", "fmt", "make_events",
            "paced_publish", "payload_size", "percentiles", "publish_all", "raw_fields",
-           "render_table", "target_text", "temp_prefix", "used_memory", "version",
+           "render_table", "temp_prefix", "used_memory", "version",
            "wait_timeout"]
 
 #: Payload size asked for by default, in bytes of JSON: the event's own fields and
@@ -74,26 +74,16 @@ class Figure:
     figure: str
     unit: str
     values: list[float]
-    #: The target, e.g. ``">= 25000"`` (compared with the median), or "".
-    target: str = ""
     note: str = ""
 
     @property
     def median(self) -> float:
         return float(statistics.median(self.values)) if self.values else float("nan")
 
-    def meets(self) -> bool | None:
-        """Whether the median meets the target (None: no target)."""
-        if not self.target or not self.values:
-            return None
-        op, value = self.target.split()
-        x, v = self.median, float(value)
-        return {">=": x >= v, "<=": x <= v, "<": x < v, ">": x > v, "==": x == v}[op]
-
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(median=self.median, min=min(self.values, default=None),
-                 max=max(self.values, default=None), meets_target=self.meets())
+                 max=max(self.values, default=None))
         return d
 
 
@@ -113,15 +103,6 @@ def fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def target_text(target: str) -> str:
-    """``">= 25000"`` as ``≥ 25,000``."""
-    if not target:
-        return ""
-    op, value = target.split()
-    sym = {">=": "≥", "<=": "≤", "<": "<", ">": ">", "==": "="}[op]
-    return f"{sym} {fmt(float(value))}"
-
-
 def render_table(figures: Sequence[Figure], title: str = "relaybus benchmarks") -> Any:
     """The rich table of ``figures``."""
     from rich import box
@@ -133,16 +114,11 @@ def render_table(figures: Sequence[Figure], title: str = "relaybus benchmarks") 
     table.add_column("median", justify="right")
     table.add_column("min–max", justify="right")
     table.add_column("unit")
-    table.add_column("target", justify="right")
     last = ""
     for f in figures:
-        ok = f.meets()
-        target = target_text(f.target)
-        if ok is not None:
-            target = f"[{'green' if ok else 'red'}]{target} {'ok' if ok else 'miss'}[/]"
         span = f"{fmt(min(f.values))}–{fmt(max(f.values))}" if f.values else "-"
         table.add_row(f.scenario if f.scenario != last else "", f.figure, fmt(f.median), span,
-                      f.unit, target)
+                      f.unit)
         last = f.scenario
     return table
 

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..connection import embedded_dir
+from ..connection import embedded_dir, redact
 from ..embedded import EmbeddedServer
 from ..errors import BrokerUnavailableError, ConfigurationError, RelaybusError
 from ..queue import MessageQueue
@@ -60,7 +60,7 @@ DEFAULT_URL = "embedded"
 #: Key prefix of the EventBus (``EventBus(prefix=...)``'s default).
 DEFAULT_PREFIX = "events:"
 #: Seconds an operation keeps retrying a broker that does not answer.
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 2.0
 
 UrlOption = Annotated[str, typer.Option(
     "--url", envvar="RELAYBUS_URL", show_default=False,
@@ -72,7 +72,7 @@ TimeoutOption = Annotated[float, typer.Option(
     "--timeout", envvar="RELAYBUS_TIMEOUT", min=0.0,
     help="Seconds to keep retrying a broker that does not answer.")]
 JsonOption = Annotated[bool, typer.Option(
-    "--json", help="Print a JSON list of objects (one per row) instead of a table.")]
+    "--json/--no-json", help="Print a JSON list of objects (one per row) instead of a table.")]
 
 
 # -- errors -------------------------------------------------------------------------
@@ -105,8 +105,10 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except BrokerUnavailableError as exc:
             cause = f" ({_one_line(str(exc.__cause__))})" if exc.__cause__ else ""
-            fail(f"cannot reach the broker at {exc.address}{cause}; "
-                 "check --url or RELAYBUS_URL")
+            url = kwargs.get("url")
+            where = (f"{redact(url)} ({exc.address})"
+                     if isinstance(url, str) and embedded_dir(url) is None else exc.address)
+            fail(f"cannot reach the broker at {where}{cause}; check --url or RELAYBUS_URL")
         except ConfigurationError as exc:
             fail(_one_line(str(exc)), EXIT_USAGE)
         except RelaybusError as exc:

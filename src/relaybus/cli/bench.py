@@ -20,7 +20,7 @@ def bench(
         help="Server to measure (default: a private embedded server, so nothing else "
              "loads it).")] = None,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="Small counts and two rounds: under a minute (CI smoke run).")] = False,
+        "--quick/--no-quick", help="Small counts and two rounds: under a minute (CI smoke run).")] = False,
     json_file: Annotated[str | None, typer.Option(
         "--json", metavar="FILE", help="Also write every figure to FILE as JSON.")] = None,
 ) -> None:

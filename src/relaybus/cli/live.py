@@ -74,7 +74,7 @@ def tail(
     types: Annotated[list[str] | None, typer.Option(
         "--type", "-t", metavar="TYPE", help="Show only this event type (repeatable).")] = None,
     from_start: Annotated[bool, typer.Option(
-        "--from-start", help="Start with the oldest event the log still keeps.")] = False,
+        "--from-start/--no-from-start", help="Start with the oldest event the log still keeps.")] = False,
     count: Annotated[int | None, typer.Option(
         "--count", "-n", min=1, help="Stop after this many events.")] = None,
     max_seconds: Annotated[float | None, typer.Option(
@@ -82,7 +82,7 @@ def tail(
     url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON object per event and line (JSON Lines).")] = False,
+        "--json/--no-json", help="Print one JSON object per event and line (JSON Lines).")] = False,
 ) -> None:
     """Follow the event log live: time, type, id and payload of each event.
 
@@ -263,7 +263,7 @@ def top(
     url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
     as_json: Annotated[bool, typer.Option(
-        "--json", help="Print each refresh as a JSON list on one line.")] = False,
+        "--json/--no-json", help="Print each refresh as a JSON list on one line.")] = False,
 ) -> None:
     """Live view of every queue: rates in/out per second, backlog, DLQ (q quits).
 

@@ -56,10 +56,10 @@ def demo(
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the random generator (which payments fail).")] = 1,
     processes: Annotated[bool, typer.Option(
-        "--processes",
+        "--processes/--no-processes",
         help="Run each service and a maintenance process in its own OS process.")] = False,
     keep: Annotated[bool, typer.Option(
-        "--keep", help="Keep the server and its data afterwards.")] = False,
+        "--keep/--no-keep", help="Keep the server and its data afterwards.")] = False,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.1, help="Seconds to wait for every order to finish.")] = 60.0,
     url: Annotated[str | None, typer.Option(

@@ -671,7 +671,8 @@ def test_run_passes_target_and_url_to_the_runner(cli: Invoke, redis_url: str,
     monkeypatch.setattr(relaybus.runner, "run_service", calls.append)
     ok(cli("run", "pkg.mod:svc", connect=False))
     ok(cli("run", "pkg.mod:svc", "--url", redis_url, connect=False))
-    assert calls == [("pkg.mod:svc", "embedded"), "svc", ("pkg.mod:svc", redis_url), "svc"]
+    # without --url (or RELAYBUS_URL) the service keeps the URL its code gives it
+    assert calls == [("pkg.mod:svc", None), "svc", ("pkg.mod:svc", redis_url), "svc"]
 
 
 def test_run_with_a_bad_target_is_a_usage_error(cli: Invoke, redis_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import threading
 import uuid
@@ -114,6 +115,38 @@ def test_url_applies_to_a_service_that_has_not_connected(module: Callable[[str],
             load_service(f"{mod}:svc", url=redis_url)
     finally:
         svc.close()
+
+
+def test_relaybus_run_uses_the_url_in_the_code_and_says_where_it_runs(
+        tmp_path: Path, redis_url: str, prefix: str, raw: redis.Redis) -> None:
+    """No --url, no RELAYBUS_URL: the service connects where its code says (not to an
+    embedded server), and logs once at start which server and prefix it uses."""
+    (tmp_path / "coded.py").write_text(textwrap.dedent(f'''
+        from relaybus import Microservice
+        svc = Microservice("coded", url={redis_url!r}, prefix={prefix!r},
+                           maintenance=False, block_for_seconds=0.2)
+        svc.on("test.service.ping")(print)
+    '''))
+    env = {k: v for k, v in os.environ.items() if k != "RELAYBUS_URL"}
+    child = subprocess.Popen([sys.executable, "-m", "relaybus", "run", "coded:svc"],
+                             cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        logged = [child.stderr.readline()]
+        while "started on" not in logged[-1]:
+            assert logged[-1], "".join(logged)
+            logged.append(child.stderr.readline())
+        assert f"started on {redis_url}, prefix {prefix!r}" in logged[-1]
+        assert sum("started on" in line for line in logged) == 1
+        assert raw.exists(QueueKeys(prefix, "sub:coded").meta)  # it subscribed there
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=20)
+        assert child.returncode == 0, err
+        assert not (tmp_path / ".relaybus").exists()  # no embedded server was started
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def _service(redis_url: str, prefix: str, name: str) -> Microservice:

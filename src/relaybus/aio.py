@@ -549,8 +549,8 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             self._started_maintenance = True
         self.running = True
         self._force = False
-        logger.info("service %s started: %s, %d handler task(s), prefetch %d, consumer %s%s",
-                    self.service_name,
+        logger.info("service %s started on %s: %s, %d handler task(s), prefetch %d, "
+                    "consumer %s%s", self.service_name, self._where(),
                     "all events" if types is None else "events " + ", ".join(types),
                     self.concurrency, self.prefetch, self.consumer_id,
                     ", maintenance" if self._started_maintenance else "")

@@ -229,8 +229,8 @@ class Microservice(ServiceBase[EventBus]):
                 bus.start()
                 self._started_maintenance = True
             self.running = True
-            logger.info("service %s started: %s, %d handler thread(s), prefetch %d, "
-                        "consumer %s%s", self.service_name,
+            logger.info("service %s started on %s: %s, %d handler thread(s), prefetch %d, "
+                        "consumer %s%s", self.service_name, self._where(),
                         "all events" if types is None else "events " + ", ".join(types),
                         self.concurrency, self.prefetch, self.consumer_id,
                         ", maintenance" if self._started_maintenance else "")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from ..codec import Message, dedup_identity, payload_data
+from ..connection import redact
 from ..errors import (
     ConfigurationError,
     EventValidationError,
@@ -200,6 +201,11 @@ class ServiceBase(Generic[B]):
                                                 redis_db=db, prefix=self.prefix,
                                                 **self._bus_options)
             return self._event_bus
+
+    def _where(self) -> str:
+        """The server (password redacted) and prefix this service uses, for its logs."""
+        bus: Any = self.event_bus
+        return f"{redact(bus.mq.connection.url)}, prefix {bus.prefix!r}"
 
     def _apply_url(self, url: str) -> None:
         """Point a service that has not connected yet at ``url`` (the runner's ``--url``)."""

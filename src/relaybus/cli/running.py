@@ -79,13 +79,16 @@ def run(
     target: Annotated[str, typer.Argument(
         metavar="MODULE:ATTRIBUTE", show_default=False,
         help="The service: a Microservice instance, subclass or factory.")],
-    url: UrlOption = DEFAULT_URL,
+    url: Annotated[str | None, typer.Option(
+        "--url", envvar="RELAYBUS_URL", show_default=False,
+        help="Broker to run it on, over the one the service's code names (default: "
+             "$RELAYBUS_URL, else the service's own).")] = None,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run one service until SIGTERM or Ctrl-C (in-flight events finish first).
 
-    --url wins over the service's own connection settings, so that every relaybus
-    command without --url talks to the same server.
+    The service connects where its code says, unless --url or RELAYBUS_URL names
+    another server; it logs once at start which server (password hidden) and prefix.
     """
     from ..runner import load_service, run_service  # imported late: it pulls in the worker
 

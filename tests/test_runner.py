@@ -99,6 +99,20 @@ def test_load_service_rejects_bad_targets_and_modules(module: Callable[[str], st
         load_service(f"{raising}:svc")
 
 
+def test_an_import_error_names_the_file_and_line(module: Callable[[str], str],
+                                                 tmp_path: Path) -> None:
+    broken = module("x = 1\nimport no_such_dependency_y\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_service(f"{broken}:svc")
+    assert f"at {tmp_path / broken}.py:2:" in str(info.value)
+    raising = module("\n\nraise RuntimeError('config missing')\n")
+    with pytest.raises(ConfigurationError, match=r"\.py:3: RuntimeError: config missing"):
+        load_service(f"{raising}:svc")
+    bad_syntax = module("def f(:\n")
+    with pytest.raises(ConfigurationError, match=r"\.py:1: SyntaxError"):
+        load_service(f"{bad_syntax}:svc")
+
+
 def test_url_applies_to_a_service_that_has_not_connected(module: Callable[[str], str],
                                                          redis_url: str, prefix: str) -> None:
     mod = module(f'''

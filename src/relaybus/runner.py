@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from types import FrameType
 
@@ -35,6 +36,15 @@ _KINDS = (Microservice, AsyncMicroservice)
 __all__ = ["load_service", "run_service"]
 
 logger = logging.getLogger("relaybus.service")
+
+
+def _where(exc: BaseException) -> str:
+    """`` at FILE:LINE`` of the user's code where ``exc`` was raised during an import."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<frozen")]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _resolve(target: str) -> object:
@@ -52,9 +62,10 @@ def _resolve(target: str) -> object:
                                      or module_name.startswith(exc.name + ".")):
             raise ConfigurationError(f"cannot import module {module_name!r} (service target "
                                      f"{target!r}): {exc}") from exc
-        raise ConfigurationError(f"importing {module_name!r} failed: {exc}") from exc
+        raise ConfigurationError(f"importing {module_name!r} failed{_where(exc)}: {exc}"
+                                 ) from exc
     except Exception as exc:
-        raise ConfigurationError(f"importing {module_name!r} failed: "
+        raise ConfigurationError(f"importing {module_name!r} failed{_where(exc)}: "
                                  f"{type(exc).__name__}: {exc}") from exc
     obj: object = module
     for part in attr.split("."):

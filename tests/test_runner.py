@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,42 @@ def test_url_applies_to_a_service_that_has_not_connected(module: Callable[[str],
             load_service(f"{mod}:svc", url=redis_url)
     finally:
         svc.close()
+
+
+def test_a_second_sigterm_stops_at_once_and_says_how_long_it_waited(
+        redis_url: str, prefix: str) -> None:
+    """The sync front: the first SIGTERM starts a graceful stop, the second cuts it
+    short; the log gives the time actually waited, not the shutdown timeout."""
+    bus = EventBus(redis_url, prefix=prefix)
+    child = subprocess.Popen(child_command("run", redis_url, prefix, "hasty"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.readline().strip() == "ready"
+        wait_for(lambda: "hasty" in bus.subscriptions(), what="the child to subscribe")
+        bus.publish_many([Ping(n=n) for n in range(2)])
+        assert child.stdout.readline().strip() == "started 0"  # it now waits for "release"
+        child.send_signal(signal.SIGTERM)
+        logged = [child.stderr.readline()]
+        while "stop requested" not in logged[-1]:
+            assert logged[-1], "".join(logged)
+            logged.append(child.stderr.readline())
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=20)
+        err = "".join(logged) + err
+        assert child.returncode == 0, err
+        found = re.search(r"service hasty stopped after (\d+\.\d)s \(forced\): "
+                          r"0 in-flight event\(s\) finished, \d+ abandoned", err)
+        assert found is not None, err
+        assert float(found.group(1)) < 5  # what it waited, not the shutdown timeout
+        still = re.search(r"\d+ events still with running handlers after (\d+\.\d)s", err)
+        assert still is not None and float(still.group(1)) < 5, err
+        assert "stopped on SIGTERM (forced)" in err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        bus.close()
 
 
 def test_relaybus_run_uses_the_url_in_the_code_and_says_where_it_runs(

@@ -566,6 +566,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         if not self.running or worker is None:
             return
         self.running = False
+        started = time.monotonic()
         if cancelled:
             report = await worker.cancel()
         else:
@@ -577,10 +578,11 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        logger.info("service %s stopped%s: %d in-flight event(s) finished, %d cancelled, %d "
-                    "handed back for redelivery", self.service_name,
-                    " (cancelled)" if cancelled else "", report.finished, report.abandoned,
-                    report.left_pending + report.abandoned)
+        logger.info("service %s stopped after %.1fs%s: %d in-flight event(s) finished, "
+                    "%d cancelled, %d handed back for redelivery", self.service_name,
+                    time.monotonic() - started,
+                    " (cancelled)" if cancelled else " (forced)" if self._force else "",
+                    report.finished, report.abandoned, report.left_pending + report.abandoned)
 
     async def close(self) -> None:
         """Stop, then release the connection (a given ``event_bus`` is left open)."""

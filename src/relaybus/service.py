@@ -269,12 +269,15 @@ class Microservice(ServiceBase[EventBus]):
                 self.event_bus.stop()
             if worker is None:
                 return
+            started = time.monotonic()
             report = worker.join(self.shutdown_timeout if timeout is None else timeout,
                                  abandon=lambda: self._force)
             self._worker = None
-            logger.info("service %s stopped: %d in-flight event(s) finished, %d abandoned, "
-                        "%d handed back for redelivery", self.service_name, report.finished,
-                        report.abandoned, report.left_pending + report.abandoned)
+            logger.info("service %s stopped after %.1fs%s: %d in-flight event(s) finished, "
+                        "%d abandoned, %d handed back for redelivery", self.service_name,
+                        time.monotonic() - started, " (forced)" if self._force else "",
+                        report.finished, report.abandoned,
+                        report.left_pending + report.abandoned)
 
     def _force_stop(self) -> None:
         """Cut a graceful stop short (a second signal): safe in a signal handler."""

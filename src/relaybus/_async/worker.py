@@ -271,8 +271,9 @@ class AsyncWorker:
         abandoned = len(core.running)
         if abandoned:
             if not cancelled:
-                logger.warning("%s: %d handlers still running at the stop's timeout; they are "
-                               "cancelled and their events handed back", self.name, abandoned)
+                logger.warning("%s: %d handlers still running when the stop gave up "
+                               "waiting; they are cancelled and their events handed back",
+                               self.name, abandoned)
             self._cancelling = True
             for t in running:
                 t.cancel()

@@ -104,7 +104,8 @@ class Worker:
         threads (daemons) run on, their messages stay pending; one that finishes later
         settles its message itself, else it is redelivered after the visibility timeout.
         """
-        deadline = time.monotonic() + max(0.0, timeout)
+        started = time.monotonic()
+        deadline = started + max(0.0, timeout)
         with self._lock:
             self.core.stop()
             self._wake_all()
@@ -119,9 +120,10 @@ class Worker:
             self._wake_all()
             batch = self.core.hand_back()
         if abandoned:
-            logger.warning("%s: %d handlers still running after %.1fs; their events stay "
-                           "pending (settled if they finish, else redelivered after the "
-                           "visibility timeout)", self.name, abandoned, timeout)
+            logger.warning("%s: %d events still with running handlers after %.1fs; they "
+                           "stay pending (settled if they finish, else redelivered after the "
+                           "visibility timeout)", self.name, abandoned,
+                           time.monotonic() - started)
         try:
             done = self.driver.drive(self.core.settle_flow_for(batch), retry_timeout=1.0)
         except Exception as exc:  # best effort: they lapse as after a crash

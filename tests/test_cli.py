@@ -449,15 +449,23 @@ def test_publish_without_app_sends_the_fields_as_given(cli: Invoke, bus: EventBu
     assert msg.data["a"] == [1, 2] and msg.data["b"] == "x"
     assert msg.data["event_type"] == "cli.Anything" and msg.data["event_id"] == out["event_id"]
     assert isinstance(msg.data["timestamp"], float)
-    text = ok(cli("publish", "cli.Anything", "{}")).stdout
-    assert text.startswith("published cli.Anything ")
+    result = ok(cli("publish", "cli.Anything", "{}"))
+    assert result.stdout.startswith("published cli.Anything ")
+    assert "no class validated this 'cli.Anything' event" in result.stderr
+
+
+def test_publish_help_shows_a_real_example(cli: Invoke) -> None:
+    text = ok(cli("publish", "--help", connect=False)).stdout
+    assert "relaybus publish order.created '{\"order_id\"" in text
 
 
 def test_publish_with_app_validates_then_publishes(cli: Invoke, bus: EventBus) -> None:
     queue, _ = bus.subscription_queue("shop")
     bus.subscribe("shop", ["cli.OrderPlaced"])
-    out = rows(cli("publish", "cli.OrderPlaced", '{"order_id": "o-1", "total": "9.5"}',
-                   "--app", "cli_app", "--json"))[0]
+    result = ok(cli("publish", "cli.OrderPlaced", '{"order_id": "o-1", "total": "9.5"}',
+                    "--app", "cli_app", "--json"))
+    assert "no class validated" not in result.stderr
+    out = json.loads(result.stdout)[0]
     (msg,) = queue.get_messages(count=10)
     data = msg.data
     assert data["order_id"] == "o-1" and data["total"] == 9.5 and data["quantity"] == 1

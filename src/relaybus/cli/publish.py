@@ -66,7 +66,7 @@ def _validate(event_type: str, data: dict[str, Any], module: str) -> Event:
 @guarded
 def publish(
     event_type: Annotated[str, typer.Argument(metavar="EVENT_TYPE", show_default=False,
-                                              help="Event type name, e.g. OrderCreated.")],
+                                              help="Event type name, e.g. order.created.")],
     payload: Annotated[str, typer.Argument(metavar="JSON", show_default=False,
                                            help="The event's fields as a JSON object.")],
     app_module: Annotated[str | None, typer.Option(
@@ -78,10 +78,18 @@ def publish(
     """Publish an event through the bus; with --app, validate it against its class.
 
     Without --app the fields are sent as given (event_id and timestamp are filled
-    in). An invalid payload is reported field by field and exits 1.
+    in), and a warning says that nothing validated them. An invalid payload is
+    reported field by field and exits 1. For example:
+
+        relaybus publish order.created '{"order_id": "A-1", "amount": 9.5}' --app shop.events
     """
     data = _payload(payload, event_type)
     event = _validate(event_type, data, app_module) if app_module else None
+    if event is None:
+        error_line = (f"warning: no class validated this {event_type!r} event (give --app "
+                      "MODULE to check it against its Event class); subscribers validate it "
+                      "on receipt and dead-letter it if it does not fit")
+        typer.echo(error_line, err=True)
     event_id = event.event_id if event else str(data.setdefault("event_id", str(uuid.uuid4())))
     with EventBus(url, prefix=prefix, retry_timeout=timeout) as bus:
         msg_id = bus.publish(event) if event else bus.publish_raw(event_type, data)

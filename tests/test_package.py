@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import redis
 
 import relaybus
-from relaybus import errors
+from relaybus import EmbeddedServer, errors
+from relaybus.keys import QueueKeys
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -56,3 +61,28 @@ def test_loggers_live_under_relaybus() -> None:
     names = [n for n in logging.root.manager.loggerDict
              if n.startswith("relaybus") or n in ("EventBus", "LeanMQ")]
     assert names and all(n == "relaybus" or n.startswith("relaybus.") for n in names)
+
+
+def test_the_readmes_first_example_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Pasted into a file and run: it prints its line, exits 0, and leaves no server
+    running and nothing pending in the subscription."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(example)
+    env = {k: v for k, v in os.environ.items() if k != "RELAYBUS_URL"}
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "charging A-1 9.5\n"
+    data_dir = tmp_path / ".relaybus"
+    server = EmbeddedServer(data_dir)
+    assert server.status() is None  # the example stopped the server it started
+    url = server.start().url  # from its append-only file: what the example left
+    try:
+        client = redis.Redis.from_url(url)
+        log = QueueKeys("events:", "all").stream
+        [group] = [g for g in client.xinfo_groups(log) if g["name"] == b"sub:billing"]
+        assert group["pending"] == 0 and group.get("lag") in (0, None)
+        assert client.xlen(QueueKeys("events:", "sub:billing").stream) == 0
+    finally:
+        server.stop()

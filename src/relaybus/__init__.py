@@ -14,6 +14,7 @@ import logging
 from .aio import AsyncEventBus, AsyncMessageQueue, AsyncMicroservice, AsyncQueue, AsyncTransaction
 from .bus import EventBus
 from .codec import Message
+from .embedded import EmbeddedServer
 from .errors import (
     BrokerAuthenticationError,
     BrokerCommandError,
@@ -64,6 +65,7 @@ __all__ = [
     "BrokerUnavailableError",
     "ConfigurationError",
     "DuplicateEventTypeError",
+    "EmbeddedServer",
     "EmbeddedServerError",
     "Event",
     "EventBus",

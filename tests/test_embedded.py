@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from relaybus import EmbeddedServerError, MessageQueue
+from relaybus import EmbeddedServerError, Event, EventBus, MessageQueue, Microservice
 from relaybus.connection import resolve_url
 from relaybus.embedded import (
     SERVER_BINARY_ENV,
@@ -23,6 +23,11 @@ from relaybus.embedded import (
     ServerState,
     find_server_binary,
 )
+from waiting import wait_for
+
+
+class Restarted(Event, event_type="test.embedded.restarted"):
+    n: int
 
 
 def gone(pid: int) -> bool:
@@ -183,6 +188,31 @@ def test_messages_persist_across_stop_and_start(
         assert [m.data for m in q2.get_messages(count=5)] == [{"i": 3}]
         dead = mq.get_dead_letter_queue("orders")
         assert dead is not None and [m.reason for m in dead.peek()] == ["bad"]
+
+
+def test_a_restart_keeps_the_port_and_a_running_service_reconnects(
+        make_server: Callable[[str], EmbeddedServer]) -> None:
+    """``relaybus server stop`` then ``start``: the same port while it is free, so a
+    service that ran through the restart carries on by itself."""
+    server = make_server("data")
+    first = server.start()
+    seen: list[int] = []
+    svc = Microservice("survivor", url=first.url, prefix="p:", maintenance=False,
+                       block_for_seconds=0.2, retry_timeout=1.0)
+    svc.on(Restarted)(lambda e: seen.append(e.n))
+    bus = EventBus(first.url, prefix="p:", retry_timeout=5.0)
+    try:
+        svc.start()
+        bus.publish(Restarted(n=1))
+        wait_for(lambda: seen == [1], what="the first event handled")
+        server.stop()
+        again = server.start()
+        assert again.port == first.port and again.pid != first.pid
+        bus.publish(Restarted(n=2))
+        wait_for(lambda: seen == [1, 2], timeout=20, what="handled after the restart")
+    finally:
+        svc.close()
+        bus.close()
 
 
 def test_acknowledged_writes_survive_sigkill(

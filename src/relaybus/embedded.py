@@ -42,6 +42,8 @@ SERVER_BINARY_ENV = "RELAYBUS_SERVER_BINARY"
 #: Seconds to wait for a started server to answer PING.
 START_TIMEOUT = 15.0
 _STATE = "server.json"
+#: The port of the last server of the directory, tried first at the next start.
+_LAST_PORT = "server.port"
 
 
 def find_server_binary() -> str:
@@ -84,9 +86,15 @@ class ServerState:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def _free_port() -> int:
+def _free_port(preferred: int | None = None) -> int:
+    """``preferred`` when it is free, else a port the system picks."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        # as the server binds: a port whose old connections linger in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", preferred or 0))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
@@ -159,8 +167,10 @@ class EmbeddedServer:
                 return state
             binary = find_server_binary()
             last_error = ""
+            previous = self._last_port()  # kept across restarts: clients reconnect to it
             for _ in range(3):  # a free port can be taken between probe and bind
-                port = _free_port()
+                port = _free_port(previous)
+                previous = None
                 pidfile = self.data_dir / "server.pid"
                 with contextlib.suppress(FileNotFoundError):
                     pidfile.unlink()
@@ -181,12 +191,20 @@ class EmbeddedServer:
                         pid = int(pidfile.read_text().strip())
                         state = ServerState(pid, port, str(self.data_dir), binary)
                         (self.data_dir / _STATE).write_text(json.dumps(state.__dict__))
+                        (self.data_dir / _LAST_PORT).write_text(str(port))
                         logger.info("started embedded server on 127.0.0.1:%d (%s)", port,
                                     self.data_dir)
                         return state
                     time.sleep(0.05)
                 last_error = self._log_tail()
             raise EmbeddedServerError(f"embedded server did not start: {last_error}")
+
+    def _last_port(self) -> int | None:
+        """The port this directory's server had last time (None: never started)."""
+        try:
+            return int((self.data_dir / _LAST_PORT).read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _log_tail(self) -> str:
         try:

@@ -85,14 +85,13 @@ def publish(
     """
     data = _payload(payload, event_type)
     event = _validate(event_type, data, app_module) if app_module else None
-    if event is None:
-        error_line = (f"warning: no class validated this {event_type!r} event (give --app "
-                      "MODULE to check it against its Event class); subscribers validate it "
-                      "on receipt and dead-letter it if it does not fit")
-        typer.echo(error_line, err=True)
     event_id = event.event_id if event else str(data.setdefault("event_id", str(uuid.uuid4())))
     with EventBus(url, prefix=prefix, retry_timeout=timeout) as bus:
         msg_id = bus.publish(event) if event else bus.publish_raw(event_type, data)
+    if event is None:
+        typer.echo(f"warning: no class validated this {event_type!r} event (give --app "
+                   "MODULE to check it against its Event class); subscribers validate it on "
+                   "receipt and dead-letter it if it does not fit", err=True)
     if as_json:
         print_json([{"id": msg_id, "event_type": event_type, "event_id": event_id}])
     else:

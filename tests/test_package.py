@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 import relaybus
 from relaybus import EmbeddedServer, errors
 from relaybus.keys import QueueKeys
+from relaybus.testing import delete_prefix
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -86,3 +88,15 @@ def test_the_readmes_first_example_runs_and_leaves_nothing_behind(tmp_path: Path
         assert client.xlen(QueueKeys("events:", "sub:billing").stream) == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("glob", ["*", "?", "[ab]", "\\"])
+def test_delete_prefix_deletes_its_own_prefix_only(redis_url: str, prefix: str,
+                                                   glob: str) -> None:
+    """A prefix with glob characters matches itself only, not its neighbours."""
+    mine, theirs = f"{prefix}{glob}:", f"{prefix}a:"
+    client = redis.Redis.from_url(redis_url)
+    client.set(mine + "k", 1)
+    client.set(theirs + "k", 1)
+    assert delete_prefix(redis_url, mine) == 1
+    assert client.exists(mine + "k") == 0 and client.exists(theirs + "k") == 1

@@ -47,13 +47,19 @@ def unique_prefix(label: str = "t") -> str:
     return f"{label}{uuid.uuid4().hex[:10]}:"
 
 
+def _glob_literal(text: str) -> str:
+    """``text`` as a SCAN MATCH pattern that matches only itself."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
 def delete_prefix(url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN, not KEYS); return how many."""
+    """Delete every key under ``prefix`` (SCAN, not KEYS), and no other (glob characters
+    in it match only themselves); return how many."""
     client = redis.Redis.from_url(url)
     try:
         deleted = 0
         batch: list[bytes] = []
-        for key in client.scan_iter(match=prefix.replace("[", "\\[") + "*", count=1000):
+        for key in client.scan_iter(match=_glob_literal(prefix) + "*", count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 deleted += int(client.delete(*batch))

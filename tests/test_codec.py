@@ -153,6 +153,15 @@ def test_limit_boundary_and_attributes() -> None:
     assert "101" in str(info.value) and "100" in str(info.value)
 
 
+def test_headers_count_toward_the_limit() -> None:
+    overhead = len('{"x":""}')
+    body = {"x": "a" * (100 - overhead)}  # the payload alone is exactly the limit
+    encode_entry(body, now=NOW, max_size=100)
+    with pytest.raises(MessageTooLargeError) as info:
+        encode_entry(body, now=NOW, max_size=100, headers={"trace": "t"})
+    assert info.value.size == 100 + len('{"trace":"t"}')
+
+
 def test_limit_counts_utf8_bytes() -> None:
     overhead = len('{"x":""}')
     with pytest.raises(MessageTooLargeError) as info:

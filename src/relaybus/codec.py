@@ -127,14 +127,16 @@ def encode_entry(
     if not isinstance(data, Mapping):
         raise SerializationError(f"a message payload must be a dict, not {type(data).__name__}")
     payload = dumps(dict(data))
-    size = len(payload.encode("utf-8"))
-    if size > max_size:
-        raise MessageTooLargeError(size, max_size)
     fields: dict[str, str | int] = {"d": payload, "t": int(now * 1000)}
+    size = len(payload.encode("utf-8"))
     if headers:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise SerializationError("headers must map str to str")
-        fields["h"] = dumps(dict(headers))
+        encoded_headers = dumps(dict(headers))
+        fields["h"] = encoded_headers
+        size += len(encoded_headers.encode("utf-8"))  # headers count toward the limit
+    if size > max_size:
+        raise MessageTooLargeError(size, max_size)
     if ttl is not None:
         if not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl <= 0:
             raise SerializationError(f"ttl must be a positive number of seconds, not {ttl!r}")

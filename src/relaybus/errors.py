@@ -119,7 +119,8 @@ class SerializationError(RelaybusError, ValueError):
 
 
 class MessageTooLargeError(SerializationError):
-    """The encoded payload is larger than the configured limit (nothing was written)."""
+    """The encoded payload and headers are larger than the configured limit (nothing was
+    written)."""
 
     def __init__(self, size: int, limit: int) -> None:
         self.size = size

@@ -579,7 +579,7 @@ def test_release_hands_back_unstarted_messages_and_drops_idle_consumer(
     assert q.release(ids[1:], consumer_id="stopping") == (2, False)
     taken = q.get_messages(count=5, consumer_id="other")
     assert sorted(m.id for m in taken) == ids[1:]
-    assert all(m.delivery_count == 2 for m in taken)
+    assert all(m.delivery_count == 1 for m in taken)  # never started: not an attempt more
     # the consumer still holds its running message, so it stays in the group
     consumers = {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)}
     assert b"stopping" in consumers or "stopping" in consumers
@@ -588,6 +588,18 @@ def test_release_hands_back_unstarted_messages_and_drops_idle_consumer(
     names = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"])
              for c in raw.xinfo_consumers(q.key, GROUP)}
     assert "stopping" not in names and "other" in names
+
+
+def test_handing_back_again_and_again_is_never_an_attempt(mq: MessageQueue) -> None:
+    """Five graceful stops that each hand the same unstarted message back (a rolling
+    deploy) leave it at its first delivery: it is not dead-lettered for attempts."""
+    q, dlq = mq.create_queue_pair("orders", visibility_timeout=30)
+    mid = q.send_message({"n": 1})
+    for i in range(5):
+        [m] = q.get_messages(consumer_id=f"instance-{i}")
+        assert (m.id, m.delivery_count, m.attempts) == (mid, 1, 1)
+        assert q.release([mid], consumer_id=f"instance-{i}")[0] == 1
+    assert dlq.peek() == []
 
 
 def test_max_deliveries_dead_letters_with_reason(

@@ -13,8 +13,9 @@
 -- Log entries are acknowledged in the subscription's group and stay in the log; the
 -- queue's own entries leave the stream. A retry or dead letter of an entry that is no
 -- longer there (settled elsewhere) is skipped and its id returned as missing. Leases are
--- extended and entries handed back only where this consumer still owns them; handing
--- back keeps the delivery count. A consumer with pending entries is never removed.
+-- extended and entries handed back only where this consumer still owns them; a handed
+-- back entry's delivery count goes back one, so its next delivery (which counts one)
+-- is not an attempt more: it never started. A consumer with pending entries is never removed.
 -- Returns {acknowledged, retried, dead-lettered, extended, handed back, removed, missing}.
 local own = {key = KEYS[1], group = ARGV[1], delete = ARGV[3] == '1', prefix = ''}
 local delayed, done, dlq = KEYS[2], KEYS[3], KEYS[4]
@@ -103,7 +104,7 @@ for k = first, first + 2 * n - 1, 2 do
 end
 
 -- leases: reset the idle time of entries this consumer still owns; or hand them back
-local function reclaim_own(first, n, extra)
+local function reclaim_own(first, n, extra, hand_back)
   local done_n = 0
   for k = first, first + n - 1 do
     local src, id = locate(ARGV[k], own, log)
@@ -111,6 +112,10 @@ local function reclaim_own(first, n, extra)
     if okp and p[1] and p[1][2] == consumer then
       local args = {'XCLAIM', src.key, src.group, consumer, 0, id}
       for _, e in ipairs(extra) do args[#args + 1] = e end
+      if hand_back then  -- never started: its next delivery is not one more attempt
+        args[#args + 1] = 'RETRYCOUNT'
+        args[#args + 1] = math.max(0, tonumber(p[1][4]) - 1)
+      end
       args[#args + 1] = 'JUSTID'
       redis.call(unpack(args))
       done_n = done_n + 1
@@ -119,9 +124,9 @@ local function reclaim_own(first, n, extra)
   return done_n
 end
 first, n = section()
-local extended = reclaim_own(first, n, {})
+local extended = reclaim_own(first, n, {}, false)
 first, n = section()
-local released = reclaim_own(first, n, {'IDLE', idle})
+local released = reclaim_own(first, n, {'IDLE', idle}, true)
 
 -- forget the consumer once it holds nothing (never one with pending entries)
 local removed = 0

@@ -29,7 +29,7 @@ def test_encode_minimal_fields() -> None:
 def test_encode_optional_fields() -> None:
     fields = encode_entry({"a": 1}, now=NOW, headers={"trace": "x"}, ttl=2.5, dedup_key="ev-1")
     assert json.loads(str(fields["h"])) == {"trace": "x"}
-    assert fields["x"] == 1_700_000_002_623
+    assert fields["l"] == 2_500 and "x" not in fields  # a duration: no client clock in it
     assert fields["k"] == "ev-1"
     assert "f" not in fields and "n" not in fields
     assert "h" not in encode_entry({"a": 1}, now=NOW, headers={})
@@ -199,7 +199,15 @@ def test_malformed_entries_raise_with_malformed_reason(raw: dict[bytes, bytes]) 
 
 
 def test_message_expiry() -> None:
-    msg = decode_entry("1-0", as_redis(encode_entry({"a": 1}, now=NOW, ttl=1)))
-    assert not msg.is_expired(NOW + 0.5)
-    assert msg.is_expired(NOW + 1.0)
+    """The time to live counts from the entry id (the server's clock when it appended
+    the entry), whatever the sender's clock said; a moved entry carries ``x``."""
+    appended = 1_800_000_000.0  # the server's time, far from the sender's NOW
+    entry_id = f"{int(appended * 1000)}-0"
+    msg = decode_entry(entry_id, as_redis(encode_entry({"a": 1}, now=NOW, ttl=1)))
+    assert msg.expires_at == pytest.approx(appended + 1)
+    assert not msg.is_expired(appended + 0.5)
+    assert msg.is_expired(appended + 1.0)
+    assert decode_entry(f"all/{entry_id}", {"d": "{}", "l": "1000"}).expires_at == \
+        pytest.approx(appended + 1)
+    assert decode_entry("1-0", {"d": "{}", "x": "5000"}).expires_at == 5.0
     assert not decode_entry("1-0", {"d": "{}"}).is_expired(1e12)

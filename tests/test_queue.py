@@ -754,6 +754,38 @@ def test_ttl_expired_message_dead_lettered_never_delivered(
     assert raw.xlen(q.key) == 0 and pending_ids(raw, q) == {}
 
 
+class _SkewedClock:
+    """The ``time`` module of a client whose clock is ``skew`` seconds off."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["10 min fast", "10 min slow"])
+def test_a_skewed_client_clock_changes_no_ttl_and_no_retry_delay(
+        mq: MessageQueue, monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
+    """Expiry counts from the entry id (the server's clock), retries are due by the
+    server's clock: a client 10 minutes off changes neither."""
+    import relaybus._core.bases as bases
+    monkeypatch.setattr(bases, "time", _SkewedClock(skew))
+    q, dlq = mq.create_queue_pair("orders")
+    short = q.send_message({"n": "short"}, ttl=0.3)
+    q.send_message({"n": "long"}, ttl=60)
+    wait_for(lambda: time.time() > (q.peek()[0].expires_at or 1e18), what="short's TTL")
+    [long_one] = q.get_messages(count=10)  # the fresh one is delivered, the short one is not
+    assert long_one.data == {"n": "long"} and not long_one.is_expired(time.time())
+    [dead] = dlq.peek()
+    assert dead.reason == "expired" and dead.failures[0]["message_id"] == short
+    q.schedule_retry(long_one.id, 300, "later")
+    assert q.get_messages(count=10) == []  # due in 300 s by the server, not at once
+
+
 def test_ttl_not_passed_is_delivered(mq: MessageQueue) -> None:
     q, _ = mq.create_queue_pair("orders")
     q.send_message({"a": 1}, ttl=30)

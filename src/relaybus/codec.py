@@ -5,7 +5,10 @@ An entry's fields (short names keep Redis memory per message low)::
     d   the payload: JSON text of the dict the sender passed (always present)
     t   sent time, integer milliseconds since the epoch (always present)
     h   headers: JSON object of str -> str (absent when empty)
-    x   expiry, integer milliseconds since the epoch (absent without a TTL)
+    l   time to live, integer milliseconds from the entry's id (the server's clock when
+        it appended the entry; absent without a TTL)
+    x   expiry, integer milliseconds since the epoch by the server's clock: what ``l``
+        becomes when a script moves the entry (a retry, a dead letter)
     k   dedup key: an event id (absent for plain queue messages)
     e   routing key: the event type (events only; lets routers route without parsing)
     n   attempts made before this entry was (re)queued by a retry (absent when 0)
@@ -140,12 +143,24 @@ def encode_entry(
     if ttl is not None:
         if not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl <= 0:
             raise SerializationError(f"ttl must be a positive number of seconds, not {ttl!r}")
-        fields["x"] = int((now + ttl) * 1000)
+        fields["l"] = max(1, int(ttl * 1000))  # from the entry id: the server's clock
     if dedup_key:
         fields["k"] = _key_text("dedup key", dedup_key)
     if routing_key:
         fields["e"] = _key_text("routing key", routing_key)
     return fields
+
+
+def _expiry_ms(message_id: str, fields: Mapping[bytes, Any]) -> int | None:
+    """When an entry expires, in ms by the server's clock: its ``x``, else its id's time
+    plus its ``l`` (None without a TTL)."""
+    expires = fields.get(b"x")
+    if expires is not None:
+        return int(expires)
+    ttl = fields.get(b"l")
+    if ttl is None:
+        return None
+    return int(message_id.rpartition("/")[2].split("-", 1)[0]) + int(ttl)
 
 
 def _text(value: bytes | str) -> str:
@@ -205,12 +220,12 @@ def decode_entry(
         failures = json.loads(raw_failures) if raw_failures is not None else []
         if not isinstance(headers, dict) or not isinstance(failures, list):
             raise SerializationError(f"malformed entry {mid}: bad headers or failure list")
-        expires = fields.get(b"x")
+        expires_ms = _expiry_ms(mid, fields)
         key = fields.get(b"k")
         attempts = fields.get(b"n")
         return Message(mid, data, sent_ms / 1000, int(delivery_count),
                        {str(k): str(v) for k, v in headers.items()} if headers else {},
-                       failures, int(expires) / 1000 if expires is not None else None,
+                       failures, expires_ms / 1000 if expires_ms is not None else None,
                        _text(key) if key is not None else None,
                        int(attempts) if attempts is not None else 0, queue, fields, payload)
     except SerializationError:

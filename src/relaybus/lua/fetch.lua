@@ -41,13 +41,13 @@ local now = now_ms()
 -- expiry fields, read in one pass)
 local cands = {}
 local function add(src, id, f, deliveries)
-  local e, k, x
+  local e, k, x, l
   for i = 1, #f, 2 do
     local name = f[i]
     if name == 'e' then e = f[i + 1] elseif name == 'k' then k = f[i + 1]
-    elseif name == 'x' then x = f[i + 1] end
+    elseif name == 'x' then x = f[i + 1] elseif name == 'l' then l = f[i + 1] end
   end
-  cands[#cands + 1] = {src, id, f, deliveries, e, k, x}
+  cands[#cands + 1] = {src, id, f, deliveries, e, k, x or expiry_of(id, l)}
 end
 
 local gone, skipped = 0, 0

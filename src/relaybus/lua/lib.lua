@@ -6,6 +6,15 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- When an entry with time to live `l` (ms) expires: its stream id's time (the server's
+-- clock when it was appended) plus `l`; nil without one. `id` may carry a prefix
+-- ('all/<id>').
+local function expiry_of(id, l)
+  local ttl = l and tonumber(l)
+  if not ttl then return nil end
+  return tonumber(string.match(id, '(%d+)%-%d+$')) + ttl
+end
+
 -- The value of field `name` in a flat {k1, v1, k2, v2, ...} list, or nil.
 local function field_of(f, name)
   for i = 1, #f, 2 do
@@ -49,12 +58,14 @@ end
 -- v1, ...}. The entry keeps its fields; its failure list 'f' gains the record; a retry
 -- adds its deliveries to the attempt count 'n' (a non-numeric 'n' counts as 0).
 local function park(f, id, deliveries, record, dst, due, now)
-  local fields, items, invalid, attempts = {}, nil, nil, 0
+  local fields, items, invalid, attempts, expiry = {}, nil, nil, 0, nil
   for i = 1, #f, 2 do
     if f[i] == 'f' then
       items, invalid = history_items(f[i + 1])
     elseif f[i] == 'n' then
       attempts = tonumber(f[i + 1]) or 0
+    elseif f[i] == 'l' then  -- the entry gets a new id: its expiry becomes absolute
+      expiry = expiry_of(id, f[i + 1])
     else
       fields[#fields + 1] = f[i]
       fields[#fields + 1] = f[i + 1]
@@ -75,6 +86,10 @@ local function park(f, id, deliveries, record, dst, due, now)
   end
   fields[#fields + 1] = 'f'
   fields[#fields + 1] = '[' .. (items and (items .. ',') or '') .. record .. ']'
+  if expiry and field_of(fields, 'x') == nil then
+    fields[#fields + 1] = 'x'
+    fields[#fields + 1] = string.format('%d', expiry)
+  end
   if due == nil then
     if attempts > 0 then
       fields[#fields + 1] = 'n'

@@ -1,6 +1,6 @@
 -- Move entries from one stream (a DLQ) back to another, keeping their failure history.
 -- KEYS[1] source stream, KEYS[2] destination stream
--- ARGV[1] source group, ARGV[2..] ids. The expiry 'x' and attempt counter 'n' are
+-- ARGV[1] source group, ARGV[2..] ids. The expiry ('x', 'l') and attempt counter 'n' are
 -- dropped: a requeued message starts afresh. Returns the number moved.
 local src, dst = KEYS[1], KEYS[2]
 local group = ARGV[1]
@@ -12,7 +12,7 @@ for k = 2, #ARGV do
     local f = r[1][2]
     local fields = {}
     for i = 1, #f, 2 do
-      if f[i] ~= 'x' and f[i] ~= 'n' then
+      if f[i] ~= 'x' and f[i] ~= 'l' and f[i] ~= 'n' then
         fields[#fields + 1] = f[i]
         fields[#fields + 1] = f[i + 1]
       end

@@ -286,6 +286,30 @@ def test_queues_when_there_are_none(cli: Invoke) -> None:
     assert "no queues" in ok(cli("queues")).stdout
 
 
+def test_subscriptions_remove_says_what_it_deletes_and_asks_first(
+        cli: Invoke, bus: EventBus, raw: redis.Redis, prefix: str) -> None:
+    bus.subscribe("retired", ["cli.Old"])
+    bus.subscribe("kept", ["cli.Old"])
+    for n in range(3):
+        bus.publish_raw("cli.Old", {"n": n})
+    queue, dlq = bus.subscription_queue("retired")
+    [first] = queue.get_messages(count=1)
+    queue.move_to_dlq(first.id, "bad")
+    declined = cli("subscriptions", "remove", "retired", input="n\n")
+    assert declined.exit_code == 1, declined.output
+    assert "2 waiting" in declined.stdout and "1 in its dead-letter queue" in declined.stdout
+    assert "retired" in bus.subscriptions() and dlq.peek() != []
+    done = ok(cli("subscriptions", "remove", "retired", input="y\n"))
+    assert "removed subscription 'retired'" in done.stdout
+    assert list(bus.subscriptions()) == ["kept"]
+    assert not raw.keys(QueueKeys(prefix, "sub:retired").stream + "*")  # no key of it left
+    groups = {g["name"] for g in raw.xinfo_groups(QueueKeys(prefix, EVENTS_QUEUE).stream)}
+    assert groups == {b"sub:kept"}  # its place in the log is gone, the other stays
+    missing = cli("subscriptions", "remove", "retired", "--yes")
+    assert missing.exit_code == 1 and "no subscription 'retired'" in missing.stderr
+    assert rows(cli("subscriptions", "--json"))[0]["service"] == "kept"
+
+
 def test_subscriptions_json_table_and_no_side_effect(cli: Invoke, redis_url: str,
                                                      prefix: str, mq: MessageQueue) -> None:
     writer = EventBus(redis_url, prefix=prefix)

@@ -369,6 +369,12 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         return await self.mq.driver.drive(core_bus.unsubscribe(
             self._sub_ref(service_name, None), service_name))
 
+    async def remove_subscription(self, service_name: str) -> bool:
+        """Delete a retired service's subscription and all that was kept for it."""
+        validate_name(service_name, "service name")
+        return await self.mq.driver.drive(core_bus.remove_subscription(
+            self._sub_ref(service_name, None), service_name))
+
     async def subscriptions(self) -> dict[str, list[str]]:
         """Every subscription under this prefix: service name -> event types."""
         return await self.mq.driver.run(core_bus.read_subscriptions(self.prefix))

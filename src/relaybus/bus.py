@@ -136,6 +136,15 @@ class EventBus(EventBusBase[MessageQueue]):
         return self.mq.driver.drive(core.unsubscribe(self._sub_ref(service_name, None),
                                                      service_name))
 
+    def remove_subscription(self, service_name: str) -> bool:
+        """Delete a retired service's subscription and all that was kept for it (its
+        queue, retries, dead letters, done records, its place in the log); return
+        whether there was any. Stop its instances first: a running one subscribes again.
+        """
+        validate_name(service_name, "service name")
+        return self.mq.driver.drive(core.remove_subscription(
+            self._sub_ref(service_name, None), service_name))
+
     def subscriptions(self) -> dict[str, list[str]]:
         """Every subscription under this prefix: service name -> event types (``*`` = all)."""
         return read_subscriptions(self.mq)

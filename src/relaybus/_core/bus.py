@@ -44,7 +44,7 @@ from ..keys import (
     validate_name,
 )
 from ..scripts import script
-from .queue import Counts, QueueRef, ensure_pair
+from .queue import Counts, QueueRef, delete_pair, ensure_pair
 from .replies import text
 from .steps import Call, Flow, ScriptCall, Step
 
@@ -53,7 +53,8 @@ logger = logging.getLogger("relaybus.bus")
 __all__ = ["ALL_EVENTS", "EVENTS_QUEUE", "DEFAULT_RETENTION_MAX_LEN", "DEFAULT_RETENTION_SECONDS",
            "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "subscription_queue_name",
            "parse_subscriptions", "subscription_types", "event_fields", "raw_event", "publish",
-           "open_log", "subscribe", "unsubscribe", "read_subscriptions", "trim"]
+           "open_log", "subscribe", "unsubscribe", "remove_subscription", "read_subscriptions",
+           "trim"]
 
 #: Marker stored for a subscription to every event type.
 ALL_EVENTS = "*"
@@ -212,6 +213,18 @@ def unsubscribe(sub: QueueRef, service: str) -> Flow[bool]:
                                             [sub.pair_name, DRAIN_BATCH, old_types]))
         if int(gone):
             return bool(res[1]) and not isinstance(res[1], Exception)
+
+
+def remove_subscription(sub: QueueRef, service: str) -> Flow[bool]:
+    """Remove a retired service's subscription and everything kept for it: its entry in
+    the table, its group on the log (what it had not read), and its queue pair (waiting
+    messages, retries, dead letters, done records). The value: whether any of it
+    existed. Instances of the service still running would subscribe again: stop them
+    first."""
+    removed = yield Step.one(Call("HDEL", subscriptions_key(sub.settings.prefix), service),
+                             lambda r: bool(r))
+    existed = yield delete_pair(sub, keep_dlq=False)
+    return bool(removed or existed)
 
 
 def read_subscriptions(prefix: str) -> Step[dict[str, list[str]]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from ..bus import ALL_EVENTS, EVENTS_QUEUE, read_subscriptions, subscription_queue_name
+import typer
+
+from ..bus import ALL_EVENTS, EVENTS_QUEUE, EventBus, read_subscriptions, subscription_queue_name
 from ..queue import QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
@@ -16,6 +18,7 @@ from ._common import (
     TimeoutOption,
     UrlOption,
     emit,
+    fail,
     fmt_age,
     guarded,
     open_mq,
@@ -82,10 +85,20 @@ def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
          empty=f"no queues under prefix {prefix!r} at {address}")
 
 
+subscriptions_app = typer.Typer(
+    name="subscriptions", no_args_is_help=False,
+    help="Show every subscription (service, queue, event types); `remove NAME` deletes a "
+         "retired one.")
+
+
+@subscriptions_app.callback(invoke_without_command=True)
 @guarded
-def subscriptions(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
+def subscriptions(ctx: typer.Context, url: UrlOption = DEFAULT_URL,
+                  prefix: PrefixOption = DEFAULT_PREFIX,
                   timeout: TimeoutOption = DEFAULT_TIMEOUT, as_json: JsonOption = False) -> None:
     """Show every subscription: service, its queue, and the event types it receives."""
+    if ctx.invoked_subcommand is not None:
+        return
     with open_mq(url, prefix, timeout, read_only=True) as mq:
         subs = read_subscriptions(mq)
         address = mq.connection.address
@@ -95,3 +108,35 @@ def subscriptions(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_P
     ]
     emit(rows, SUBSCRIPTION_COLUMNS, as_json=as_json, caption=f"{address} · prefix {prefix}",
          empty=f"no subscriptions under prefix {prefix!r} at {address}")
+
+
+@subscriptions_app.command("remove")
+@guarded
+def remove(
+    service: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
+                                           help="The retired service's name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")
+                   ] = False,
+    url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+) -> None:
+    """Delete a retired service's subscription and all that was kept for it: its queue
+    (waiting and unsettled messages), retries, dead letters and done records, and its
+    place in the event log. Says what it deletes and asks first. Stop the service's
+    instances before: a running one subscribes again."""
+    with open_mq(url, prefix, timeout, read_only=True) as mq:
+        queue = mq.get_queue(subscription_queue_name(service))
+        if queue is None and service not in read_subscriptions(mq):
+            fail(f"no subscription {service!r} under prefix {prefix!r}")
+        info = queue.get_info() if queue is not None else None
+        what = (f"{info.waiting_messages} waiting (unread events in the log included), "
+                f"{info.pending_messages} delivered and not settled, "
+                f"{info.delayed_messages} retries, {info.dlq_messages} in its dead-letter "
+                "queue" if info is not None else "no queue")
+        typer.echo(f"subscription {service!r} under prefix {prefix!r}: {what}, and its done "
+                   "records; all of it will be deleted.")
+        if not yes and not typer.confirm("Delete it?", default=False):
+            fail("nothing deleted")
+        with EventBus(mq=mq) as bus:
+            bus.remove_subscription(service)
+    typer.echo(f"removed subscription {service!r}")

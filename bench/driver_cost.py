@@ -139,6 +139,9 @@ def sync_rows(url: str, n: int) -> list[Row]:
         parsed = urlparse(url)
         sock = socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if parsed.password:  # an embedded server wants its password
+            sock.sendall(pack([("AUTH", parsed.password)]))
+            sock.recv(64)
 
         def on_socket() -> bytes:
             sock.sendall(PING)
@@ -207,6 +210,9 @@ async def async_rows(url: str, n: int) -> list[Row]:
         reader, writer = await asyncio.open_connection(parsed.hostname or "127.0.0.1",
                                                        parsed.port or 6379)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if parsed.password:  # an embedded server wants its password
+            writer.write(pack([("AUTH", parsed.password)]))
+            await reader.readuntil(b"\r\n")
 
         async def on_stream() -> bytes:
             writer.write(PING)

@@ -50,6 +50,7 @@ class Proxy:
         parsed = urlparse(target_url)
         self.target = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
         self._db = parsed.path.strip("/") or "0"
+        self._auth = f":{parsed.password}@" if parsed.password else ""  # the server's
         self.port = 0
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
@@ -61,7 +62,7 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/{self._db}"
+        return f"redis://{self._auth}127.0.0.1:{self.port}/{self._db}"
 
     def _listen(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

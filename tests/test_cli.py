@@ -635,9 +635,13 @@ def test_server_start_status_stop(tmp_path: Path) -> None:
         assert status.exit_code == 1 and "not running" in status.stdout
         started = ok(runner.invoke(app, ["server", "start", "--data-dir", data_dir, "--json"]))
         state = json.loads(started.stdout)[0]
-        assert state["running"] is True and state["url"].startswith("redis://127.0.0.1:")
+        # the server's password never shows: the URL is redacted
+        assert state["running"] is True and state["url"].startswith("redis://:***@127.0.0.1:")
+        password = EmbeddedServer(data_dir).status().password  # type: ignore[union-attr]
+        assert password and password not in started.stdout
         again = ok(runner.invoke(app, ["server", "start", "--data-dir", data_dir]))
         assert "already running" in again.stdout and state["url"] in again.stdout
+        assert password not in again.stdout
         assert json.loads(ok(runner.invoke(app, ["server", "status", "--data-dir", data_dir,
                                                  "--json"])).stdout)[0]["pid"] == state["pid"]
         embedded = ok(runner.invoke(app, ["queues", "--url", f"embedded://{data_dir}",

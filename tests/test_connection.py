@@ -147,14 +147,17 @@ def test_the_seeds_positional_form_connects_to_that_host(monkeypatch: pytest.Mon
     monkeypatch.setenv("RELAYBUS_URL", f"redis://127.0.0.1:{closed_port}/0")
     parsed = urlparse(redis_url)
     host, port, db = parsed.hostname or "", parsed.port or 0, int(parsed.path.strip("/") or 0)
-    with EventBus(host, port, db, prefix, retry_timeout=1) as bus:
-        assert bus.mq.connection.url == f"redis://{host}:{port}/{db}"
+    password = parsed.password  # the test server's, if it has one
+    auth = f":{password}@" if password else ""
+    with EventBus(host, port, db, prefix, retry_timeout=1, redis_password=password) as bus:
+        assert bus.mq.connection.url == f"redis://{auth}{host}:{port}/{db}"
         assert bus.prefix == prefix
         bus.subscribe("seed")
         assert "seed" in bus.subscriptions()
 
     async def scenario() -> list[str]:
-        async with AsyncEventBus(host, port, db, prefix, retry_timeout=1) as abus:
+        async with AsyncEventBus(host, port, db, prefix, retry_timeout=1,
+                                 redis_password=password) as abus:
             assert abus.prefix == prefix
             return list(await abus.subscriptions())
 
@@ -284,7 +287,9 @@ def locked_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         redis.Redis.from_url(state.url).config_set("requirepass", SECRET)
         yield f"redis://127.0.0.1:{state.port}"
-    finally:
+    finally:  # its own password back, so that stop() can shut it down
+        redis.Redis(host="127.0.0.1", port=state.port, password=SECRET).config_set(
+            "requirepass", state.password)
         server.stop()
 
 

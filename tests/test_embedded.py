@@ -100,8 +100,8 @@ def test_start_runs_a_server_on_loopback_with_aof(
     assert isinstance(state, ServerState)
     assert not gone(state.pid)
     assert state.data_dir == str((tmp_path / "data").resolve())
-    assert state.url == f"redis://127.0.0.1:{state.port}/0"
-    client = redis.Redis(host="127.0.0.1", port=state.port)
+    assert state.url == f"redis://:{state.password}@127.0.0.1:{state.port}/0"
+    client = redis.Redis.from_url(state.url)
     try:
         assert client.ping()
         assert client.config_get("appendonly") == {"appendonly": "yes"}
@@ -111,6 +111,35 @@ def test_start_runs_a_server_on_loopback_with_aof(
         client.close()
     recorded = json.loads((tmp_path / "data" / "server.json").read_text())
     assert (recorded["pid"], recorded["port"]) == (state.pid, state.port)
+    assert server.status() == state
+
+
+def test_the_server_wants_its_random_password_and_keeps_it_private(
+        make_server: Callable[[str], EmbeddedServer], tmp_path: Path) -> None:
+    server = make_server("data")
+    state = server.start()
+    assert len(state.password) >= 24 and state.password not in repr(state)
+    with pytest.raises(redis.AuthenticationError):  # no password: refused
+        redis.Redis(host="127.0.0.1", port=state.port).ping()
+    data = tmp_path / "data"
+    assert data.stat().st_mode & 0o777 == 0o700
+    for name in ("server.json", "server.conf"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    with open(f"/proc/{state.pid}/cmdline", "rb") as fh:
+        assert state.password.encode() not in fh.read()  # not visible in ps
+    server.stop()
+    assert server.start().password == state.password  # kept: running clients reconnect
+
+
+def test_a_state_file_is_trusted_only_when_its_server_answers_to_its_password(
+        make_server: Callable[[str], EmbeddedServer], tmp_path: Path) -> None:
+    server = make_server("data")
+    state = server.start()
+    state_file = tmp_path / "data" / "server.json"
+    recorded = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**recorded, "password": "not-the-password"}))
+    assert server.status() is None  # the port answers, but not to that password
+    state_file.write_text(json.dumps(recorded))
     assert server.status() == state
 
 

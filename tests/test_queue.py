@@ -231,7 +231,7 @@ def test_leanmq_seed_constructor(redis_url: str, prefix: str) -> None:
     db = int(parsed.path.strip("/") or 0)
     assert LeanMQ is MessageQueue
     mq = LeanMQ(redis_host=parsed.hostname or "localhost", redis_port=parsed.port or 6379,
-                redis_db=db, prefix=prefix)
+                redis_db=db, redis_password=parsed.password, prefix=prefix)
     try:
         q, dlq = mq.create_queue_pair("seed")
         q.send_message({"hello": "seed"})

@@ -12,12 +12,14 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import redis
 
 from helpers_service import Ping, child_command
 from relaybus import ConfigurationError, EventBus, Microservice, load_service, run_service
+from relaybus.connection import redact
 from relaybus.keys import QueueKeys
 from waiting import wait_for
 
@@ -187,7 +189,9 @@ def test_relaybus_run_uses_the_url_in_the_code_and_says_where_it_runs(
         while "started on" not in logged[-1]:
             assert logged[-1], "".join(logged)
             logged.append(child.stderr.readline())
-        assert f"started on {redis_url}, prefix {prefix!r}" in logged[-1]
+        assert f"started on {redact(redis_url)}, prefix {prefix!r}" in logged[-1]
+        if urlparse(redis_url).password:  # the server's password never shows
+            assert urlparse(redis_url).password not in "".join(logged)
         assert sum("started on" in line for line in logged) == 1
         assert raw.exists(QueueKeys(prefix, "sub:coded").meta)  # it subscribed there
         child.send_signal(signal.SIGTERM)

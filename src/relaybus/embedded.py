@@ -16,12 +16,13 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -80,10 +81,14 @@ class ServerState:
     port: int
     data_dir: str
     binary: str
+    #: The server's password: random, made at its start, kept in the state file (0600).
+    password: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL to connect with, password included (never log it: see ``redact``)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
 
 def _free_port(preferred: int | None = None) -> int:
@@ -98,15 +103,26 @@ def _free_port(preferred: int | None = None) -> int:
         return int(sock.getsockname()[1])
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def _no_retry() -> Retry:
     """Fail fast: redis-py's default retries a refused connection with backoff for
     seconds, and a server that is down (or shutting down) refuses by design."""
     return Retry(NoBackoff(), 0)
 
 
-def _answers(port: int, timeout: float = 0.5) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout,
-                         socket_connect_timeout=timeout, retry=_no_retry())
+def _answers(port: int, password: str, timeout: float = 0.5) -> bool:
+    """Whether our server answers on ``port``: it takes ``password`` (another process
+    that took the port since, or one without that password, is not ours)."""
+    client = redis.Redis(host="127.0.0.1", port=port, password=password or None,
+                         socket_timeout=timeout, socket_connect_timeout=timeout,
+                         retry=_no_retry())
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -139,7 +155,8 @@ class EmbeddedServer:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # its state file holds the server's password
         with open(self.data_dir / "server.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -152,10 +169,10 @@ class EmbeddedServer:
         try:
             raw = json.loads((self.data_dir / _STATE).read_text())
             state = ServerState(int(raw["pid"]), int(raw["port"]), str(raw["data_dir"]),
-                                str(raw["binary"]))
+                                str(raw["binary"]), str(raw.get("password", "")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if _alive(state.pid) and _answers(state.port):
+        if _alive(state.pid) and _answers(state.port, state.password):
             return state
         return None
 
@@ -168,6 +185,8 @@ class EmbeddedServer:
             binary = find_server_binary()
             last_error = ""
             previous = self._last_port()  # kept across restarts: clients reconnect to it
+            config = self.data_dir / "server.conf"  # not on the command line: ps shows it
+            password = self._password(config)
             for _ in range(3):  # a free port can be taken between probe and bind
                 port = _free_port(previous)
                 previous = None
@@ -175,7 +194,7 @@ class EmbeddedServer:
                 with contextlib.suppress(FileNotFoundError):
                     pidfile.unlink()
                 cmd = [
-                    binary, "--port", str(port), "--bind", "127.0.0.1",
+                    binary, str(config), "--port", str(port), "--bind", "127.0.0.1",
                     "--dir", str(self.data_dir), "--daemonize", "yes",
                     "--pidfile", str(pidfile), "--logfile", str(self.data_dir / "server.log"),
                     "--appendonly", "yes", "--appendfsync", self.appendfsync,
@@ -187,10 +206,10 @@ class EmbeddedServer:
                     continue
                 deadline = time.monotonic() + START_TIMEOUT
                 while time.monotonic() < deadline:
-                    if pidfile.exists() and _answers(port, 0.2):
+                    if pidfile.exists() and _answers(port, password, 0.2):
                         pid = int(pidfile.read_text().strip())
-                        state = ServerState(pid, port, str(self.data_dir), binary)
-                        (self.data_dir / _STATE).write_text(json.dumps(state.__dict__))
+                        state = ServerState(pid, port, str(self.data_dir), binary, password)
+                        _write_private(self.data_dir / _STATE, json.dumps(state.__dict__))
                         (self.data_dir / _LAST_PORT).write_text(str(port))
                         logger.info("started embedded server on 127.0.0.1:%d (%s)", port,
                                     self.data_dir)
@@ -198,6 +217,21 @@ class EmbeddedServer:
                     time.sleep(0.05)
                 last_error = self._log_tail()
             raise EmbeddedServerError(f"embedded server did not start: {last_error}")
+
+    @staticmethod
+    def _password(config: Path) -> str:
+        """The directory's server password: the one in ``config`` (kept across restarts,
+        so running clients reconnect), else a new random one written there (0600)."""
+        try:
+            for line in config.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "requirepass" and value.strip():
+                    return value.strip()
+        except OSError:
+            pass
+        password = secrets.token_urlsafe(24)
+        _write_private(config, f"requirepass {password}\n")
+        return password
 
     def _last_port(self) -> int | None:
         """The port this directory's server had last time (None: never started)."""
@@ -219,7 +253,8 @@ class EmbeddedServer:
             (self.data_dir / _STATE).unlink(missing_ok=True)
             if state is None:
                 return False
-            client = redis.Redis(host="127.0.0.1", port=state.port, socket_timeout=timeout,
+            client = redis.Redis(host="127.0.0.1", port=state.port,
+                                 password=state.password or None, socket_timeout=timeout,
                                  retry=_no_retry())
             with contextlib.suppress(redis.RedisError, OSError):
                 client.shutdown(nosave=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from ..connection import redact
 from ..embedded import DEFAULT_DATA_DIR, EmbeddedServer, ServerState
 from ._common import EXIT_FAILURE, JsonOption, console, guarded, print_json
 
@@ -22,7 +23,7 @@ DataDirOption = Annotated[Path, typer.Option(
 
 def _row(server: EmbeddedServer, state: ServerState | None) -> dict[str, Any]:
     return {
-        "running": state is not None, "url": state.url if state else None,
+        "running": state is not None, "url": redact(state.url) if state else None,
         "pid": state.pid if state else None, "port": state.port if state else None,
         "data_dir": str(server.data_dir),
     }
@@ -43,8 +44,9 @@ def start(data_dir: DataDirOption = Path(DEFAULT_DATA_DIR), as_json: JsonOption 
     running = server.status()
     state = running or server.start()
     verb = "already running" if running else "started"
-    _report(_row(server, state), f"{verb}: {state.url} (pid {state.pid}, data in "
-                                 f"{server.data_dir})", as_json)
+    _report(_row(server, state), f"{verb}: {redact(state.url)} (pid {state.pid}, data in "
+                                 f"{server.data_dir}; connect with the URL `embedded`)",
+            as_json)
 
 
 @app.command()
@@ -63,7 +65,8 @@ def status(data_dir: DataDirOption = Path(DEFAULT_DATA_DIR), as_json: JsonOption
     """Show whether a server runs for a data directory; exits 1 when none does."""
     server = EmbeddedServer(data_dir)
     state = server.status()
-    text = (f"running: {state.url} (pid {state.pid}, data in {server.data_dir})" if state
+    text = (f"running: {redact(state.url)} (pid {state.pid}, data in {server.data_dir})"
+            if state
             else f"not running: {server.data_dir}")
     _report(_row(server, state), text, as_json)
     if state is None:

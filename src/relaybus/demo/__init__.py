@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from relaybus.connection import redact
 from relaybus.embedded import EmbeddedServer
 from relaybus.keys import QueueKeys
 from relaybus.service import Microservice
@@ -46,6 +47,9 @@ from .services import (
 
 __all__ = ["DemoResult", "run_demo"]
 
+#: The environment variable the demo passes its server's URL to its processes in (a
+#: command line is visible to every user of the machine; the URL may hold a password).
+URL_ENV = "RELAYBUS_DEMO_URL"
 #: Key prefix the demo uses: its own, so it never touches an application's subscriptions
 #: on the same server (``relaybus queues --prefix demo:`` shows it after ``--keep``).
 DEMO_PREFIX = "demo:"
@@ -75,7 +79,7 @@ def _server(url: str | None, keep: bool, console: Console) -> Iterator[str]:
         return
     if keep:
         state = EmbeddedServer().start()
-        console.print(f"[dim]embedded server {state.url} (data in {state.data_dir}; "
+        console.print(f"[dim]embedded server {redact(state.url)} (data in {state.data_dir}; "
                       "stop it with `relaybus server stop`)[/dim]")
         yield state.url
         return
@@ -109,9 +113,10 @@ def _snapshot(client: redis.Redis, prefix: str, run: str, result: DemoResult,
 
 
 def _spawn(name: str, url: str, prefix: str, run: str, seed: int, orders: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "relaybus.demo.worker", name, url, prefix, run, str(seed),
-           str(orders)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None)
+    cmd = [sys.executable, "-m", "relaybus.demo.worker", name, prefix, run, str(seed),
+           str(orders)]  # the URL (it may hold a password) goes in the environment
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None,
+                            env={**os.environ, URL_ENV: url})
 
 
 def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, processes: bool = False,

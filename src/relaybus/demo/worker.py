@@ -7,6 +7,7 @@ stops gracefully.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,12 +15,14 @@ import time
 
 from relaybus.bus import EventBus
 
+from . import URL_ENV
 from .services import SERVICES, build_service, create_orders
 
 
 def main(argv: list[str]) -> int:
     """Run one demo process; return its exit code."""
-    name, url, prefix, run, seed, orders = argv
+    name, prefix, run, seed, orders = argv
+    url = os.environ[URL_ENV]
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -7,6 +7,7 @@ stopping them is quick; synchronisation is by events and polling with deadlines.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
@@ -430,6 +431,35 @@ def test_two_events_of_different_types_sharing_an_id_are_both_handled_once(
         svc.subscription_queue.send_message(serialize_event(event), dedup_key="shared")
     wait_for(lambda: svc.stats["duplicates"] == 2, what="both copies dropped")
     assert sorted(seen) == ["ping", "pong"]
+
+
+def test_an_entry_with_thousands_of_fields_is_dead_lettered_and_its_neighbours_flow(
+        make: Factory, bus: EventBus, raw: redis.Redis) -> None:
+    """Too wide for Lua's unpack(): retried, then dead-lettered with only relaybus's
+    own fields and a count of the dropped ones; the events around it are handled."""
+    svc = make("wide", max_attempts=2)
+    seen: list[int] = []
+
+    @svc.on(Ping)
+    def handle(event: Ping) -> None:
+        if event.n == 2:
+            raise ValueError("cannot handle the wide one")
+        seen.append(event.n)
+
+    svc.start()
+    publish(bus, Ping(n=1))
+    wide = Ping(n=2)
+    fields: dict[str, Any] = {"d": json.dumps(serialize_event(wide)),
+                              "t": int(time.time() * 1000),
+                              "k": wide.event_id, "e": wide.event_type}
+    fields.update({f"junk{i}": "x" for i in range(5000)})
+    raw.xadd(QueueKeys(svc.prefix, "all").stream, fields)
+    publish(bus, Ping(n=3))
+    wait_for(lambda: svc.stats["dead_lettered"] == 1, what="the wide one dead-lettered")
+    [dead] = dead_letters(svc)
+    assert dead.data["n"] == 2 and dead.failures[0]["dropped_fields"] == 5000  # at the retry
+    assert set(dead.fields) <= {b"d", b"t", b"k", b"e", b"f", b"n"}
+    wait_for(lambda: sorted(seen) == [1, 3], what="the neighbours handled")
 
 
 def test_duplicates_are_not_handled_again(make: Factory, bus: EventBus) -> None:

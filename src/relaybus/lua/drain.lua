@@ -27,7 +27,7 @@ local pending = redis.call('XPENDING', log, group, '-', '+', limit)
 for _, p in ipairs(pending) do
   local r = redis.call('XRANGE', log, p[1], p[1])
   if r[1] then
-    redis.call('XADD', stream, '*', unpack(r[1][2]))
+    redis.call('XADD', stream, '*', unpack((writable(r[1][2]))))
     copied = copied + 1
   end
   redis.call('XACK', log, group, p[1])
@@ -56,7 +56,7 @@ if room > 0 then
         end
       end
       if etype == nil or all or types[etype] then
-        redis.call('XADD', stream, '*', unpack(e[2]))
+        redis.call('XADD', stream, '*', unpack((writable(e[2]))))
         copied = copied + 1
       end
       ids[#ids + 1] = e[1]

@@ -15,6 +15,28 @@ local function expiry_of(id, l)
   return tonumber(string.match(id, '(%d+)%-%d+$')) + ttl
 end
 
+-- Most values one unpack() may give (Lua's C stack limit is 8000), and the fields
+-- relaybus writes: an entry too wide to write back as it is keeps only these.
+local MAX_UNPACK = 7000
+local OWN_FIELDS = {d = true, t = true, h = true, k = true, e = true, l = true, x = true,
+                    n = true, f = true}
+
+-- Flat fields `f` as XADD can write them back: as they are, or, too wide for one
+-- unpack(), only the fields relaybus writes; and how many fields were dropped.
+local function writable(f)
+  if #f <= MAX_UNPACK then return f, 0 end
+  local kept, dropped = {}, 0
+  for i = 1, #f, 2 do
+    if OWN_FIELDS[f[i]] then
+      kept[#kept + 1] = f[i]
+      kept[#kept + 1] = f[i + 1]
+    else
+      dropped = dropped + 1
+    end
+  end
+  return kept, dropped
+end
+
 -- The value of field `name` in a flat {k1, v1, k2, v2, ...} list, or nil.
 local function field_of(f, name)
   for i = 1, #f, 2 do
@@ -71,9 +93,12 @@ local function park(f, id, deliveries, record, dst, due, now)
       fields[#fields + 1] = f[i + 1]
     end
   end
+  local dropped
+  fields, dropped = writable(fields)
   local added = '"message_id":' .. cjson.encode(id) ..
     ',"attempt":' .. string.format('%d', attempts + deliveries) ..
     ',"timestamp":' .. string.format('%.3f', now / 1000)
+  if dropped > 0 then added = added .. ',"dropped_fields":' .. dropped end
   if invalid then added = added .. ',"invalid_history":' .. cjson.encode(invalid) end
   local members = string.match(record, '^%s*{(.*)}%s*$')
   if members == nil then  -- not an object (not written by relaybus): kept as text

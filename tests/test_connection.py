@@ -25,6 +25,7 @@ from relaybus import (
     Queue,
     RelaybusError,
 )
+from relaybus._core.outage import Kind, classify, translate
 from relaybus._core.queue import ping
 from relaybus._sync.driver import Driver
 from relaybus.cli import app
@@ -323,3 +324,16 @@ def test_the_cli_names_refused_credentials_and_databases(locked_url: str) -> Non
     assert no_db.exit_code == 2, no_db.output
     assert redact(url99) in no_db.stderr and "no such database" in no_db.stderr
     assert SECRET not in no_db.output
+
+
+def test_a_transaction_refused_at_exec_for_memory_is_out_of_memory() -> None:
+    """The server can go over maxmemory between queueing and EXEC: it then refuses the
+    whole transaction at EXEC, naming OOM inside EXECABORT. That is a full server (the
+    settle batch goes through settle.lua), not a refused command."""
+    exc = redis.exceptions.ExecAbortError(
+        "Transaction discarded because of: OOM command not allowed when used memory > "
+        "'maxmemory'.")
+    assert classify(exc) is Kind.OOM
+    assert isinstance(translate(exc, "127.0.0.1:1"), BrokerOutOfMemoryError)
+    other = redis.exceptions.ExecAbortError("Transaction discarded because of previous errors.")
+    assert classify(other) is Kind.REFUSED

@@ -51,6 +51,9 @@ TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "
 #: How Redis 6.2 reports the error of a call inside a script:
 #: ``Error running script (call to f_...): @user_script:125: @user_script: 125: -OOM ...``.
 _SCRIPT_ERROR = re.compile(r"^Error running script .*?@user_script: ?\d+: -([A-Z]+) ")
+#: How a transaction refused at EXEC reports why (the server went over ``maxmemory``
+#: between queueing and EXEC): ``EXECABORT Transaction discarded because of: OOM ...``.
+_EXEC_ABORT = re.compile(r"Transaction discarded because of: -?([A-Z]+) ")
 
 
 class GroupMissing(BrokerCommandError):
@@ -95,7 +98,7 @@ def _error_code(exc: BaseException) -> str:
     if isinstance(exc, redis.exceptions.NoScriptError):
         return "NOSCRIPT"
     text = str(exc).rpartition(" of pipeline caused error: ")[2]
-    inner = _SCRIPT_ERROR.search(text)  # Redis 6.2 wraps an error a script's call got
+    inner = _SCRIPT_ERROR.search(text) or _EXEC_ABORT.search(text)  # a wrapped error
     if inner:
         return inner.group(1).upper()
     return text.split(" ", 1)[0].upper() if text else ""

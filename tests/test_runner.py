@@ -144,14 +144,16 @@ def test_a_second_sigterm_stops_at_once_and_says_how_long_it_waited(
     try:
         assert child.stdout is not None and child.stderr is not None
         assert child.stdout.readline().strip() == "ready"
-        wait_for(lambda: "hasty" in bus.subscriptions(), what="the child to subscribe")
+        logged = [child.stderr.readline()]
+        while "started on" not in logged[-1]:  # its start() is done: it waits for signals
+            assert logged[-1], "".join(logged)
+            logged.append(child.stderr.readline())
         bus.publish_many([Ping(n=n) for n in range(2)])
         assert child.stdout.readline().strip() == "started 0"  # it now waits for "release"
         child.send_signal(signal.SIGTERM)
-        logged = [child.stderr.readline()]
         while "stop requested" not in logged[-1]:
-            assert logged[-1], "".join(logged)
             logged.append(child.stderr.readline())
+            assert logged[-1], "".join(logged)
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=20)
         err = "".join(logged) + err
@@ -261,7 +263,11 @@ def test_sigterm_lets_the_in_flight_handler_finish(redis_url: str, prefix: str,
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
-        wait_for(lambda: "term" in bus.subscriptions(), what="the child to subscribe")
+        assert child.stderr is not None
+        early = [child.stderr.readline()]
+        while "started on" not in early[-1]:  # its start() is done: it waits for signals
+            assert early[-1], "".join(early)
+            early.append(child.stderr.readline())
         bus.publish_many([Ping(n=n) for n in range(3)])
         assert child.stdout.readline().strip() == "started 0"
         # the child holds its prefetch (2): event 1 read and waiting, event 2 not read
@@ -269,8 +275,7 @@ def test_sigterm_lets_the_in_flight_handler_finish(redis_url: str, prefix: str,
         wait_for(lambda: raw.xpending(log, "sub:term")["pending"] == 2,
                  what="the child to hold two events")
         child.send_signal(signal.SIGTERM)
-        assert child.stderr is not None
-        logged = [child.stderr.readline()]
+        logged = [*early, child.stderr.readline()]
         while "stop requested" not in logged[-1]:
             assert logged[-1], "".join(logged)
             logged.append(child.stderr.readline())

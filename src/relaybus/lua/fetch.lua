@@ -148,8 +148,10 @@ local more, dups = 0, 0
 -- the key alone for an entry that is no event
 local function identity(c)
   local e = c[5]
-  if not e then
-    local ok, data = pcall(cjson.decode, field_of(c[3], 'd') or '')
+  local payload = not e and field_of(c[3], 'd')
+  -- only a payload that may name a type is decoded (plain messages, the common case, not)
+  if payload and string.find(payload, '"event_type"', 1, true) then
+    local ok, data = pcall(cjson.decode, payload)
     if ok and type(data) == 'table' and type(data['event_type']) == 'string' then
       e = data['event_type']
     end

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import sys
@@ -204,3 +205,9 @@ def child_command(*args: str) -> list[str]:
     code = (f"import sys; sys.path.insert(0, {here!r}); import helpers_service; "
             "helpers_service.main(sys.argv[1:])")
     return [sys.executable, "-c", code, *args]
+
+
+def hold_the_gil(seconds: float) -> None:
+    """A long C call that keeps the GIL (ctypes.PyDLL does not release it): no other
+    thread of this process runs meanwhile, the lease extending one included."""
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))

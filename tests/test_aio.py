@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ import redis
 import redis.asyncio
 
 from helpers_aio import RUN_VISIBILITY_TIMEOUT, Child, child_command
-from helpers_service import Ping, Pong
+from helpers_service import Ping, Pong, hold_the_gil
 from relaybus import (
     AsyncEventBus,
     AsyncMessageQueue,
@@ -648,8 +649,27 @@ def test_an_awaiting_handler_keeps_its_lease(redis_url: str, prefix: str) -> Non
             assert deliveries == {1}  # never reclaimed, by the other instance or its own
             assert len(calls) == 1
             assert sum(s.stats["received"] for s in instances) == 1
+            assert sum(s.stats["lease_lapsed"] for s in instances) == 0
 
     run(main())
+
+
+def test_a_thread_handler_holding_the_gil_past_its_lease_is_logged_and_counted(
+        redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    vt = 0.3
+
+    async def main() -> None:
+        async with Harness(redis_url, prefix) as h:
+            svc = h.service("frozen", visibility_timeout=vt)
+            svc.on(Ping)(lambda e: hold_the_gil(3 * vt))  # a plain def: in a worker thread
+            await svc.start()
+            await h.publish(Ping())
+            await until(lambda: svc.stats["handled"] == 1, what="the frozen handler")
+            assert svc.stats["lease_lapsed"] == 1
+
+    with caplog.at_level(logging.WARNING, logger="relaybus"):
+        run(main())
+    assert any("lapsed while its handler ran" in r.getMessage() for r in caplog.records)
 
 
 # -- stopping and cancelling ------------------------------------------------------------------

@@ -556,6 +556,69 @@ def test_extend_lease_prevents_reclaim(mq: MessageQueue, raw: redis.Redis) -> No
     assert again.delivery_count == 2  # extending did not count as deliveries
 
 
+def age(raw: redis.Redis, queue: Queue, mid: str, holder: str, idle_ms: int) -> None:
+    """Make ``holder``'s pending ``mid`` look idle for ``idle_ms`` (the server's idle time,
+    set with XCLAIM ... IDLE; its delivery count unchanged)."""
+    raw.xclaim(queue.key, GROUP, holder, 0, [mid], idle=idle_ms, justid=True)
+
+
+def test_reclaim_waits_for_the_holders_lease_not_the_callers(
+        make_mq: Callable[..., MessageQueue], raw: redis.Redis) -> None:
+    """A rolling deploy changes the visibility timeout: an instance with a short one
+    never takes the running messages of one with a long one, and the other way round
+    the short lease still lapses on time."""
+    old, _ = make_mq(consumer_id="old").create_queue_pair("orders", visibility_timeout=30)
+    new, _ = make_mq(consumer_id="new").create_queue_pair("orders", visibility_timeout=VT)
+    mid = old.send_message({"job": 1})
+    assert [m.id for m in old.get_messages()] == [mid]
+    age(raw, old, mid, "old", 5_000)  # past the new instance's 0.3 s, not its holder's 30 s
+    assert new.get_messages() == []
+    assert pending_ids(raw, old) == {mid: "old"}
+    age(raw, old, mid, "old", 30_001)  # the holder's lease lapsed: it died
+    [taken] = new.get_messages()
+    assert (taken.id, taken.delivery_count) == (mid, 2)
+    assert new.acknowledge_messages(mid) == 1
+    short = new.send_message({"job": 2})
+    assert [m.id for m in new.get_messages()] == [short]
+    wait_idle(raw, new, VT)  # 0.3 s: the holder's lease, though the caller's is 30 s
+    [again] = old.get_messages()
+    assert (again.id, again.delivery_count) == (short, 2)
+
+
+def test_reclaim_of_a_holder_without_a_recorded_lease_uses_the_callers(
+        make_mq: Callable[..., MessageQueue], raw: redis.Redis) -> None:
+    q, _ = make_mq(consumer_id="long").create_queue_pair("orders", visibility_timeout=30)
+    make_mq(consumer_id="short").create_queue_pair("orders", visibility_timeout=VT)
+    assert q.get_messages() == []  # "long" records its lease
+    mid = q.send_message({"job": 1})
+    raw.xreadgroup(GROUP, "foreign", {q.key: ">"}, count=1)  # a reader of another tool
+    age(raw, q, mid, "foreign", 29_000)
+    assert q.get_messages() == []
+    age(raw, q, mid, "foreign", 30_001)
+    assert [m.id for m in q.get_messages()] == [mid]
+
+
+def test_consumers_long_gone_that_hold_nothing_are_pruned(
+        make_mq: Callable[..., MessageQueue], raw: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from relaybus._core import queue as core
+
+    monkeypatch.setattr(core, "PRUNE_IDLE", VT)
+    q, _ = make_mq(consumer_id="dead").create_queue_pair("orders", visibility_timeout=VT / 3)
+    keep = q.send_message({"job": "held"})
+    q.get_messages(consumer_id="holder")  # died holding a message: it is reclaimed first
+    q.get_messages(consumer_id="dead")  # died holding nothing
+    live = make_mq(consumer_id="live").require_queue("orders")
+    wait_for(lambda: {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)
+                      if c["idle"] >= VT * 1000} >= {b"dead", b"holder"})
+    [reclaimed] = live.get_messages()
+    assert reclaimed.id == keep
+    assert {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)} == {b"holder", b"live"} \
+        or {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)} == {b"live"}
+    assert b"dead" not in raw.hkeys(q.key + ":leases")
+    assert live.mq.stats["consumers_pruned"] >= 1
+
+
 def test_extend_lease_does_not_steal_reclaimed_message(
         mq: MessageQueue, raw: redis.Redis) -> None:
     q, _ = mq.create_queue_pair("orders", visibility_timeout=VT)

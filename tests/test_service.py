@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers_service import Ping, Pong, Proxy, child_command
+from helpers_service import Ping, Pong, Proxy, child_command, hold_the_gil
 from relaybus import (
     ConfigurationError,
     Event,
@@ -668,6 +668,21 @@ def test_a_long_handler_keeps_its_lease(make: Factory, bus: EventBus, raw: redis
     assert deliveries == {1}  # never reclaimed, by the other instance or its own
     assert len(calls) == 1
     assert sum(s.stats["received"] for s in instances) == 1
+    assert sum(s.stats["lease_lapsed"] for s in instances) == 0
+
+
+def test_a_handler_holding_the_gil_past_its_lease_is_logged_and_counted(
+        make: Factory, bus: EventBus, caplog: pytest.LogCaptureFixture) -> None:
+    vt = 0.3
+    svc = make("frozen", visibility_timeout=vt)
+    svc.on(Ping)(lambda e: hold_the_gil(3 * vt))
+    svc.start()
+    with caplog.at_level(logging.WARNING, logger="relaybus"):
+        publish(bus, Ping())
+        wait_for(lambda: svc.stats["handled"] == 1)
+    assert svc.stats["lease_lapsed"] == 1
+    [line] = [r.getMessage() for r in caplog.records if "lapsed" in r.getMessage()]
+    assert "while its handler ran" in line and "visibility timeout 0.3 s" in line
 
 
 def test_run_forever_returns_after_stop_from_another_thread(make: Factory) -> None:

@@ -124,13 +124,18 @@ class QueueKeys:
         return self.tag + ":published:ids"
 
     @property
-    def stats(self) -> str:
-        return self.tag + ":stats"
+    def leases(self) -> str:
+        """The hash of each consumer's lease (its visibility timeout, ms) on the stream."""
+        return self.tag + ":leases"
+
+    @property
+    def dlq_leases(self) -> str:
+        return self.dlq + ":leases"
 
     def all(self) -> list[str]:
         """Every key of the pair (for deletion)."""
         return [self.stream, self.dlq, self.meta, self.delayed, self.done, self.published,
-                self.published_ids]
+                self.published_ids, self.leases, self.dlq_leases]
 
 
 def registry_key(prefix: str) -> str:

@@ -15,7 +15,10 @@ the asyncio worker with tasks. Both follow the same rules, written once here:
   settle is in flight the next batch gathers, so no message waits more than one round
   trip, and none is acknowledged before its handler returned.
 - **Leases.** Every ``lease_interval`` (a third of the visibility timeout) the held
-  messages' leases are extended, so only a dead instance's messages lapse.
+  messages' leases are extended, so only a dead instance's messages lapse. A handler
+  that finishes more than a visibility timeout after its message's lease was last
+  taken or extended (the process was frozen: a handler holding the GIL, a paused VM)
+  is logged and counted (``lease_lapsed``): another instance may have run it too.
 - **Outages.** A settle that fails for an outage is kept and sent again (with the
   messages finished meanwhile); one the server refuses because of its failure
   details is sent again without them.
@@ -121,6 +124,8 @@ class SettleBatch:
 
     items: list[tuple[Message, Outcome]]
     settlement: q.Settlement
+    #: When it was built (monotonic): the extended leases run from then.
+    built_at: float = 0.0
 
 
 class Consumer:
@@ -145,6 +150,8 @@ class Consumer:
         self.queue_counts = queue_counts if queue_counts is not None else q.Counts()
         self._duplicates_seen = self.queue_counts.values.get("duplicates", 0)
         self.held: dict[str, Message] = {}
+        #: When each held message's lease was last taken or extended (monotonic).
+        self.leased: dict[str, float] = {}
         self.buffer: collections.deque[Message] = collections.deque()
         self.running: set[str] = set()
         self.finished: list[tuple[Message, Outcome]] = []
@@ -190,8 +197,10 @@ class Consumer:
         for m in messages:
             if m.id in self.held:  # our own lease lapsed and we reclaimed it: keep one
                 logger.debug("%s: message %s is already held here", self.name, m.id)
+                self.leased[m.id] = now
                 continue
             self.held[m.id] = m
+            self.leased[m.id] = now
             self.buffer.append(m)
             new += 1
         if self._skip_inbox:
@@ -230,6 +239,15 @@ class Consumer:
         if message.id not in self.running:
             return  # handed back meanwhile: its result no longer counts
         self.running.discard(message.id)
+        leased = self.leased.get(message.id)
+        if leased is not None and now - leased > self.ref.visibility_timeout:
+            self.counters.incr("lease_lapsed")
+            logger.warning("%s: the lease of message %s lapsed while its handler ran (%.1f s "
+                           "since it was last taken or extended; visibility timeout %.1f s): "
+                           "another instance may have handled it too. Lease extension stops "
+                           "while the process cannot run Python (a handler holding the GIL, "
+                           "a paused process); see docs/reliability.md", self.name, message.id,
+                           now - leased, self.ref.visibility_timeout)
         if not self.finished:
             self._first_finished = now
         self.finished.append((message, outcome))
@@ -237,7 +255,7 @@ class Consumer:
     def dropped(self, message: Message) -> None:
         """Processing ``message`` failed unexpectedly (a bug): leave it pending, let it go."""
         self.running.discard(message.id)
-        self.held.pop(message.id, None)
+        self._release_held(message.id)
 
     def unfinished(self, message: Message) -> None:
         """A handler was cancelled before it finished ``message``: hand it back."""
@@ -283,6 +301,7 @@ class Consumer:
             return None
         items, self.finished = self.finished, []
         batch = self._build(items)
+        batch.built_at = now
         batch.settlement.acks += self.skipped
         self.skipped = []
         if self.lease_due(now):
@@ -363,10 +382,14 @@ class Consumer:
             if self.read.local_due is None or due < self.read.local_due:
                 self.read.local_due = due
         missing = set(result.missing)
-        held = self.held
+        held, leased = self.held, self.leased
+        for mid in batch.settlement.extend:
+            if mid in leased:
+                leased[mid] = batch.built_at
         handled = 0
         for m, o in batch.items:
             held.pop(m.id, None)
+            leased.pop(m.id, None)
             action = o.decision.action
             if action is Action.ACK:
                 handled += 1
@@ -384,6 +407,7 @@ class Consumer:
 
     def _release_held(self, message_id: str) -> None:
         self.held.pop(message_id, None)
+        self.leased.pop(message_id, None)
 
     # -- stopping -------------------------------------------------------------------
 
@@ -418,7 +442,7 @@ class Consumer:
         ids = [m.id for m in self.buffer]
         self.buffer.clear()
         for mid in ids:
-            self.held.pop(mid, None)
+            self._release_held(mid)
         skipped, self.skipped = self.skipped + self._skip_inbox, []
         self._skip_inbox.clear()
         return q.Settlement(acks=skipped, release=ids, forget=forget)

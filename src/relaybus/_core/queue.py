@@ -52,6 +52,13 @@ IDLE_RECHECK_MAX = 10.0
 SUB_RECHECK_MAX = 2.0
 #: Longest time, in seconds, a busy consumer goes without the periodic work.
 BUSY_RECHECK = 1.0
+#: A consumer that holds nothing and was not seen for this long (seconds; and for
+#: twice its visibility timeout) is removed from its group(s): a live one is seen at
+#: least every :data:`IDLE_RECHECK_MAX`, and one removed by mistake is back at its
+#: next read, having lost nothing.
+PRUNE_IDLE = 300.0
+#: How often, in seconds, one reader's periodic fetch looks for such consumers.
+PRUNE_EVERY = 60.0
 #: Most entries counted for a subscription's lag on a server that does not report it
 #: (Redis 6.2: ``XINFO GROUPS`` has no ``lag``).
 LAG_COUNT_CAP = 1000
@@ -94,6 +101,11 @@ class QueueRef:
     @property
     def key(self) -> str:
         return self.keys.dlq if self.is_dlq else self.keys.stream
+
+    @property
+    def leases(self) -> str:
+        """The hash of its consumers' leases (see ``lua/fetch.lua``)."""
+        return self.keys.dlq_leases if self.is_dlq else self.keys.leases
 
     @property
     def log(self) -> QueueKeys | None:
@@ -152,6 +164,8 @@ class ReadState:
     wake: list[str] = field(default_factory=list)
     #: A subscription's event types as the last periodic fetch read them (``*``: all).
     types: frozenset[str] = frozenset()
+    #: When the next periodic fetch also prunes consumers long gone.
+    next_prune: float = 0.0
 
     def earliest_due(self) -> float | None:
         dues = [d for d in (self.next_due, self.local_due) if d is not None]
@@ -183,6 +197,8 @@ class Fetched:
     types: list[str]
     #: Reclaimed log entries of types the subscription does not keep (acknowledged).
     skipped: int = 0
+    #: Consumers that held nothing and were long unseen, removed from the group(s).
+    pruned: int = 0
 
     def remember(self, state: ReadState, fetched_at: float) -> None:
         """Carry what the next fetch needs into ``state`` (``fetched_at``: monotonic)."""
@@ -257,25 +273,27 @@ def send_many(keys_fields: Sequence[tuple[str, Mapping[str, str | int]]]) -> Ste
 # -- reading ------------------------------------------------------------------------
 
 
-def fetch(ref: QueueRef, consumer: str, count: int, state: ReadState, periodic: bool
-          ) -> Step[Fetched]:
+def fetch(ref: QueueRef, consumer: str, count: int, state: ReadState, periodic: bool,
+          prune: bool = False) -> Step[Fetched]:
     """One fetch script call (see ``lua/fetch.lua``) from where ``state`` left off;
-    ``periodic`` adds the periodic work (due retries, reclaiming a dead consumer's)."""
+    ``periodic`` adds the periodic work (due retries, reclaiming lapsed leases);
+    ``prune`` also removes consumers that hold nothing and were not seen for
+    :data:`PRUNE_IDLE`."""
     k = ref.keys
     s = ref.settings
     delayed = k.dlq + ":delayed" if ref.is_dlq else k.delayed  # a DLQ has no retries
-    keys = [ref.key, delayed, k.done, k.dlq]
+    keys = [ref.key, delayed, k.done, k.dlq, ref.leases]
     args: list[Any] = [GROUP, consumer, count, int(ref.visibility_timeout * 1000), ref.name,
                        s.max_deliveries, state.cursor, 0 if ref.is_dlq else 1,
-                       1 if periodic else 0]
+                       1 if periodic else 0, int(PRUNE_IDLE * 1000) if prune else 0]
     log = ref.log
     if log is not None:
         keys += [log.stream, k.meta]
         args += [ref.pair_name, state.log_cursor, ref.log_prefix]
 
     def parse(reply: list[Any]) -> Fetched:
-        entries, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types, skipped = \
-            reply
+        (entries, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types, skipped,
+         pruned) = reply
         try:
             stored = json.loads(types)
         except ValueError:
@@ -285,7 +303,7 @@ def fetch(ref: QueueRef, consumer: str, count: int, state: ReadState, periodic: 
                        text(cursor), text(log_cursor), bool(int(more)),
                        [text(w) for w in wake],
                        [str(t) for t in stored] if isinstance(stored, list) else [],
-                       int(skipped))
+                       int(skipped), int(pruned))
 
     return Step.one(ScriptCall(script("fetch"), keys, args), parse)
 
@@ -450,14 +468,17 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
         more = False
         if rows is None and (periodic or not (sub or (blocking and state.idle))):
             periodic = periodic or not sub  # a plain queue reclaims on every fetch
+            prune = periodic and now >= state.next_prune
             try:
-                got = yield fetch(ref, consumer, count, state, periodic)
+                got = yield fetch(ref, consumer, count, state, periodic, prune)
             except GroupMissing:
                 counts.add("groups_recreated", 1)
                 yield from recover(ref)
                 periodic = True
-                got = yield fetch(ref, consumer, count, state, periodic)
+                got = yield fetch(ref, consumer, count, state, periodic, prune)
             got.remember(state, now)
+            if prune:
+                state.next_prune = now + PRUNE_EVERY
             if periodic:
                 # busy: again within a second (messages another instance handed back are
                 # taken soon); idle: at the recheck interval, which bounds the idle cost
@@ -468,6 +489,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             counts.add("duplicates", got.duplicates)
             counts.add("dead_lettered", got.dead_lettered)
             counts.add("skipped", got.skipped)
+            counts.add("consumers_pruned", got.pruned)
             entries, more = got.entries, got.more
         drained = False  # the log gave fewer than asked: the next read may block at once
         if sub and state.types and (rows is not None or (
@@ -610,7 +632,7 @@ def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None 
 def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None
                    ) -> Step[Settled]:
     k = ref.keys
-    keys = [ref.key, k.delayed, k.done, dlq_key or k.dlq]
+    keys = [ref.key, k.delayed, k.done, dlq_key or k.dlq, ref.leases]
     log = ref.log
     if log is not None:
         keys.append(log.stream)
@@ -783,7 +805,7 @@ def queue_names(prefix: str) -> Step[list[str]]:
 def delete_pair(ref: QueueRef, keep_dlq: bool) -> Step[bool]:
     """Delete the pair's keys (and its group on the log); the value: whether any existed."""
     k = ref.keys
-    doomed = [key for key in k.all() if not keep_dlq or key != k.dlq]
+    doomed = [key for key in k.all() if not keep_dlq or key not in (k.dlq, k.dlq_leases)]
     cmds = [Call("DEL", *doomed), Call("SREM", registry_key(ref.settings.prefix), ref.pair_name)]
     if k.log is not None:
         cmds.append(Call("XGROUP", "DESTROY", k.log.stream, ref.pair_name))

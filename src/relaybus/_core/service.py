@@ -63,7 +63,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 WILDCARD = ALL_EVENTS
 #: The counters in a service's ``stats``.
 STAT_NAMES = ("received", "handled", "failed", "retried", "dead_lettered", "invalid",
-              "duplicates", "errors")
+              "duplicates", "errors", "lease_lapsed")
 #: Longest traceback kept in a failure record, in characters (the end is kept).
 MAX_TRACEBACK_CHARS = 8000
 #: Longest exception message kept in a failure record, in characters.

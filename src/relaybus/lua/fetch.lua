@@ -1,26 +1,35 @@
 -- Deliver up to COUNT messages to one consumer, in one round trip.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream;
--- a subscription adds KEYS[5] the event log, KEYS[6] its meta hash.
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] min idle ms (reclaim),
--- ARGV[5] queue name (failure records), ARGV[6] max deliveries, ARGV[7] reclaim cursor,
--- ARGV[8] '1' to screen entries (expired, over-delivered, done; '0' for a dead-letter
--- queue, which shows what it holds as it is), ARGV[9] '1' to do the periodic work
--- first (due retries back into the stream; entries idle past the visibility timeout,
--- a dead consumer's, reclaimed); a subscription adds ARGV[10] its group on the log,
--- ARGV[11] its reclaim cursor there, ARGV[12] the id prefix of log entries ('all/').
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream,
+-- KEYS[5] leases hash (consumer -> its visibility timeout, ms); a subscription adds
+-- KEYS[6] the event log, KEYS[7] its meta hash.
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] this consumer's visibility
+-- timeout ms (its lease), ARGV[5] queue name (failure records), ARGV[6] max deliveries,
+-- ARGV[7] reclaim cursor, ARGV[8] '1' to screen entries (expired, over-delivered, done;
+-- '0' for a dead-letter queue, which shows what it holds as it is), ARGV[9] '1' to do
+-- the periodic work first (due retries back into the stream; entries whose holder's
+-- lease lapsed reclaimed), ARGV[10] idle ms after which a consumer holding nothing is
+-- pruned from the group(s) ('' or 0: not this time); a subscription adds ARGV[11] its
+-- group on the log, ARGV[12] its reclaim cursor there, ARGV[13] the id prefix of log
+-- entries ('all/').
 -- New entries are read from the queue's own stream. A subscription's new log entries
 -- are read by the client with a plain XREADGROUP (the hot path); here only its
 -- reclaimed ones (periodic work) are screened.
+-- Reclaim is decided by the lease the holder took, not by the caller's: every consumer
+-- records its visibility timeout in the leases hash at its periodic fetch, and an entry
+-- is taken over only once idle for its holder's (the caller's for a holder that has
+-- none recorded). Instances with different timeouts (a rolling deploy) never take each
+-- other's running entries.
 -- Expired entries and entries delivered more than max deliveries times go to the
 -- dead-letter queue with the reason; entries of the own stream whose dedup key is done
 -- are dropped (acknowledged).
 -- Returns {entries, gone, duplicates, dead, ms until the next retry is due (-1: none),
--- cursor, log cursor, more, wake ids, types, skipped}; entry = {id, fields, deliveries}; more = 1
--- when all it read was dropped (call again before blocking); wake ids = the newest id
--- of the own stream, to block on (XREAD) when nothing was delivered; types = the
--- subscription's stored types (JSON) for the client's filter of new log entries.
+-- cursor, log cursor, more, wake ids, types, skipped, pruned}; entry = {id, fields,
+-- deliveries}; more = 1 when all it read was dropped (call again before blocking); wake
+-- ids = the newest id of the own stream, to block on (XREAD) when nothing was
+-- delivered; types = the subscription's stored types (JSON) for the client's filter of
+-- new log entries; pruned = consumers removed.
 local own = {key = KEYS[1], group = ARGV[1], delete = true, prefix = ''}
-local delayed, done, dlq = KEYS[2], KEYS[3], KEYS[4]
+local delayed, done, dlq, leases_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local consumer = ARGV[2]
 local count = tonumber(ARGV[3])
 local min_idle = tonumber(ARGV[4])
@@ -29,12 +38,13 @@ local max_deliveries = tonumber(ARGV[6])
 local cursor = ARGV[7]
 local screen = ARGV[8] == '1'
 local periodic = ARGV[9] == '1'
+local prune_ms = tonumber(ARGV[10]) or 0
 local log, meta = nil, nil
-if #KEYS >= 6 then
-  log = {key = KEYS[5], group = ARGV[10], delete = false, prefix = ARGV[12]}
-  meta = KEYS[6]
+if #KEYS >= 7 then
+  log = {key = KEYS[6], group = ARGV[11], delete = false, prefix = ARGV[13]}
+  meta = KEYS[7]
 end
-local log_cursor = ARGV[11] or '0-0'
+local log_cursor = ARGV[12] or '0-0'
 local now = now_ms()
 
 -- a candidate: {src, id, fields, deliveries, e, k, x} (e, k, x: its routing, dedup and
@@ -51,8 +61,55 @@ local function add(src, id, f, deliveries)
 end
 
 local gone, skipped = 0, 0
+
+-- every consumer's lease; uniform when all are the caller's (the common case: one
+-- setting for all instances), and the caller's own recorded
+local leases, uniform, shortest = {}, true, min_idle
+if periodic then
+  local flat = redis.call('HGETALL', leases_key)
+  for i = 1, #flat, 2 do
+    local ms = tonumber(flat[i + 1])
+    leases[flat[i]] = ms
+    if ms ~= min_idle then uniform = false end
+    if ms < shortest then shortest = ms end
+  end
+  if leases[consumer] ~= min_idle then
+    redis.call('HSET', leases_key, consumer, min_idle)
+    leases[consumer] = min_idle
+  end
+end
+
+-- the next id after stream id `id` (an inclusive start for the next scan)
+local function after(id)
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  return ms .. '-' .. (tonumber(seq) + 1)
+end
+
+-- entries pending for longer than their holder's lease, taken over by this consumer
 local function reclaim(src, from, limit)
   if limit <= 0 then return from end
+  if not uniform then  -- like XAUTOCLAIM: look at up to ten times as many as it takes
+    local scan = limit * 10
+    local rows = redis.call('XPENDING', src.key, src.group, 'IDLE', shortest, from, '+', scan)
+    local taken = 0
+    for i, row in ipairs(rows) do
+      local id, lease = row[1], leases[row[2]] or min_idle
+      if tonumber(row[3]) >= lease then
+        local got = redis.call('XCLAIM', src.key, src.group, consumer, lease, id)
+        local e = got[1]
+        if type(e) == 'table' and type(e[2]) == 'table' then
+          add(src, e[1], e[2], tonumber(row[4]) + 1)
+          taken = taken + 1
+        else  -- deleted from the stream (Redis 7+ dropped it from the PEL, 6.2 did not)
+          redis.call('XACK', src.key, src.group, id)
+          gone = gone + 1
+        end
+        if taken >= limit then return (i < #rows or #rows == scan) and after(id) or '0-0' end
+      end
+    end
+    if #rows < scan then return '0-0' end
+    return after(rows[#rows][1])
+  end
   local r = redis.call('XAUTOCLAIM', src.key, src.group, consumer, min_idle, from, 'COUNT', limit)
   local holes = false
   for _, e in ipairs(r[2]) do
@@ -76,6 +133,43 @@ local function reclaim(src, from, limit)
     end
   end
   return r[1]
+end
+
+-- consumers that hold nothing and were not seen for prune_ms (and twice their lease):
+-- dead or long gone instances, removed from the groups with their leases
+local function prune(srcs)
+  local names, keep = {}, {[consumer] = true}
+  for _, src in ipairs(srcs) do
+    local ok, rows = pcall(redis.call, 'XINFO', 'CONSUMERS', src.key, src.group)
+    if ok then
+      for _, row in ipairs(rows) do
+        local name, pending, idle
+        for i = 1, #row, 2 do
+          local f = row[i]
+          if f == 'name' then name = row[i + 1]
+          elseif f == 'pending' then pending = tonumber(row[i + 1])
+          elseif f == 'idle' then idle = tonumber(row[i + 1]) end
+        end
+        names[name] = true
+        local lease = leases[name] or min_idle
+        if pending > 0 or idle < prune_ms or idle < 2 * lease then keep[name] = true end
+      end
+    end
+  end
+  local pruned = 0
+  for name in pairs(names) do
+    if not keep[name] then
+      for _, src in ipairs(srcs) do
+        pcall(redis.call, 'XGROUP', 'DELCONSUMER', src.key, src.group, name)
+      end
+      redis.call('HDEL', leases_key, name)
+      pruned = pruned + 1
+    end
+  end
+  for name in pairs(leases) do  -- leases of consumers in no group any more
+    if not names[name] and not keep[name] then redis.call('HDEL', leases_key, name) end
+  end
+  return pruned
 end
 
 -- the log is read only by a subscription that keeps some types (an unsubscribed one
@@ -215,4 +309,11 @@ if #out == 0 and more == 0 then
   local last = redis.call('XREVRANGE', own.key, '+', '-', 'COUNT', 1)
   wake[1] = last[1] and last[1][1] or '0-0'
 end
-return {out, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types_json, skipped}
+local pruned = 0
+if periodic and prune_ms > 0 then
+  local srcs = {own}
+  if log then srcs[2] = log end
+  pruned = prune(srcs)
+end
+return {out, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types_json, skipped,
+        pruned}

@@ -1,7 +1,7 @@
 -- Settle a batch of messages of one consumer atomically: acknowledge, record as done,
 -- schedule retries, dead-letter, extend leases, hand back; one round trip per batch.
--- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream;
--- a subscription adds KEYS[5] the event log.
+-- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream,
+-- KEYS[5] leases hash (see fetch.lua); a subscription adds KEYS[6] the event log.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] '1' to delete acknowledged entries,
 -- ARGV[4] done window ms, ARGV[5] idle ms to give handed-back entries (at least the
 -- visibility timeout, so any consumer's next fetch reclaims them), ARGV[6] the
@@ -23,7 +23,7 @@ local consumer = ARGV[2]
 local window = tonumber(ARGV[4])
 local idle = ARGV[5]
 local log = nil
-if #KEYS >= 5 then log = {key = KEYS[5], group = ARGV[6], delete = false, prefix = ARGV[7]} end
+if #KEYS >= 6 then log = {key = KEYS[6], group = ARGV[6], delete = false, prefix = ARGV[7]} end
 local now = now_ms()
 local pos = 8
 
@@ -142,6 +142,7 @@ if ARGV[pos] == '1' then
     for _, src in ipairs(srcs) do
       pcall(redis.call, 'XGROUP', 'DELCONSUMER', src.key, src.group, consumer)
     end
+    redis.call('HDEL', KEYS[5], consumer)
     removed = 1
   end
 end

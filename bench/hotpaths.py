@@ -304,14 +304,17 @@ def consume(url: str, spid: int | None, args: argparse.Namespace) -> None:
 # -- e2e ------------------------------------------------------------------------------
 
 
-def _publisher(url: str, prefix: str, code: str) -> list[str]:
-    """A publisher process: connects, prints ``T0 <time.time()>`` just before it starts
-    publishing, runs ``code`` (``bus``, ``events`` are there)."""
-    head = ("import time\n"
+def _publisher(url: str, prefix: str, code: str) -> dict[str, Any]:
+    """``subprocess.run`` arguments of a publisher process: connects, prints
+    ``T0 <time.time()>`` just before it starts publishing, runs ``code`` (``bus``,
+    ``events`` are there). The URL (it may hold a password) goes in its environment:
+    a command line is visible to every user of the machine."""
+    head = ("import os, time\n"
             "from relaybus import EventBus\n"
             "from relaybus._bench import make_events, paced_publish, publish_all\n"
-            f"bus = EventBus({url!r}, prefix={prefix!r})\n")
-    return [sys.executable, "-c", head + code]
+            f"bus = EventBus(os.environ['RELAYBUS_BENCH_URL'], prefix={prefix!r})\n")
+    return {"args": [sys.executable, "-c", head + code],
+            "env": {**os.environ, "RELAYBUS_BENCH_URL": url}}
 
 
 def _t0(output: str) -> float:
@@ -333,7 +336,7 @@ def e2e(url: str, spid: int | None, args: argparse.Namespace) -> None:
             svc.start()
             try:
                 c0, s0 = time.process_time(), cpu_seconds(spid)
-                out = subprocess.run(_publisher(url, prefix, cmd), check=True,
+                out = subprocess.run(**_publisher(url, prefix, cmd), check=True,
                                      capture_output=True, text=True).stdout
                 svc.wait(n)
                 dt = time.time() - _t0(out)
@@ -370,7 +373,7 @@ def latency(url: str, spid: int | None, args: argparse.Namespace) -> None:
             svc = Service(front, url, prefix)
             svc.start()
             try:
-                subprocess.run(_publisher(url, prefix, cmd), check=True)
+                subprocess.run(**_publisher(url, prefix, cmd), check=True)
                 svc.wait(n, 60)
             finally:
                 svc.close()

@@ -49,6 +49,7 @@ from relaybus import EventBus
 from relaybus._bench import BenchEvent, make_events, temp_prefix
 from relaybus._core.consumer import Consumer, Outcome
 from relaybus.codec import Message
+from relaybus.connection import redact
 from relaybus.embedded import EmbeddedServer
 from relaybus.retry import Action, Decision
 
@@ -248,7 +249,7 @@ def run(url: str) -> None:
     server = stats_client.info("server")
     name = f"valkey {server['valkey_version']}" if "valkey_version" in server else \
         f"redis {server['redis_version']}"
-    print(f"relaybus round trips, {N} events per batch, against {name} ({url})")
+    print(f"relaybus round trips, {N} events per batch, against {name} ({redact(url)})")
     print()
     for row in rows:
         top_total = sum(row["top"].values())

@@ -17,9 +17,10 @@ address. Nothing waits forever.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse, urlsplit
 
 import redis
 import redis.asyncio
@@ -51,17 +52,62 @@ def host_url(host: str, port: int = 6379, db: int = 0, password: str | None = No
     return f"redis://{auth}{host}:{int(port)}/{int(db)}"
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+#: A password in a URL's query (``?password=...``, ``?ssl_password=...``): redis-py takes
+#: any query argument as a connection option, so that is a password too.
+_QUERY_SECRET = re.compile(r"(?i)([?&][^=&#]*password=)([^&#]*)")
+#: The user information of a URL, read loosely: from the first ``:`` after the scheme
+#: up to the last ``@``. It catches a password ``urlsplit`` cannot read (one with ``#``,
+#: ``?`` or ``/`` not percent-encoded, a malformed host); an ``@`` elsewhere in the
+#: URL (a query value) hides more than the password, never less.
+_LOOSE_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*:)(.*)@")
+_HIDDEN = "***"
+
+
+def _redaction(url: str) -> tuple[str, list[str]]:
+    """``url`` with its passwords replaced by ``***``, and the texts replaced."""
+    text, hidden = url, []
     try:
-        parsed = urlparse(url)
+        parsed = urlsplit(url)
         password = parsed.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    host = parsed.netloc.rpartition("@")[2]
-    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+    except ValueError:  # a malformed host or port: the loose reading below still hides it
+        password = None
+    if password:
+        userinfo, _, host = parsed.netloc.rpartition("@")
+        hidden.append(userinfo.partition(":")[2])
+        text = parsed._replace(netloc=f"{parsed.username or ''}:{_HIDDEN}@{host}").geturl()
+    loose = _LOOSE_USERINFO.match(text)
+    if loose and loose.group(2) != _HIDDEN:
+        hidden.append(loose.group(2))
+        text = f"{loose.group(1)}{_HIDDEN}@{text[loose.end():]}"
+    hidden += [m.group(2) for m in _QUERY_SECRET.finditer(text) if m.group(2) != _HIDDEN]
+    text = _QUERY_SECRET.sub(rf"\g<1>{_HIDDEN}", text)
+    return text, [h for h in hidden if h]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages, logs and reprs):
+    the one before the host, any ``password=`` in the query, and one ``urlsplit``
+    cannot read (unencoded ``#``, ``?`` or ``/``)."""
+    return _redaction(url)[0]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a message about ``url``) with every piece of ``url``'s password in it
+    replaced by ``***``: a parser's error about a malformed URL may quote a piece
+    (``Port could not be cast to integer value as 'pa'`` for the password ``pa#ss``)."""
+    pieces: set[str] = set()
+    for secret in _redaction(url)[1]:
+        for form in (secret, unquote(secret)):
+            pieces.add(form)
+            pieces.update(p for p in re.split(r"[#?/@:&=]", form) if len(p) >= 3)
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, _HIDDEN)
+    return text
+
+
+def _bad_url(url: str, detail: str) -> ConfigurationError:
+    """The error for a URL relaybus cannot use: redacted, and scrubbed of its password."""
+    return ConfigurationError(scrub(f"bad URL {redact(url)!r}: {detail}", url))
 
 
 def embedded_dir(url: str) -> str | None:
@@ -92,14 +138,17 @@ def resolve_url(
         from .embedded import EmbeddedServer
 
         return EmbeddedServer(data_dir or None).start().url
-    parsed = urlparse(chosen)
+    try:
+        parsed = urlparse(chosen)
+    except ValueError as exc:  # not chained: a parser's message may quote the password
+        raise _bad_url(chosen, str(exc)) from None
     if parsed.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(
-            f"unsupported URL {chosen!r}: use redis://, rediss://, unix:// or embedded"
-        )
+        raise ConfigurationError(scrub(
+            f"unsupported URL {redact(chosen)!r}: use redis://, rediss://, unix:// or embedded",
+            chosen))
     db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
     if db and not db.isdigit():  # redis-py would silently use database 0
-        raise ConfigurationError(f"bad URL {chosen!r}: the database must be a number, not {db!r}")
+        raise _bad_url(chosen, f"the database must be a number, not {db!r}")
     return chosen
 
 
@@ -130,13 +179,20 @@ def server_name(reply: Any) -> str:
     return f"redis {info.get('redis_version', '?')}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConnectionSettings:
-    """Where and how to connect: built once from a URL, shared by both fronts."""
+    """Where and how to connect: built once from a URL, shared by both fronts.
+
+    ``url`` holds the password, if any; the ``repr`` shows it redacted.
+    """
 
     url: str
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+
+    def __repr__(self) -> str:
+        return (f"ConnectionSettings(url={redact(self.url)!r}, "
+                f"retry_timeout={self.retry_timeout!r}, socket_timeout={self.socket_timeout!r})")
 
     @classmethod
     def from_options(cls, url: str | None = None, *, redis_host: str = "localhost",
@@ -166,12 +222,14 @@ class ConnectionSettings:
         """A redis-py client for these settings (RESP2, relaybus's timeouts, no retries)."""
         try:
             return redis.Redis.from_url(self.url, **self._kwargs())
-        except ValueError as exc:
-            raise ConfigurationError(f"bad URL {self.url!r}: {exc}") from exc
+        except ValueError as exc:  # not chained: its message may quote a piece of the password
+            error = _bad_url(self.url, str(exc))
+        raise error
 
     def async_client(self) -> redis.asyncio.Redis:
         """A ``redis.asyncio`` client for these settings."""
         try:
             return redis.asyncio.Redis.from_url(self.url, **self._kwargs())
-        except ValueError as exc:
-            raise ConfigurationError(f"bad URL {self.url!r}: {exc}") from exc
+        except ValueError as exc:  # not chained: its message may quote a piece of the password
+            error = _bad_url(self.url, str(exc))
+        raise error

@@ -1,7 +1,8 @@
 """Services in a child process of their own: where ``relaybus bench`` runs what it measures.
 
 :class:`ServiceProcess` starts ``python -c 'from relaybus._bench.child import main;
-main()'`` and drives it over a pipe: requests are JSON lines on the child's stdin,
+main()'`` (the server's URL in ``$RELAYBUS_BENCH_URL``, not on its command line) and
+drives it over a pipe: requests are JSON lines on the child's stdin,
 replies JSON lines on its original stdout (anything else it prints goes to its
 stderr, kept in a temporary file whose tail is shown when something goes wrong; a
 failed request replies ``{"error": ...}``, which :meth:`ServiceProcess.recv` raises).
@@ -54,12 +55,16 @@ from typing import IO, Any, TypeVar
 
 from .common import BenchEvent
 
-__all__ = ["ServiceProcess", "main", "install_command_counter", "COUNTS", "FRONTS"]
+__all__ = ["ServiceProcess", "main", "install_command_counter", "COUNTS", "FRONTS", "URL_ENV"]
 
 T = TypeVar("T")
 
 #: The service fronts a child runs.
 FRONTS = ("sync", "async")
+
+#: The environment variable a child gets its server's URL in (the URL may hold a
+#: password; a command line is visible to every user of the machine).
+URL_ENV = "RELAYBUS_BENCH_URL"
 
 #: What :func:`install_command_counter` counts in this process.
 COUNTS = {"commands": 0, "requests": 0}
@@ -270,7 +275,7 @@ async def _close_all(svcs: list[Any]) -> None:
 def main() -> None:
     """Entry of a child process (see the module docstring).
 
-    ``argv[1]`` is JSON ``{"url", "count_commands"}``.
+    ``argv[1]`` is JSON ``{"count_commands"}``; the server's URL is in ``$RELAYBUS_BENCH_URL``.
     """
     cfg = json.loads(sys.argv[1])
     # every implementation alike: the start-up heap out of the collector's sight
@@ -281,7 +286,7 @@ def main() -> None:
     sys.stdout = sys.stderr
     if cfg.get("count_commands"):
         install_command_counter()
-    host = _Host(cfg["url"])
+    host = _Host(os.environ[URL_ENV])
     window: dict[str, float] = {}
 
     def reply(**kw: Any) -> None:
@@ -342,7 +347,8 @@ class ServiceProcess:
         # the relaybus this process runs (a source tree too), not whatever is installed
         src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-        cfg = json.dumps({"url": url, "count_commands": count_commands})
+        env[URL_ENV] = url  # not on the command line, which every local user can read
+        cfg = json.dumps({"count_commands": count_commands})
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from relaybus._bench.child import main; main()", cfg],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,

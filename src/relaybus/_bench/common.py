@@ -19,6 +19,7 @@ import redis
 
 from ..bus import EventBus
 from ..codec import dumps
+from ..connection import redact
 from ..events import Event, serialize_event
 from ..testing import delete_prefix, unique_prefix
 
@@ -241,7 +242,7 @@ def environment(url: str, embedded: bool) -> dict[str, Any]:
         "memory": _memory_total(),
         "platform": platform.platform(),
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "server_url": "embedded (private, temporary)" if embedded else url,
+        "server_url": "embedded (private, temporary)" if embedded else redact(url),
     }
     client = redis.Redis.from_url(url, decode_responses=True)
     try:

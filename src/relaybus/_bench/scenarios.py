@@ -108,7 +108,7 @@ PUBLISH_BATCH = 100
 
 @dataclass
 class _Ctx:
-    url: str
+    url: str = field(repr=False)  # it may hold a password
     quick: bool
     console: Console
     rounds: int

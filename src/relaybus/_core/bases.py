@@ -12,12 +12,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from .. import codec
-from ..connection import ConnectionSettings, host_url, is_host
+from ..connection import ConnectionSettings, host_url, is_host, redact
 from ..errors import InvalidNameError, QueueNotFoundError
 from ..events import Event
 from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
@@ -55,6 +55,11 @@ def check_count(count: object) -> int:
 
 C = TypeVar("C")  # the front's redis-py client class
 D = TypeVar("D")  # the front's driver class
+
+
+def _shown(url: str) -> str:
+    """A queue layer's URL for its ``repr``: the password redacted (``client``: one's own)."""
+    return "(own client)" if url == "client" else redact(url)
 
 
 class MessageQueueBase(Generic[C, D]):
@@ -98,6 +103,9 @@ class MessageQueueBase(Generic[C, D]):
         self.client: C = client if client is not None else self._new_client(conn)
         #: Runs every command of this queue layer (outage retries, script loading).
         self.driver: D = self._new_driver(self.client, conn)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {_shown(self.url)} prefix={self.prefix!r}>"
 
     def _new_client(self, settings: ConnectionSettings) -> C:
         raise NotImplementedError
@@ -263,7 +271,9 @@ class EventBusBase(Generic[MQ]):
     ``retention_max_len`` / ``retention_seconds``: how much history the log keeps for
     inspection and replay; an event a subscription has not read yet is never trimmed.
     Other keyword arguments go to the message queue (``retry_timeout``,
-    ``consumer_id``, ``client``); or pass ``mq`` to share one.
+    ``consumer_id``, ``client``); or pass ``mq`` to share one. (``_before_open`` is
+    internal: the sync bus, which opens its log when built, calls it with the message
+    queue first; a service waits for its broker there.)
     """
 
     def __init__(
@@ -280,6 +290,7 @@ class EventBusBase(Generic[MQ]):
         retention_max_len: int = bus.DEFAULT_RETENTION_MAX_LEN,
         retention_seconds: float | None = bus.DEFAULT_RETENTION_SECONDS,
         mq: MQ | None = None,
+        _before_open: Callable[[MQ], object] | None = None,
         **mq_options: Any,
     ) -> None:
         if not isinstance(visibility_timeout, (int, float)) or not visibility_timeout > 0:
@@ -300,7 +311,12 @@ class EventBusBase(Generic[MQ]):
             **mq_options)
         self._owns_mq = mq is None
         self.prefix: str = self.mq.prefix
+        self._before_open = _before_open
         self._init_front()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {_shown(getattr(self.mq, 'url', 'client'))} "
+                f"prefix={self.prefix!r}>")
 
     def _new_mq(self, url: str | None, **options: Any) -> MQ:
         raise NotImplementedError

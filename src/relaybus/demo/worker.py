@@ -1,7 +1,9 @@
-"""One demo process: ``python -m relaybus.demo.worker NAME URL PREFIX RUN SEED ORDERS``.
+"""One demo process: ``python -m relaybus.demo.worker NAME PREFIX RUN SEED ORDERS``.
 
-NAME is a service of the demo or ``maintenance`` (the event log's retention). Runs until SIGTERM or SIGINT, then
-stops gracefully.
+NAME is a service of the demo or ``maintenance`` (the event log's retention); the
+server's URL is in ``$RELAYBUS_DEMO_URL`` (it may hold a password, and a command line
+is visible to every user of the machine). Runs until SIGTERM or SIGINT, then stops
+gracefully.
 """
 
 from __future__ import annotations

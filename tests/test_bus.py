@@ -13,6 +13,7 @@ Outage and out-of-memory tests run on a private server they can kill or starve.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -29,8 +30,17 @@ from typing import Any, cast
 import pytest
 import redis
 
-from relaybus import BrokerOutOfMemoryError, Event, EventBus, Message, Queue
+from relaybus import (
+    AsyncEventBus,
+    BrokerOutOfMemoryError,
+    Event,
+    EventBus,
+    InvalidNameError,
+    Message,
+    Queue,
+)
 from relaybus.bus import ALL_EVENTS
+from relaybus.codec import dedup_record
 from relaybus.embedded import find_server_binary
 from relaybus.events import resolve_event_type
 from relaybus.keys import QueueKeys
@@ -452,8 +462,8 @@ def test_a_full_server_still_takes_acknowledgements_with_their_done_records(
         finally:
             admin.config_set("maxmemory", "0")
         assert queue.acknowledge_messages([messages[3].id]) == 1
-        done = {m.decode() for m in admin.zrange(QueueKeys(p, "sub:a").done, 0, -1)}
-        assert done == {e.event_id for e in events[:3]}
+        done = set(admin.zrange(QueueKeys(p, "sub:a").done, 0, -1))
+        assert done == {dedup_record(e.event_id) for e in events[:3]}
         assert settled(admin, p, "a")
     admin.close()
 
@@ -980,3 +990,37 @@ def test_maintenance_survives_a_broker_outage(private_server: PrivateServer,
     resumed = [r for r in records if r.levelno == logging.WARNING]
     assert len(resumed) == 1 and "resumed" in resumed[0].getMessage(), \
         [r.getMessage() for r in records]
+
+
+def test_unreadable_subscription_entries_stop_nothing_else(
+        make_bus: Callable[..., EventBus], redis_url: str, prefix: str, raw: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Entries of the subscriptions table that no service could have written (invalid
+    names, types that are no list of names, names that are not UTF-8) are left out and
+    logged once; the subscriptions around them work, and they can be removed."""
+    received: list[str] = []
+    bus = make_bus()
+    bus.subscribe("good", [OrderPlaced])
+    raw.hset(prefix + "subscriptions", mapping={
+        b"bad name": b'["tests.bus.Ping"]', b"\xff\xfe": b"[]", b"odd": b'[1, null, {"a": 2}]',
+        b"notjson": b"{{{"})
+    with caplog.at_level(logging.WARNING, logger="relaybus.bus"):
+        assert bus.subscriptions() == {"good": ["bustest.order_placed"]}
+        assert bus.subscriptions() == {"good": ["bustest.order_placed"]}
+    warned = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    assert len(warned) == 4  # each once
+    queue, _ = bus.subscription_queue("good")
+    bus.publish(OrderPlaced(order_id='o-1'))
+    received += [m.data["order_id"] for m in queue.get_messages(count=10)]
+    assert received == ["o-1"]
+    assert bus.remove_subscription("bad name") is True
+    with pytest.raises(InvalidNameError):
+        bus.remove_subscription("never stored")  # an invalid name not in the table
+
+    async def front() -> dict[str, list[str]]:
+        async with AsyncEventBus(redis_url, prefix=prefix) as abus:
+            assert await abus.remove_subscription("notjson") is True
+            return await abus.subscriptions()
+
+    assert asyncio.run(front()) == {"good": ["bustest.order_placed"]}
+    assert set(raw.hkeys(prefix + "subscriptions")) == {b"good", b"\xff\xfe", b"odd"}

@@ -310,6 +310,27 @@ def test_subscriptions_remove_says_what_it_deletes_and_asks_first(
     assert rows(cli("subscriptions", "--json"))[0]["service"] == "kept"
 
 
+def test_unreadable_subscription_entries_are_shown_apart_and_can_be_removed(
+        cli: Invoke, bus: EventBus, raw: redis.Redis, prefix: str) -> None:
+    """Entries another tool (or a hand) wrote that are no valid subscription: listed as
+    warnings, the rest shown as usual, and removable by their stored name."""
+    bus.subscribe("good", ["cli.A"])
+    table = prefix + "subscriptions"
+    raw.hset(table, mapping={"bad name": '["cli.A"]', "notjson": "{{{", "odd": "[1, null]"})
+    raw.xgroup_create(QueueKeys(prefix, EVENTS_QUEUE).stream, "sub:bad name", "$")
+    shown = ok(cli("subscriptions", "--json"))
+    assert [r["service"] for r in rows(shown)] == ["good"]
+    for name in ("bad name", "notjson", "odd"):
+        assert f"subscription entry {name!r} is unreadable" in shown.stderr
+    assert "relaybus subscriptions remove 'bad name'" in shown.stderr
+    gone = ok(cli("subscriptions", "remove", "bad name", "--yes"))
+    assert "an unreadable entry" in gone.stdout and "removed subscription 'bad name'" in gone.stdout
+    assert not raw.hexists(table, "bad name")
+    groups = {g["name"] for g in raw.xinfo_groups(QueueKeys(prefix, EVENTS_QUEUE).stream)}
+    assert groups == {b"sub:good"}  # its group on the log (holding back the trim) is gone
+    assert "bad name" not in ok(cli("subscriptions")).stderr
+
+
 def test_subscriptions_json_table_and_no_side_effect(cli: Invoke, redis_url: str,
                                                      prefix: str, mq: MessageQueue) -> None:
     writer = EventBus(redis_url, prefix=prefix)
@@ -703,12 +724,17 @@ def test_run_passes_target_and_url_to_the_runner(cli: Invoke, redis_url: str,
         calls.append((target, url))
         return "svc"
 
+    def run_service(service: str, *, start_timeout: float | None) -> None:
+        calls.append((service, start_timeout))
+
     monkeypatch.setattr(relaybus.runner, "load_service", load_service)
-    monkeypatch.setattr(relaybus.runner, "run_service", calls.append)
+    monkeypatch.setattr(relaybus.runner, "run_service", run_service)
     ok(cli("run", "pkg.mod:svc", connect=False))
-    ok(cli("run", "pkg.mod:svc", "--url", redis_url, connect=False))
-    # without --url (or RELAYBUS_URL) the service keeps the URL its code gives it
-    assert calls == [("pkg.mod:svc", None), "svc", ("pkg.mod:svc", redis_url), "svc"]
+    ok(cli("run", "pkg.mod:svc", "--url", redis_url, "--timeout", "2.5", connect=False))
+    # without --url (or RELAYBUS_URL) the service keeps the URL its code gives it; without
+    # --timeout it waits for its broker until it answers
+    assert calls == [("pkg.mod:svc", None), ("svc", None), ("pkg.mod:svc", redis_url),
+                     ("svc", 2.5)]
 
 
 def test_run_with_a_bad_target_is_a_usage_error(cli: Invoke, redis_url: str) -> None:

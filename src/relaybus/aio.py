@@ -54,7 +54,7 @@ from ._core.queue import (
     Settlement,
 )
 from ._core.replies import ids as _id_list
-from ._core.service import WILDCARD, ServiceBase, returns_awaitable
+from ._core.service import DEFAULT_START_TIMEOUT, WILDCARD, ServiceBase, returns_awaitable
 from ._core.steps import Flow, Step, T
 from .codec import Message
 from .connection import ConnectionSettings
@@ -371,9 +371,8 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def remove_subscription(self, service_name: str) -> bool:
         """Delete a retired service's subscription and all that was kept for it."""
-        validate_name(service_name, "service name")
-        return await self.mq.driver.drive(core_bus.remove_subscription(
-            self._sub_ref(service_name, None), service_name))
+        return await self.mq.driver.drive(core_bus.remove_subscription(self.mq.settings,
+                                                                       service_name))
 
     async def subscriptions(self) -> dict[str, list[str]]:
         """Every subscription under this prefix: service name -> event types."""
@@ -527,17 +526,27 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
         """Subscribe and start handling (and, with ``maintenance``, the bus's maintenance).
 
-        Idempotent while running; raises like :meth:`relaybus.Microservice.start`.
+        Idempotent while running; raises like :meth:`relaybus.Microservice.start`. A
+        broker that does not answer is waited for in the same way: one warning naming
+        it, then retries for ``start_timeout`` seconds (10 by default; None: until it
+        answers) before :class:`~relaybus.errors.BrokerUnavailableError`.
         """
+        bound = self._start_timeout(start_timeout)
         if self.running:
             return
         if self._closed:
             raise RelaybusError(f"service {self.service_name!r} is closed")
         self._check_startable()
         bus = self.event_bus
+        stopping = self._stopping
+        driver = bus.mq.driver  # the async bus talks to the server on first use: now
+        if not await driver.reach(bound, self._on_broker_wait(driver, bound),
+                                  abandon=stopping.is_set if stopping else None):
+            self._not_started(driver)
+            return
         types = self._subscription_types()
         await bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout)
         queue, _ = await self.subscription_queues()
@@ -600,14 +609,21 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         if bus is not None and self._owns_bus:
             await bus.close()
 
-    async def run(self, *, install_signals: bool = True) -> None:
+    async def run(self, *, install_signals: bool = True,
+                  start_timeout: float | None = None) -> None:
         """Start, then run until cancelled, SIGINT or SIGTERM; then stop and close.
 
-        The first signal stops gracefully, a second stops at once (running handlers
-        cancelled, their events handed back). Cancelling the task that awaits this
-        hands every unfinished event back and re-raises. Signal handlers are installed
-        only in the main thread (and ``install_signals``) and removed on return.
+        A broker that does not answer yet is waited for as in :meth:`start`, but by
+        default until it answers (``start_timeout``: seconds to give up after, raising
+        :class:`~relaybus.errors.BrokerUnavailableError`; it goes to the :meth:`start`
+        this calls, also through a subclass's override that awaits ``super().start()``);
+        a signal or :meth:`request_stop` meanwhile ends the wait. The first signal stops
+        gracefully, a second stops at once (running handlers cancelled, their events
+        handed back). Cancelling the task that awaits this hands every unfinished
+        event back and re-raises. Signal handlers are installed only in the main
+        thread (and ``install_signals``) and removed on return.
         """
+        self._run_start_timeout = (self._start_bound(start_timeout),)  # for start()
         self._stopping = asyncio.Event()
         self._signalled = None
         loop = self._loop = asyncio.get_running_loop()
@@ -622,10 +638,11 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         try:
             await self.start()
             await self._stopping.wait()
-            logger.info("service %s: stop requested%s; stopping gracefully (within %.0fs)",
-                        self.service_name,
-                        f" ({self._signalled.name})" if self._signalled else "",
-                        self.shutdown_timeout)
+            if self.running:  # not when the stop came while it waited for the broker
+                logger.info("service %s: stop requested%s; stopping gracefully (within "
+                            "%.0fs)", self.service_name,
+                            f" ({self._signalled.name})" if self._signalled else "",
+                            self.shutdown_timeout)
             await self.stop()
             if self._signalled is not None:
                 logger.info("service %s: stopped on %s%s", self.service_name,
@@ -634,6 +651,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             await self._stop(cancelled=True)
             raise
         finally:
+            self._run_start_timeout = None
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.close()

@@ -61,6 +61,8 @@ class EventBus(EventBusBase[MessageQueue]):
     """
 
     def _init_front(self) -> None:
+        if self._before_open is not None:
+            self._before_open(self.mq)  # a service waiting for its broker
         log = self._log_ref()
         vt = self.mq.driver.drive(core.open_log(log, time.time()))
         #: The event log (``all``) and the bus's dead-letter queue (``all:dlq``).
@@ -141,9 +143,7 @@ class EventBus(EventBusBase[MessageQueue]):
         queue, retries, dead letters, done records, its place in the log); return
         whether there was any. Stop its instances first: a running one subscribes again.
         """
-        validate_name(service_name, "service name")
-        return self.mq.driver.drive(core.remove_subscription(
-            self._sub_ref(service_name, None), service_name))
+        return self.mq.driver.drive(core.remove_subscription(self.mq.settings, service_name))
 
     def subscriptions(self) -> dict[str, list[str]]:
         """Every subscription under this prefix: service name -> event types (``*`` = all)."""

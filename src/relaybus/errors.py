@@ -67,12 +67,19 @@ class BrokerUnavailableError(BrokerError, ConnectionError):
     """The server did not answer within the retry bound.
 
     ``address`` names the server that was tried (``host:port`` or a socket path).
+    A service that gave up waiting for its broker at start also sets ``url`` (the
+    server's URL, password redacted), which the message then names, and ``waited``
+    (the seconds it waited); both are None otherwise.
     """
 
-    def __init__(self, address: str, cause: BaseException | None = None) -> None:
+    def __init__(self, address: str, cause: BaseException | None = None, *,
+                 url: str | None = None, waited: float | None = None) -> None:
         self.address = address
+        self.url = url
+        self.waited = waited
         detail = f": {cause}" if cause is not None else ""
-        super().__init__(f"broker at {address} is unavailable{detail}")
+        after = f" after waiting {waited:.1f}s" if waited is not None else ""
+        super().__init__(f"broker at {url or address} is unavailable{after}{detail}")
 
 
 class BrokerOutOfMemoryError(BrokerError):

@@ -121,15 +121,21 @@ def load_service(target: str, *, url: str | None = None) -> AnyService:
 
 
 def run_service(service: AnyService, *, install_signals: bool = True,
-                freeze_heap: bool = True) -> None:
+                freeze_heap: bool = True, start_timeout: float | None = None) -> None:
     """Run ``service`` until SIGTERM or SIGINT (or its ``stop``), then close it.
+
+    A broker that does not answer yet (normal in containers, where the service may
+    start first) is waited for: one warning names it (password redacted), and the
+    service keeps trying until it answers, or for ``start_timeout`` seconds, after
+    which :class:`~relaybus.errors.BrokerUnavailableError` names its URL. A signal
+    during the wait ends it.
 
     The first signal stops it gracefully (in-flight handlers finish within its
     ``shutdown_timeout`` and are acknowledged; fetched events not started are handed
     back for redelivery); a second one cuts the wait short. Signal handlers are
     installed only with ``install_signals`` (which needs the main thread) and the
     previous ones are restored on return. Raises what the service's ``start`` raises
-    (e.g. an unreachable broker). An :class:`~relaybus.aio.AsyncMicroservice` runs on a
+    (refused credentials, say). An :class:`~relaybus.aio.AsyncMicroservice` runs on a
     new event loop until then (its :meth:`~relaybus.aio.AsyncMicroservice.run`).
 
     ``freeze_heap``: the objects made so far (imported modules, event classes, the
@@ -137,6 +143,7 @@ def run_service(service: AnyService, *, install_signals: bool = True,
     that a full collection, which otherwise walks them all and stalled every event in
     flight for 45-66 ms on a 2-vCPU VM, stays short (``python bench/gc_pause.py``).
     """
+    start_timeout = service._start_bound(start_timeout)
     if install_signals and threading.current_thread() is not threading.main_thread():
         raise ConfigurationError("run_service installs signal handlers, which only the main "
                                  "thread can do; pass install_signals=False")
@@ -149,7 +156,8 @@ def run_service(service: AnyService, *, install_signals: bool = True,
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} \
             if install_signals else {}
         try:
-            asyncio.run(service.run(install_signals=install_signals))
+            asyncio.run(service.run(install_signals=install_signals,
+                                    start_timeout=start_timeout))
         finally:
             for signum, before in saved.items():  # the loop leaves the defaults behind
                 signal.signal(signum, before)
@@ -171,7 +179,7 @@ def run_service(service: AnyService, *, install_signals: bool = True,
     logger.info("running service %s (pid %d)%s", service.service_name, os.getpid(),
                 "; SIGTERM or Ctrl-C stops it gracefully" if install_signals else "")
     try:
-        service.run_forever()
+        service.run_forever(start_timeout=start_timeout)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

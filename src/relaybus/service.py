@@ -45,7 +45,10 @@ running its handler again.
 
 Connecting is lazy: constructing a service (at import time, say) talks to no server;
 :meth:`Microservice.start` (or the first use of ``event_bus``, ``mq`` or the queues)
-connects.
+connects. A service started before its broker (normal in containers) logs once which
+server it waits for and keeps trying: :meth:`Microservice.run_forever` (and
+``relaybus run``) until the broker answers unless given a ``start_timeout``,
+:meth:`Microservice.start` for 10 s by default.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from typing import Any
 from ._core.bus import subscribe, subscription_types
 from ._core.consumer import Consumer, Outcome
 from ._core.queue import QueueRef
-from ._core.service import STAT_NAMES, WILDCARD, ServiceBase
+from ._core.service import DEFAULT_START_TIMEOUT, STAT_NAMES, WILDCARD, ServiceBase
 from ._core.steps import Flow
 from ._sync.worker import Worker
 from .bus import EventBus
@@ -71,6 +74,10 @@ from .queue import MessageQueue, Queue
 __all__ = ["Microservice", "WILDCARD", "STAT_NAMES"]
 
 logger = logging.getLogger("relaybus.service")
+
+
+class _Abandoned(Exception):
+    """A stop ended ``start()``'s wait for the broker (the bus being built is dropped)."""
 
 
 class Microservice(ServiceBase[EventBus]):
@@ -192,16 +199,25 @@ class Microservice(ServiceBase[EventBus]):
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
         """Subscribe, start the handler threads and (``maintenance``) the bus's maintenance.
 
         Idempotent while running. Raises :class:`~relaybus.errors.ConfigurationError`
         for a service with neither ``@on`` handlers nor its own ``handle_event``.
-        Connects on first use: raises
-        :class:`~relaybus.errors.BrokerUnavailableError` when the server cannot be
-        reached within the retry bound. The subscription's event types are replaced
-        by this service's (see the class docstring).
+        The subscription's event types are replaced by this service's (see the class
+        docstring).
+
+        Connects on first use. A broker that does not answer (connection refused,
+        unknown host, timeout, still loading) is waited for: one warning names it
+        (password redacted), then it is tried again with backoff for ``start_timeout``
+        seconds (10 by default; None: until it answers), after which
+        :class:`~relaybus.errors.BrokerUnavailableError` names its URL. Refused
+        credentials (:class:`~relaybus.errors.BrokerAuthenticationError`) or a database
+        the server does not have (:class:`~relaybus.errors.ConfigurationError`) raise
+        at once. A :meth:`stop` meanwhile (a signal during :meth:`run_forever`) ends the
+        wait: the service then returns without starting.
         """
+        bound = self._start_timeout(start_timeout)
         with self._lifecycle:
             if self.running:
                 return
@@ -211,7 +227,10 @@ class Microservice(ServiceBase[EventBus]):
             self._stop_requested.clear()
             self._signal_stop = False
             self._force = False
-            bus = self.event_bus
+            reached = self._reach(bound)
+            if reached is None:
+                return
+            bus = reached
             types = self._subscription_types()
             bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout)
             self._pair = None  # reopen with the stored settings
@@ -234,6 +253,38 @@ class Microservice(ServiceBase[EventBus]):
                         "all events" if types is None else "events " + ", ".join(types),
                         self.concurrency, self.prefetch, self.consumer_id,
                         ", maintenance" if self._started_maintenance else "")
+
+    def _reach(self, bound: float | None) -> EventBus | None:
+        """The event bus once the broker answers (see :meth:`start`); None when a stop
+        ended the wait. A new bus waits before it opens its log (its first command)."""
+        made: list[MessageQueue] = []
+
+        def reach(mq: MessageQueue) -> None:
+            driver = mq.driver
+            try:
+                answered = driver.reach(bound, self._on_broker_wait(driver, bound),
+                                        abandon=self._stop_requested.is_set)
+            except BaseException:
+                if made:
+                    mq.close()  # the bus being built is dropped: release its queue layer
+                raise
+            if not answered:
+                self._not_started(driver)
+                if made:
+                    mq.close()
+                raise _Abandoned
+
+        def reach_new(mq: MessageQueue) -> None:
+            made.append(mq)
+            reach(mq)
+
+        try:
+            bus = self._bus(before_open=reach_new)
+            if not made:  # an existing bus (given, or made before start)
+                reach(bus.mq)
+        except _Abandoned:
+            return None
+        return bus
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: no new fetches, in-flight handlers finish and are settled.
@@ -258,8 +309,8 @@ class Microservice(ServiceBase[EventBus]):
             threading.Thread(target=self.stop, args=(timeout,), daemon=True,
                              name=f"relaybus-{self.service_name}-stop").start()
             return
+        self._stop_requested.set()  # before the lock: it ends a start() waiting for the broker
         with self._lifecycle:
-            self._stop_requested.set()
             if not self.running:
                 return
             self.running = False
@@ -296,11 +347,16 @@ class Microservice(ServiceBase[EventBus]):
             if bus is not None and self._owns_bus:
                 bus.close()
 
-    def run_forever(self) -> None:
+    def run_forever(self, *, start_timeout: float | None = None) -> None:
         """Start, then block until :meth:`stop` is called (another thread, a signal handler).
 
-        Returns once the service has stopped gracefully.
+        A broker that does not answer yet is waited for as in :meth:`start`, but by
+        default until it answers (``start_timeout``: seconds to give up after, raising
+        :class:`~relaybus.errors.BrokerUnavailableError`; it goes to the :meth:`start`
+        this calls, also through a subclass's override that calls ``super().start()``);
+        a stop meanwhile ends the wait. Returns once the service has stopped gracefully.
         """
+        self._run_start_timeout = (self._start_bound(start_timeout),)  # for start()
         self._forever_thread = threading.get_ident()
         try:
             self.start()
@@ -311,6 +367,7 @@ class Microservice(ServiceBase[EventBus]):
                 logger.info("service %s: stop requested; stopping gracefully (within %.0fs)",
                             self.service_name, self.shutdown_timeout)
         finally:
+            self._run_start_timeout = None
             self._in_forever_wait = False
             self._forever_thread = None
             self.stop()

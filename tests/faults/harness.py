@@ -56,6 +56,22 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
         time.sleep(interval)  # polling interval
 
 
+def skewed_clock(seconds: float) -> dict[str, str]:
+    """The environment that puts a child's wall clock ``seconds`` off (libfaketime,
+    preloaded; its monotonic clock is left alone, as another machine's would be)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("libfaketime")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the libfaketime package is needed (pip install -e '.[dev]')")
+    lib = Path(spec.submodule_search_locations[0]) / "vendor" / "libfaketime" / "src"
+    preload = str(lib / "libfaketime.so.1")
+    if os.environ.get("LD_PRELOAD"):
+        preload += ":" + os.environ["LD_PRELOAD"]
+    return {"LD_PRELOAD": preload, "FAKETIME": f"{seconds:+.0f}", "DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -139,7 +155,7 @@ class Child:
     """One child process (its own process group), with its logs and status."""
 
     def __init__(self, kind: str, label: str, args: Sequence[str], root: Path,
-                 ledger: Ledger) -> None:
+                 ledger: Ledger, skew: float = 0.0) -> None:
         self.kind = kind
         self.label = label
         self.ledger = ledger
@@ -149,6 +165,8 @@ class Child:
         self.front = ""
         env = {k: v for k, v in os.environ.items() if k not in ("RELAYBUS_URL",)}
         env["PYTHONUNBUFFERED"] = "1"
+        if skew:
+            env.update(skewed_clock(skew))
         with open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(command(kind, *args, "--label", label,
                                                  "--ledger", str(ledger.root)),
@@ -229,33 +247,37 @@ class Cluster:
             self._dead = DeadLetters(self.client, [bus_dlq_key(self.prefix)])
         return self._dead
 
-    def spawn(self, kind: str, label: str, *args: str, url: str | None = None) -> Child:
+    def spawn(self, kind: str, label: str, *args: str, url: str | None = None,
+              skew: float = 0.0) -> Child:
+        """Start a child; ``skew`` seconds puts its wall clock that far off."""
         self._n += 1
         child = Child(kind, f"{label}-{self._n}", ["--url", url or self.server.url,
                                                    "--prefix", self.prefix, *args],
-                      self.root, self.ledger)
+                      self.root, self.ledger, skew)
         self.children.append(child)
         return child
 
     def producer(self, label: str, count: int, *, rate: float = 0.0, types: str = "alpha",
                  batch: int = 1, retry_timeout: float = 10.0, on_oom: str = "retry",
-                 pad: int = 0, url: str | None = None) -> Child:
+                 pad: int = 0, url: str | None = None, id_seed: str = "",
+                 skew: float = 0.0) -> Child:
         return self.spawn("producer", label, "--count", str(count), "--rate", str(rate),
                           "--types", types, "--batch", str(batch),
                           "--retry-timeout", str(retry_timeout), "--on-oom", on_oom,
-                          "--pad", str(pad), url=url)
+                          "--pad", str(pad), "--id-seed", id_seed, url=url, skew=skew)
 
     def maintenance(self, label: str = "maint", *, max_len: int = 100_000,
-                    interval: float = 0.5, retry_timeout: float = 10.0,
-                    url: str | None = None) -> Child:
+                    max_age: float = 0.0, interval: float = 0.5, retry_timeout: float = 10.0,
+                    url: str | None = None, skew: float = 0.0) -> Child:
         """A process running ``EventBus.run()`` (the log's retention trim every ``interval``)."""
         return self.spawn("maintenance", label, "--max-len", str(max_len),
-                          "--interval", str(interval), "--retry-timeout", str(retry_timeout),
-                          url=url)
+                          "--max-age", str(max_age), "--interval", str(interval),
+                          "--retry-timeout", str(retry_timeout), url=url, skew=skew)
 
     def service(self, name: str, *, front: str = "sync", types: str = "*", concurrency: int = 2,
                 prefetch: int = 0, vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5,
-                block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None) -> Child:
+                block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None,
+                skew: float = 0.0) -> Child:
         """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
         AsyncMicroservice); instances of one service share its subscription, whatever
         their front."""
@@ -265,7 +287,7 @@ class Cluster:
                            "--types", types, "--concurrency", str(concurrency),
                            "--prefetch", str(prefetch), "--vt", str(vt), "--delay", str(delay),
                            "--max-attempts", str(max_attempts), "--block", str(block),
-                           "--retry-timeout", str(retry_timeout), url=url)
+                           "--retry-timeout", str(retry_timeout), url=url, skew=skew)
         child.front = front
         return child
 

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from relaybus import (
     EventBus,
     Microservice,
     Reject,
+    Retry,
 )
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -78,6 +80,10 @@ class Gamma(Work, event_type="faults.gamma"):
     pass
 
 
+class Later(Work, event_type="faults.later"):
+    """Its handler asks for a retry in :data:`LATER_DELAY` seconds (clock scenario)."""
+
+
 class Poisoned(Event, event_type="faults.poison"):
     """An event the poison scenario builds (and mangles). ``n < 0`` picks a handler fault."""
 
@@ -92,7 +98,10 @@ class Named(Event, event_type="faults.named"):
     target: str = ""
 
 
-TYPES: dict[str, type[Work]] = {"alpha": Alpha, "beta": Beta, "gamma": Gamma}
+TYPES: dict[str, type[Work]] = {"alpha": Alpha, "beta": Beta, "gamma": Gamma, "later": Later}
+
+#: The delay, in seconds, of the retry a handler of a :class:`Later` event asks for.
+LATER_DELAY = 300.0
 
 #: Handler behaviours chosen by ``Poisoned.n``.
 RAISE, RETURN_FALSE, REJECT, SYSTEM_EXIT, BASE_EXC = -1, -2, -3, -4, -5
@@ -199,6 +208,9 @@ def producer(argv: list[str]) -> None:
     p.add_argument("--retry-timeout", type=float, default=10.0)
     p.add_argument("--on-oom", choices=["retry", "drop"], default="retry")
     p.add_argument("--pad", type=int, default=0)
+    p.add_argument("--id-seed", default="", help="derive event ids from this and the "
+                                                 "sequence number (producers that share a "
+                                                 "seed publish the same events)")
     args = p.parse_args(argv)
     _logging()
 
@@ -221,7 +233,8 @@ def producer(argv: list[str]) -> None:
         if args.count:
             size = min(size, args.count - n)
         single = not single
-        events = [types[(n + i) % len(types)](n=n + i, producer=args.label, pad=pad)
+        events = [types[(n + i) % len(types)](n=n + i, producer=args.label, pad=pad,
+                                               **_event_id(args.id_seed, n + i))
                   for i in range(size)]
         t0 = time.monotonic()
         while True:
@@ -258,6 +271,11 @@ def producer(argv: list[str]) -> None:
                 stop.wait(ahead)
     status.finish(**counts)
     bus.close()
+
+
+def _event_id(seed: str, n: int) -> dict[str, str]:
+    """The ``event_id`` argument of event ``n`` of producers seeded with ``seed``."""
+    return {"event_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{seed}/{n}"))} if seed else {}
 
 
 # -- maintenance -----------------------------------------------------------------------
@@ -312,6 +330,8 @@ def maintenance(argv: list[str]) -> None:
 
 
 def _poison_behaviour(event: Event) -> None:
+    if isinstance(event, Later):
+        raise Retry(LATER_DELAY, "later, by the server's clock")
     if not isinstance(event, Poisoned) or event.n >= 0:
         return
     if event.n == RAISE:

@@ -71,6 +71,14 @@ class AsyncDriver:
         """Run ``flow`` to its end and return its result (each step as :meth:`run`)."""
         return await self._go(self.runner.drive(flow, retry_timeout))
 
+    async def reach(self, timeout: float | None,
+                    on_wait: Callable[[BaseException], None] | None = None,
+                    abandon: Callable[[], bool] | None = None) -> bool:
+        """Wait until the server answers, up to ``timeout`` seconds (None: for ever);
+        False when ``abandon()`` ended the wait (see
+        :meth:`~relaybus._core.running.StepRunner.reach`)."""
+        return await self._go(self.runner.reach(timeout, on_wait, abandon))
+
     async def _go(self, io: IO[T]) -> T:
         """Do what the core's runner asks (exchanges, pauses) until it returns."""
         try:

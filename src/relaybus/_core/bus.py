@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..codec import dedup_identity
+from ..codec import dedup_identity, dedup_record
 from ..errors import EventValidationError, InvalidNameError
 from ..events import Event, event_type_name, serialize_event
 from ..keys import (
@@ -44,7 +44,7 @@ from ..keys import (
     validate_name,
 )
 from ..scripts import script
-from .queue import Counts, QueueRef, delete_pair, ensure_pair
+from .queue import Counts, QueueRef, QueueSettings, delete_pair, ensure_pair
 from .replies import text
 from .steps import Call, Flow, ScriptCall, Step
 
@@ -54,7 +54,7 @@ __all__ = ["ALL_EVENTS", "EVENTS_QUEUE", "DEFAULT_RETENTION_MAX_LEN", "DEFAULT_R
            "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "subscription_queue_name",
            "parse_subscriptions", "subscription_types", "event_fields", "raw_event", "publish",
            "open_log", "subscribe", "unsubscribe", "remove_subscription", "read_subscriptions",
-           "trim"]
+           "read_subscription_table", "unreadable_subscriptions", "trim"]
 
 #: Marker stored for a subscription to every event type.
 ALL_EVENTS = "*"
@@ -81,15 +81,46 @@ def subscription_queue_name(service_name: str) -> str:
     return SUB_PREFIX + name
 
 
+def _entry(name: Any, value: Any) -> tuple[str, list[str]] | str:
+    """One entry of the subscriptions hash: ``(service, types)``, or why it cannot be
+    used (written by another tool, an older version, or by hand)."""
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return "its name is not UTF-8 text"
+    try:
+        subscription_queue_name(str(name))
+        types = json.loads(value)
+    except InvalidNameError as exc:
+        return str(exc)
+    except ValueError:
+        return f"its event types are not JSON: {text(value)[:80]!r}"
+    if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+        return f"its event types are not a list of type names: {text(value)[:80]!r}"
+    return str(name), types
+
+
 def parse_subscriptions(raw: Mapping[Any, Any]) -> dict[str, list[str]]:
-    """The subscriptions hash as ``{service: [types]}``, sorted by service."""
+    """The subscriptions hash as ``{service: [types]}``, sorted by service; entries that
+    cannot be used are left out (see :func:`unreadable_subscriptions`)."""
     out: dict[str, list[str]] = {}
     for name, value in raw.items():
-        try:
-            types = json.loads(value)
-        except ValueError:
-            types = []
-        out[text(name)] = [str(t) for t in types] if isinstance(types, list) else []
+        entry = _entry(name, value)
+        if isinstance(entry, tuple):
+            out[entry[0]] = entry[1]
+    return dict(sorted(out.items()))
+
+
+def unreadable_subscriptions(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """The entries of the subscriptions hash that cannot be used: name (as text) -> why.
+    Each one concerns only itself: every subscription reads the log through its own
+    group, so the others flow on."""
+    out: dict[str, str] = {}
+    for name, value in raw.items():
+        entry = _entry(name, value)
+        if isinstance(entry, str):
+            out[text(name)] = entry
     return dict(sorted(out.items()))
 
 
@@ -146,8 +177,8 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         flat = [x for kv in fields.items() for x in kv]
         key = fields.get("k")
         routing = fields.get("e")
-        args += [dedup_identity(str(routing) if routing else None, str(key)) if key else "",
-                 len(flat), *flat]
+        args += [dedup_record(dedup_identity(str(routing) if routing else None, str(key)))
+                 if key else "", len(flat), *flat]
 
     def parse(reply: Any) -> list[str]:
         ids, repeats = [text(i) for i in reply[0]], [int(i) - 1 for i in reply[1]]
@@ -215,23 +246,56 @@ def unsubscribe(sub: QueueRef, service: str) -> Flow[bool]:
             return bool(res[1]) and not isinstance(res[1], Exception)
 
 
-def remove_subscription(sub: QueueRef, service: str) -> Flow[bool]:
+def remove_subscription(settings: QueueSettings, service: str) -> Flow[bool]:
     """Remove a retired service's subscription and everything kept for it: its entry in
     the table, its group on the log (what it had not read), and its queue pair (waiting
     messages, retries, dead letters, done records). The value: whether any of it
     existed. Instances of the service still running would subscribe again: stop them
-    first."""
-    removed = yield Step.one(Call("HDEL", subscriptions_key(sub.settings.prefix), service),
-                             lambda r: bool(r))
-    existed = yield delete_pair(sub, keep_dlq=False)
+    first. A name the table holds but that is no valid service name (an unreadable
+    entry) is removed as it is stored."""
+    table = subscriptions_key(settings.prefix)
+    try:
+        name = subscription_queue_name(service)
+    except InvalidNameError:
+        if not isinstance(service, str):
+            raise
+        stored = yield Step.one(Call("HEXISTS", table, service), lambda r: bool(r))
+        if not stored:
+            raise
+        name = SUB_PREFIX + service
+    removed = yield Step.one(Call("HDEL", table, service), lambda r: bool(r))
+    existed = yield delete_pair(QueueRef(settings, name), keep_dlq=False)
     return bool(removed or existed)
 
 
+def _table(raw: Any) -> Mapping[Any, Any]:
+    return raw if isinstance(raw, Mapping) else dict(zip(raw[::2], raw[1::2], strict=False))
+
+
 def read_subscriptions(prefix: str) -> Step[dict[str, list[str]]]:
-    """Every subscription under ``prefix``: service name -> event types (``*`` = all)."""
-    return Step.one(Call("HGETALL", subscriptions_key(prefix)),
-                    lambda raw: parse_subscriptions(raw if isinstance(raw, Mapping) else
-                                                    dict(zip(raw[::2], raw[1::2], strict=False))))
+    """Every subscription under ``prefix``: service name -> event types (``*`` = all).
+    Unreadable entries are left out, each logged once (WARNING)."""
+    def parse(raw: Any) -> dict[str, list[str]]:
+        table = _table(raw)
+        for name, why in unreadable_subscriptions(table).items():
+            if (prefix, name) not in _reported:
+                _reported.add((prefix, name))
+                logger.warning("subscription entry %r under prefix %r is ignored: %s (delete "
+                               "it with `relaybus subscriptions remove NAME`)", name, prefix,
+                               why)
+        return parse_subscriptions(table)
+
+    return Step.one(Call("HGETALL", subscriptions_key(prefix)), parse)
+
+
+def read_subscription_table(prefix: str) -> Step[tuple[dict[str, list[str]], dict[str, str]]]:
+    """The subscriptions under ``prefix`` and the unreadable entries (name -> why)."""
+    return Step.one(Call("HGETALL", subscriptions_key(prefix)), lambda raw: (
+        parse_subscriptions(_table(raw)), unreadable_subscriptions(_table(raw))))
+
+
+#: Unreadable entries already logged, as (prefix, name).
+_reported: set[tuple[str, str]] = set()
 
 
 def trim(prefix: str, max_len: int, max_age: float | None) -> Step[tuple[int, str]]:

@@ -197,7 +197,6 @@ class Consumer:
         for m in messages:
             if m.id in self.held:  # our own lease lapsed and we reclaimed it: keep one
                 logger.debug("%s: message %s is already held here", self.name, m.id)
-                self.leased[m.id] = now
                 continue
             self.held[m.id] = m
             self.leased[m.id] = now
@@ -238,19 +237,28 @@ class Consumer:
         """A handler finished ``message`` (at ``now``): settle it with the next batch."""
         if message.id not in self.running:
             return  # handed back meanwhile: its result no longer counts
+        self._check_lease(message.id, now)
         self.running.discard(message.id)
-        leased = self.leased.get(message.id)
-        if leased is not None and now - leased > self.ref.visibility_timeout:
-            self.counters.incr("lease_lapsed")
-            logger.warning("%s: the lease of message %s lapsed while its handler ran (%.1f s "
-                           "since it was last taken or extended; visibility timeout %.1f s): "
-                           "another instance may have handled it too. Lease extension stops "
-                           "while the process cannot run Python (a handler holding the GIL, "
-                           "a paused process); see docs/reliability.md", self.name, message.id,
-                           now - leased, self.ref.visibility_timeout)
         if not self.finished:
             self._first_finished = now
         self.finished.append((message, outcome))
+
+    def _check_lease(self, message_id: str, now: float) -> None:
+        """Log and count a lease that lapsed: more than a visibility timeout since it was
+        last taken or extended (checked when its handler finishes and before each
+        extension, whichever comes first after the process was frozen)."""
+        leased = self.leased.get(message_id)
+        if leased is None or now - leased <= self.ref.visibility_timeout:
+            return
+        self.leased[message_id] = now  # one report per lapse
+        self.counters.incr("lease_lapsed")
+        logger.warning("%s: the lease of message %s lapsed while %s (%.1f s since it was "
+                       "last taken or extended; visibility timeout %.1f s): another "
+                       "instance may have handled it too. Leases are not extended while the "
+                       "process cannot run Python (a handler holding the GIL, a paused "
+                       "process); see docs/reliability.md", self.name, message_id,
+                       "its handler ran" if message_id in self.running else "it was held here",
+                       now - leased, self.ref.visibility_timeout)
 
     def dropped(self, message: Message) -> None:
         """Processing ``message`` failed unexpectedly (a bug): leave it pending, let it go."""
@@ -307,6 +315,8 @@ class Consumer:
         if self.lease_due(now):
             in_batch = {m.id for m, _ in items}
             batch.settlement.extend = [i for i in self.held if i not in in_batch]
+            for mid in batch.settlement.extend:
+                self._check_lease(mid, now)
             self._next_lease = now + self.lease_interval
         self.settling = batch
         return batch

@@ -636,9 +636,7 @@ def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str
     log = ref.log
     if log is not None:
         keys.append(log.stream)
-    # an event id read from a payload may hold a lone surrogate, which strict UTF-8
-    # refuses: the acknowledgement would fail and the event be handled again
-    done = [d.encode("utf-8", "surrogatepass") for d in batch.done]
+    done = [codec.dedup_record(d) for d in batch.done]
     args: list[Any] = [GROUP, consumer, "1" if ref.delete_on_ack else "0",
                        int(ref.settings.dedup_window * 1000),
                        int(ref.visibility_timeout * 1000) + 1, ref.pair_name, ref.log_prefix,
@@ -678,7 +676,7 @@ def _acknowledge(ref: QueueRef, batch: Settlement) -> Step[Settled]:
         cmds.append(Call("XDEL", ref.key, *own))
     if batch.done:
         newest = id_order(batch.acks[-1])[0]  # stream time of the batch: the records' score
-        pairs = [x for key in batch.done for x in (newest, key.encode("utf-8", "surrogatepass"))]
+        pairs = [x for key in batch.done for x in (newest, codec.dedup_record(key))]
         cmds += [Call("ZADD", ref.keys.done, *pairs),
                  Call("ZREMRANGEBYSCORE", ref.keys.done, "-inf",
                       newest - int(ref.settings.dedup_window * 1000))]

@@ -6,7 +6,9 @@ back; or a :class:`Pause` to sleep) and returns the step's value. It checks the
 server's version on first use, loads a script the server answered ``NOSCRIPT`` for
 and sends that command again, raises the first error reply, and retries outages by
 :mod:`.outage`'s policy. An exchange that fails (the connection, a timeout) is
-thrown back in. :meth:`StepRunner.drive` does the same for a whole flow.
+thrown back in. :meth:`StepRunner.drive` does the same for a whole flow, and
+:meth:`StepRunner.reach` waits for a server that does not answer yet (a service
+started before its broker).
 
 A driver is then one loop (``send`` the replies or the pause's end, ``throw`` what the
 exchange raised) over its own IO.
@@ -14,11 +16,13 @@ exchange raised) over its own IO.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..connection import check_version, redact
+from ..errors import BrokerUnavailableError
 from .outage import Retrying
 from .steps import Call, Flow, ScriptCall, Step, first_error, noscript
 
@@ -39,6 +43,7 @@ class Pause:
 IO = Generator["Step[Any] | Pause", Any, T]
 
 _INFO: Step[Any] = Step.one(Call("INFO", "server"))
+_PING: Step[Any] = Step.one(Call("PING"))
 
 
 class StepRunner:
@@ -96,3 +101,39 @@ class StepRunner:
         except StopIteration as done:
             result: T = done.value
             return result
+
+    def reach(self, timeout: float | None, on_wait: Callable[[BaseException], None] | None = None,
+              abandon: Callable[[], bool] | None = None) -> IO[bool]:
+        """Wait until the server answers: returns True once it does.
+
+        An outage (refused, unknown host, timeout, ``LOADING``...) is retried with the
+        usual backoff for ``timeout`` seconds (None: for ever); ``on_wait(error)`` is
+        called once, at the first failed attempt. Anything else (refused credentials,
+        no such database, a server too old) raises at once. Past ``timeout`` it raises
+        :class:`~relaybus.errors.BrokerUnavailableError` naming the URL (password
+        redacted) and how long it waited. ``abandon()`` is asked after each pause: when
+        it is true, the wait ends and this returns False.
+        """
+        bound = math.inf if timeout is None else float(timeout)
+        started = self.clock()
+        retrying = Retrying(bound, self.clock, self.address, self.url)
+        waiting = False
+        while True:
+            try:
+                yield from self.run(_PING, 0.0)  # one attempt: the pauses are ours
+                return True
+            except BrokerUnavailableError as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                try:
+                    pause = retrying.after(cause if isinstance(cause, Exception) else exc)
+                except BrokerUnavailableError:
+                    raise BrokerUnavailableError(
+                        self.address, cause, url=self.url if "://" in self.url else None,
+                        waited=self.clock() - started) from cause
+            if not waiting:
+                waiting = True
+                if on_wait is not None:
+                    on_wait(cause)
+            yield Pause(pause)
+            if abandon is not None and abandon():
+                return False

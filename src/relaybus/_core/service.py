@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from ..codec import Message, dedup_identity, payload_data
-from ..connection import redact
+from ..connection import DEFAULT_RETRY_TIMEOUT, redact
 from ..errors import (
     ConfigurationError,
     EventValidationError,
@@ -53,7 +53,7 @@ from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Counters, Outcome, default_pref
 from .replies import text
 
 __all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
-           "returns_awaitable"]
+           "DEFAULT_START_TIMEOUT", "returns_awaitable"]
 
 logger = logging.getLogger("relaybus.service")
 
@@ -68,6 +68,10 @@ STAT_NAMES = ("received", "handled", "failed", "retried", "dead_lettered", "inva
 MAX_TRACEBACK_CHARS = 8000
 #: Longest exception message kept in a failure record, in characters.
 MAX_MESSAGE_CHARS = 2000
+#: Seconds a plain ``start()`` waits for a broker that does not answer (as long as one
+#: operation retries by default); ``run_forever``, ``run()`` and ``relaybus run`` wait
+#: for ever unless given a ``start_timeout``.
+DEFAULT_START_TIMEOUT = DEFAULT_RETRY_TIMEOUT
 #: Reason a sync service dead-letters an event whose handler returned an awaitable.
 AWAITABLE_REASON = ("handler returned an awaitable, which a Microservice never awaits: "
                     "run async handlers in an AsyncMicroservice")
@@ -181,6 +185,8 @@ class ServiceBase(Generic[B]):
         self._connect_lock = threading.Lock()
         self._started_maintenance = False
         self._force = False  # a second signal: stop at once (a plain flag: signal-safe)
+        #: The start_timeout run() / run_forever() gave the start() they call (once).
+        self._run_start_timeout: tuple[float | None] | None = None
         self._init_front()
 
     def _init_front(self) -> None:
@@ -192,20 +198,70 @@ class ServiceBase(Generic[B]):
     @property
     def event_bus(self) -> B:
         """The service's event bus (made, and connected, on first use)."""
+        return self._bus()
+
+    def _bus(self, before_open: Callable[[Any], object] | None = None) -> B:
+        """The event bus; a new one calls ``before_open(mq)`` before it first talks to the
+        server (the sync bus opens its log when built)."""
         with self._connect_lock:
             if self._event_bus is None:
                 if self._closed:
                     raise RelaybusError(f"service {self.service_name!r} is closed")
                 host, port, db = self._redis
+                options = dict(self._bus_options)
+                if before_open is not None:
+                    options["_before_open"] = before_open
                 self._event_bus = self._new_bus(self._url, redis_host=host, redis_port=port,
-                                                redis_db=db, prefix=self.prefix,
-                                                **self._bus_options)
+                                                redis_db=db, prefix=self.prefix, **options)
             return self._event_bus
+
+    @staticmethod
+    def _server(driver: Any) -> str:
+        """The server a driver talks to: its URL with the password redacted (its address
+        for a bus made on a client of one's own), for logs."""
+        url = str(driver.url)
+        return redact(url) if "://" in url else str(driver.address)
 
     def _where(self) -> str:
         """The server (password redacted) and prefix this service uses, for its logs."""
         bus: Any = self.event_bus
-        return f"{redact(bus.mq.connection.url)}, prefix {bus.prefix!r}"
+        return f"{self._server(bus.mq.connection)}, prefix {bus.prefix!r}"
+
+    # -- waiting for the broker at start ------------------------------------------------
+
+    @staticmethod
+    def _start_bound(start_timeout: float | None) -> float | None:
+        """``start_timeout`` checked: seconds >= 0, or None (wait for ever)."""
+        if start_timeout is not None and (isinstance(start_timeout, bool) or
+                                          not isinstance(start_timeout, (int, float)) or
+                                          not start_timeout >= 0):
+            raise ConfigurationError(f"start_timeout must be a number of seconds >= 0 or None "
+                                     f"(wait for ever), not {start_timeout!r}")
+        return None if start_timeout is None else float(start_timeout)
+
+    def _start_timeout(self, given: float | None) -> float | None:
+        """The bound of this start: what ``run()`` / ``run_forever()`` asked for, when
+        they called it (so a ``start()`` overridden in a subclass that calls
+        ``super().start()`` gets theirs too), else ``given``."""
+        asked, self._run_start_timeout = self._run_start_timeout, None
+        return self._start_bound(asked[0] if asked is not None else given)
+
+    def _on_broker_wait(self, driver: Any, start_timeout: float | None
+                        ) -> Callable[[BaseException], None]:
+        """What ``driver.reach`` calls once when the broker does not answer at start: one
+        warning naming the server (password redacted) and how long the service keeps
+        trying."""
+        def waiting(error: BaseException) -> None:
+            logger.warning("service %s: waiting for the broker at %s (%s); retrying %s",
+                           self.service_name, self._server(driver), " ".join(str(error).split()),
+                           "until it answers" if start_timeout is None
+                           else f"for up to {start_timeout:g}s")
+        return waiting
+
+    def _not_started(self, driver: Any) -> None:
+        """Log that a stop requested while waiting for the broker ended the start."""
+        logger.info("service %s: stop requested while waiting for the broker at %s; not "
+                    "started", self.service_name, self._server(driver))
 
     def _apply_url(self, url: str) -> None:
         """Point a service that has not connected yet at ``url`` (the runner's ``--url``)."""

@@ -106,9 +106,12 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
         except BrokerUnavailableError as exc:
             cause = f" ({_one_line(str(exc.__cause__))})" if exc.__cause__ else ""
             url = kwargs.get("url")
-            where = (f"{redact(url)} ({exc.address})"
-                     if isinstance(url, str) and embedded_dir(url) is None else exc.address)
-            fail(f"cannot reach the broker at {where}{cause}; check --url or RELAYBUS_URL")
+            if not isinstance(url, str) or embedded_dir(url) is not None:
+                url = exc.url  # the service's own URL (`relaybus run` without --url)
+            where = f"{redact(url)} ({exc.address})" if url else exc.address
+            waited = f" after waiting {exc.waited:.1f}s" if exc.waited is not None else ""
+            fail(f"cannot reach the broker at {where}{waited}{cause}; check --url or "
+                 "RELAYBUS_URL")
         except ConfigurationError as exc:
             fail(_one_line(str(exc)), EXIT_USAGE)
         except RelaybusError as exc:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Any
 
 import typer
 
-from ..bus import ALL_EVENTS, EVENTS_QUEUE, EventBus, read_subscriptions, subscription_queue_name
+from .._core.bus import read_subscription_table
+from ..bus import ALL_EVENTS, EVENTS_QUEUE, EventBus, subscription_queue_name
 from ..queue import QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
@@ -100,7 +102,7 @@ def subscriptions(ctx: typer.Context, url: UrlOption = DEFAULT_URL,
     if ctx.invoked_subcommand is not None:
         return
     with open_mq(url, prefix, timeout, read_only=True) as mq:
-        subs = read_subscriptions(mq)
+        subs, unreadable = mq.driver.run(read_subscription_table(prefix))
         address = mq.connection.address
     rows: list[dict[str, Any]] = [
         {"service": service, "queue": subscription_queue_name(service), "event_types": types}
@@ -108,6 +110,10 @@ def subscriptions(ctx: typer.Context, url: UrlOption = DEFAULT_URL,
     ]
     emit(rows, SUBSCRIPTION_COLUMNS, as_json=as_json, caption=f"{address} · prefix {prefix}",
          empty=f"no subscriptions under prefix {prefix!r} at {address}")
+    for name, why in unreadable.items():  # each concerns itself only: the others flow on
+        typer.echo(f"warning: subscription entry {name!r} is unreadable and ignored: {why}; "
+                   f"delete it with: relaybus subscriptions remove {shlex.quote(name)}",
+                   err=True)
 
 
 @subscriptions_app.command("remove")
@@ -125,14 +131,19 @@ def remove(
     place in the event log. Says what it deletes and asks first. Stop the service's
     instances before: a running one subscribes again."""
     with open_mq(url, prefix, timeout, read_only=True) as mq:
-        queue = mq.get_queue(subscription_queue_name(service))
-        if queue is None and service not in read_subscriptions(mq):
-            fail(f"no subscription {service!r} under prefix {prefix!r}")
-        info = queue.get_info() if queue is not None else None
-        what = (f"{info.waiting_messages} waiting (unread events in the log included), "
-                f"{info.pending_messages} delivered and not settled, "
-                f"{info.delayed_messages} retries, {info.dlq_messages} in its dead-letter "
-                "queue" if info is not None else "no queue")
+        subs, unreadable = mq.driver.run(read_subscription_table(prefix))
+        if service in unreadable:  # stored by another tool or by hand: removed as it is
+            queue = None
+            what = f"an unreadable entry ({unreadable[service]})"
+        else:
+            queue = mq.get_queue(subscription_queue_name(service))
+            if queue is None and service not in subs:
+                fail(f"no subscription {service!r} under prefix {prefix!r}")
+            info = queue.get_info() if queue is not None else None
+            what = (f"{info.waiting_messages} waiting (unread events in the log included), "
+                    f"{info.pending_messages} delivered and not settled, "
+                    f"{info.delayed_messages} retries, {info.dlq_messages} in its dead-letter "
+                    "queue" if info is not None else "no queue")
         typer.echo(f"subscription {service!r} under prefix {prefix!r}: {what}, and its done "
                    "records; all of it will be deleted.")
         if not yes and not typer.confirm("Delete it?", default=False):

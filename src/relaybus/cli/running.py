@@ -83,17 +83,25 @@ def run(
         "--url", envvar="RELAYBUS_URL", show_default=False,
         help="Broker to run it on, over the one the service's code names (default: "
              "$RELAYBUS_URL, else the service's own).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", envvar="RELAYBUS_START_TIMEOUT", min=0.0, metavar="SECONDS",
+        show_default=False,
+        help="Seconds to wait at start for a broker that does not answer, then exit 1 "
+             "(default: wait until it answers).")] = None,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run one service until SIGTERM or Ctrl-C (in-flight events finish first).
 
     The service connects where its code says, unless --url or RELAYBUS_URL names
     another server; it logs once at start which server (password hidden) and prefix.
+    A broker that does not answer yet is waited for (normal in containers): one
+    warning names it, and the service keeps trying until it answers or --timeout
+    passes (exit 1).
     """
     from ..runner import load_service, run_service  # imported late: it pulls in the worker
 
     setup_logging(log_level)
-    run_service(load_service(target, url=url))
+    run_service(load_service(target, url=url), start_timeout=timeout)
 
 
 @guarded

@@ -237,9 +237,9 @@ read_new(own, count - #cands)
 
 local more, dups = 0, 0
 
--- a candidate's dedup identity (codec.dedup_identity): its event type and its key; the
--- type from the routing field, else from the payload (a copy written without one), and
--- the key alone for an entry that is no event
+-- a candidate's dedup record (codec.dedup_record of codec.dedup_identity): of its event
+-- type and its key; the type from the routing field, else from the payload (a copy
+-- written without one), and the key alone for an entry that is no event
 local function identity(c)
   local e = c[5]
   local payload = not e and field_of(c[3], 'd')
@@ -250,7 +250,7 @@ local function identity(c)
       e = data['event_type']
     end
   end
-  return e and (e .. '\031' .. c[6]) or c[6]
+  return record_of(e and (e .. '\031' .. c[6]) or c[6])
 end
 
 -- expired, over-delivered, and (own stream) already handled entries

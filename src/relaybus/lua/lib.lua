@@ -37,6 +37,14 @@ local function writable(f)
   return kept, dropped
 end
 
+-- What is stored for dedup identity `s` (codec.dedup_record): the first 16 bytes of
+-- its SHA-1.
+local function record_of(s)
+  return (string.gsub(string.sub(redis.sha1hex(s), 1, 32), '..', function(x)
+    return string.char(tonumber(x, 16))
+  end))
+end
+
 -- The value of field `name` in a flat {k1, v1, k2, v2, ...} list, or nil.
 local function field_of(f, name)
   for i = 1, #f, 2 do

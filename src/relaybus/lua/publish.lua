@@ -1,7 +1,7 @@
 -- Append events to the event log, each event (type and id) once per dedup window.
--- KEYS[1] the log, KEYS[2] published zset (dedup identity -> ms), KEYS[3] published
--- hash (dedup identity -> its log id).
--- ARGV[1] dedup window ms, then per event: its dedup identity (event type and id; ''
+-- KEYS[1] the log, KEYS[2] published zset (dedup record -> ms), KEYS[3] published
+-- hash (dedup record -> its log id); a dedup record is codec.dedup_record (16 bytes).
+-- ARGV[1] dedup window ms, then per event: its dedup record (of its type and id; ''
 -- = none), N, and N field names and values.
 -- An identity published within the window (or earlier in this call) is not appended
 -- again: its first log id is returned for it, and its position among the repeats.

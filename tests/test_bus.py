@@ -1024,3 +1024,18 @@ def test_unreadable_subscription_entries_stop_nothing_else(
 
     assert asyncio.run(front()) == {"good": ["bustest.order_placed"]}
     assert set(raw.hkeys(prefix + "subscriptions")) == {b"good", b"\xff\xfe", b"odd"}
+
+
+def test_a_backlog_in_a_subscriptions_own_stream_is_read_batch_after_batch(
+        make_bus: Callable[..., EventBus], raw: redis.Redis, prefix: str) -> None:
+    """Entries of a subscription's own stream (requeued dead letters, retries due,
+    copies) are read by the periodic fetch: a full batch makes the next fetch read it
+    again at once, not a recheck interval later."""
+    bus = make_bus()
+    bus.subscribe("drain", [OrderPlaced])
+    queue, _ = bus.subscription_queue("drain")
+    own = QueueKeys(prefix, "sub:drain").stream
+    for n in range(250):
+        raw.xadd(own, {"d": json.dumps({"n": n})})
+    sizes = [len(queue.get_messages(count=100, block_for_seconds=0)) for _ in range(3)]
+    assert sizes == [100, 100, 50]

@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 
 from relaybus import (
     AsyncEventBus,
+    AsyncMessageQueue,
     BrokerAuthenticationError,
     BrokerError,
     BrokerOutOfMemoryError,
+    BrokerRequestTooLargeError,
     BrokerUnavailableError,
     ConfigurationError,
     EventBus,
@@ -337,3 +339,34 @@ def test_a_transaction_refused_at_exec_for_memory_is_out_of_memory() -> None:
     assert isinstance(translate(exc, "127.0.0.1:1"), BrokerOutOfMemoryError)
     other = redis.exceptions.ExecAbortError("Transaction discarded because of previous errors.")
     assert classify(other) is Kind.REFUSED
+
+
+@pytest.mark.parametrize("limit", ["client-query-buffer-limit", "proto-max-bulk-len"])
+def test_a_request_too_large_for_the_server_is_a_clear_refusal_on_both_fronts(
+        tmp_path: Path, limit: str) -> None:
+    """A server whose limit is below a request refuses it (an error reply, or it closes
+    the connection): a BrokerRequestTooLargeError naming the limits, not retried as an
+    outage until "unavailable"; the connection works on afterwards."""
+    server = EmbeddedServer(tmp_path / "small").start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.config_set(limit, 1024 * 1024)
+        admin.close()
+        big = {"x": "a" * (2 * 1024 * 1024)}
+        with MessageQueue(server.url, prefix="big:", retry_timeout=30,
+                          max_message_size=8 * 1024 * 1024) as mq:
+            queue, _ = mq.create_queue_pair("big")
+            with pytest.raises(BrokerRequestTooLargeError, match=limit):
+                queue.send_message(big)
+            assert queue.send_message({"x": "small"})  # the same client goes on
+
+        async def front() -> None:
+            async with AsyncMessageQueue(server.url, prefix="big:", retry_timeout=30,
+                                         max_message_size=8 * 1024 * 1024) as amq:
+                aqueue, _ = await amq.create_queue_pair("big")
+                with pytest.raises(BrokerRequestTooLargeError, match=limit):
+                    await aqueue.send_message(big)
+
+        asyncio.run(front())
+    finally:
+        EmbeddedServer(tmp_path / "small").stop()

@@ -93,6 +93,12 @@ class BrokerCommandError(BrokerError):
     """
 
 
+class BrokerRequestTooLargeError(BrokerCommandError):
+    """The server refused a request for its size: its ``proto-max-bulk-len`` or
+    ``client-query-buffer-limit`` is below it. Not retried (it would be refused again):
+    lower ``max_message_size`` below the server's limits, or raise them."""
+
+
 class BrokerAuthenticationError(BrokerError):
     """The server refused the password or user name: not an outage, so not retried.
 

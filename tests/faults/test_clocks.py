@@ -62,8 +62,12 @@ def test_skewed_client_clocks_change_no_decision(cluster: Cluster, scale: Scale,
         if fields.get(b"e", b"") != b"faults.later":
             client.xadd(sub_key(cluster.prefix, name), fields)
             copies += 1
-    wait_until(lambda: settled() and client.xlen(sub_key(cluster.prefix, name)) == 0, 60,
-               "the copies dropped")
+    try:
+        wait_until(lambda: settled() and client.xlen(sub_key(cluster.prefix, name)) == 0, 60,
+                   "the copies dropped")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {cluster.backlog([name])}, "
+                             f"{[(s.status() or {}).get('stats') for s in services]}") from None
     wait_until(lambda: sum((s.status() or {}).get("stats", {}).get("duplicates", 0)
                            for s in services) >= copies, 10, "the instances' counts")
     dropped = sum((s.status() or {}).get("stats", {}).get("duplicates", 0) for s in services)

@@ -13,6 +13,9 @@ One policy for every caller, both fronts:
   :class:`~relaybus.errors.BrokerAuthenticationError` at once, not retried; a
   database number the server does not have: :class:`~relaybus.errors.ConfigurationError`
   naming the URL;
+- a request too large for the server (it replies ``Protocol error: invalid bulk
+  length``, or closes the connection on a request of a megabyte or more, twice in a
+  row): :class:`~relaybus.errors.BrokerRequestTooLargeError`, not retried;
 - ``NOSCRIPT``: the driver loads the script and sends the command again;
 - ``NOGROUP``: :class:`GroupMissing`, for the flow to recreate the group;
 - any other error reply: :class:`~relaybus.errors.BrokerCommandError` (repeating
@@ -34,6 +37,7 @@ from ..errors import (
     BrokerAuthenticationError,
     BrokerCommandError,
     BrokerOutOfMemoryError,
+    BrokerRequestTooLargeError,
     BrokerUnavailableError,
     ConfigurationError,
     RelaybusError,
@@ -48,6 +52,14 @@ MIN_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 #: Error-reply prefixes of transient server states: outages, not refusals.
 TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: Error replies of a request too large for the server (``proto-max-bulk-len``).
+_TOO_LARGE = ("invalid bulk length", "invalid multibulk length", "exceeds maximum allowed size")
+#: Size, in bytes, from which a request whose connection the server closes may have been
+#: refused for its size: the smallest ``proto-max-bulk-len`` and
+#: ``client-query-buffer-limit`` a server accepts (1 MiB).
+LARGE_REQUEST = 1 << 20
+#: How the connection broke when the server closed it on a request (not: could not connect).
+_CLOSED = ("reset by peer", "closed by server", "broken pipe", "error 32 ", "error 104 ")
 #: How Redis 6.2 reports the error of a call inside a script:
 #: ``Error running script (call to f_...): @user_script:125: @user_script: 125: -OOM ...``.
 _SCRIPT_ERROR = re.compile(r"^Error running script .*?@user_script: ?\d+: -([A-Z]+) ")
@@ -70,6 +82,7 @@ class Kind(enum.Enum):
     REFUSED = "refused"
     AUTH = "auth"
     NO_DB = "no_db"
+    TOO_LARGE = "too_large"
     OTHER = "other"
 
 
@@ -121,6 +134,8 @@ def classify(exc: BaseException) -> Kind:
         return Kind.AUTH
     if "DB index is out of range" in str(exc):
         return Kind.NO_DB
+    if any(t in str(exc) for t in _TOO_LARGE):
+        return Kind.TOO_LARGE
     if code in TRANSIENT_PREFIXES:
         return Kind.OUTAGE
     if code == "OOM":
@@ -146,6 +161,11 @@ def translate(exc: BaseException, address: str, url: str = "") -> BaseException:
         reason = str(exc).rpartition(" of pipeline caused error: ")[2]
         return BrokerOutOfMemoryError(f"server at {address} is out of memory and refused the "
                                       f"write (nothing was written): {reason}")
+    if kind is Kind.TOO_LARGE:
+        return BrokerRequestTooLargeError(
+            f"the server at {address} refused a request for its size ({exc}): lower "
+            "max_message_size below its proto-max-bulk-len and client-query-buffer-limit, "
+            "or raise them")
     if kind is Kind.NOGROUP and not isinstance(exc, GroupMissing):
         return GroupMissing(f"server error: {exc}")
     if kind is Kind.REFUSED or kind is Kind.NOSCRIPT:
@@ -188,9 +208,26 @@ class Retrying:
         self._address = address
         self._url = url
         self._backoff: Backoff | None = None
+        self._closed_on_large = 0
 
-    def after(self, exc: Exception) -> float:
-        """The pause before the next attempt after ``exc``; raises when there is none."""
+    def after(self, exc: Exception, size: int = 0) -> float:
+        """The pause before the next attempt after ``exc``; raises when there is none.
+
+        ``size``: bytes of the request. One of :data:`LARGE_REQUEST` or more whose
+        connection the server closed twice in a row was refused for its size (a server
+        going down refuses the next connection instead).
+        """
+        if size >= LARGE_REQUEST and classify(exc) is Kind.OUTAGE and \
+                any(c in str(exc).lower() for c in _CLOSED):
+            self._closed_on_large += 1
+            if self._closed_on_large >= 2:
+                raise BrokerRequestTooLargeError(
+                    f"the server at {self._address} closed the connection twice on a request "
+                    f"of {size:,} bytes ({exc}): it refuses requests that large (its "
+                    "client-query-buffer-limit or proto-max-bulk-len is below that); lower "
+                    "max_message_size below its limits, or raise them") from exc
+        else:
+            self._closed_on_large = 0
         if classify(exc) is Kind.OUTAGE:
             if self._backoff is None:
                 self._backoff = Backoff(self._bound, self._clock())

@@ -485,6 +485,10 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
                 state.next_periodic = now + (min(BUSY_RECHECK, recheck_interval(ref))
                                              if got.entries or not state.idle
                                              else recheck_interval(ref))
+                if got.more or len(got.entries) >= count:
+                    # the own stream may hold more (a requeued backlog, copies being
+                    # dropped): read it again at once, not at the next interval
+                    state.next_periodic = now
             counts.add("gone", got.gone)
             counts.add("duplicates", got.duplicates)
             counts.add("dead_lettered", got.dead_lettered)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from ..connection import check_version, redact
 from ..errors import BrokerUnavailableError
 from .outage import Retrying
-from .steps import Call, Flow, ScriptCall, Step, first_error, noscript
+from .steps import Call, Flow, ScriptCall, Step, first_error, noscript, request_size
 
 __all__ = ["Pause", "IO", "StepRunner"]
 
@@ -84,7 +84,7 @@ class StepRunner:
                 if retrying is None:
                     bound = self.retry_timeout if retry_timeout is None else retry_timeout
                     retrying = Retrying(bound, self.clock, self.address, self.url)
-                yield Pause(retrying.after(exc))
+                yield Pause(retrying.after(exc, request_size(step)))
 
     def drive(self, flow: Flow[T], retry_timeout: float | None = None) -> IO[T]:
         """Run ``flow`` to its end (each step as :meth:`run`); an error a step raises

@@ -25,7 +25,7 @@ from .outage import Kind, classify
 from .resp import pack
 
 __all__ = ["Call", "ScriptCall", "Command", "Step", "Flow", "T", "command_args", "wire", "unwrap",
-           "first_error", "noscript"]
+           "first_error", "noscript", "request_size"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -131,3 +131,14 @@ def noscript(replies: list[Any]) -> list[int]:
     """Positions whose script was not loaded (those commands did not run)."""
     return [i for i, r in enumerate(replies)
             if isinstance(r, Exception) and classify(r) is Kind.NOSCRIPT]
+
+
+def request_size(step: Step[Any]) -> int:
+    """About how many bytes ``step`` sends: its text and bytes arguments."""
+    total = 0
+    for command in step.commands:
+        args = command.args if isinstance(command, Call) else (*command.keys, *command.args)
+        for a in args:
+            if isinstance(a, (bytes, str)):
+                total += len(a)
+    return total

@@ -475,7 +475,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         """Handle one event; return False to dead-letter it, raise to retry it.
 
         The default awaits (or runs in a thread) the ``@on`` handler of the type. A
-        subclass may override it with an ``async def`` (the seed's form).
+        subclass may override it with an ``async def`` (the subclassing form).
         """
         handler = self._handlers.get(event.event_type) or self._handlers.get(WILDCARD)
         if handler is None:

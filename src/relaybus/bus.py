@@ -53,8 +53,8 @@ def read_subscriptions(mq: MessageQueue) -> dict[str, list[str]]:
 class EventBus(EventBusBase[MessageQueue]):
     """Central event bus for publishing and subscribing to events (sync front).
 
-    ``EventBus(redis_host=..., redis_port=..., redis_db=..., prefix="events:")`` as in
-    the seed, or ``EventBus(url)``; the arguments are described on
+    ``EventBus(redis_host=..., redis_port=..., redis_db=..., prefix="events:")``
+    (LeanMQ-style keywords), or ``EventBus(url)``; the arguments are described on
     :class:`relaybus._core.bases.EventBusBase`. Publishing and subscribing work without
     :meth:`start`; a started bus also runs its maintenance thread (the log's retention),
     and :meth:`run` runs it in the calling thread. Thread-safe; a context manager.

@@ -24,7 +24,7 @@ Every error relaybus raises derives from :class:`RelaybusError`::
         └── Reject                       dead-letter this event now with ``reason``
 
 Builtins are mixed in where callers already catch them (``InvalidNameError`` is a
-``ValueError``), so code written against the seed keeps working.
+``ValueError``), so code that catches the built-in exceptions keeps working.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The queue layer: queue pairs (main + dead-letter) on Redis Streams, sync front.
 
-The shape follows LeanMQ, which the seed's EventBus calls (``create_queue_pair``,
+The shape follows LeanMQ's API, so code written for LeanMQ runs on it (``create_queue_pair``,
 ``send_message``, ``get_messages``, ``acknowledge_messages``, ``move_to_dlq``,
 ``get_queue``), with what it lacked: acknowledged messages leave the stream, crashed
 consumers' messages are reclaimed after the visibility timeout, undecodable and
@@ -368,5 +368,5 @@ class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
         self.close()
 
 
-#: The seed's name for :class:`MessageQueue`: ``LeanMQ(redis_host=..., prefix=...)`` works.
+#: LeanMQ's name for :class:`MessageQueue`: ``LeanMQ(redis_host=..., prefix=...)`` works.
 LeanMQ = MessageQueue

@@ -57,7 +57,7 @@ DEFAULT_RETRY_BACKOFF = 0.5
 DEFAULT_RETRY_BACKOFF_MAX = 60.0
 #: Longest delay, in seconds, an explicit ``Retry(delay=...)`` is honoured for (30 days).
 MAX_EXPLICIT_DELAY = 30 * 24 * 3600.0
-#: Dead-letter reason when a handler returns ``False`` (the seed's rule).
+#: Dead-letter reason when a handler returns ``False`` (the subclassing form's rule).
 FALSE_REASON = "handler returned False"
 
 

@@ -10,7 +10,7 @@ Two ways to write a service; both run the same way::
 
     class Shipping(Microservice):
         def handle_event(self, event: Event) -> bool:
-            ...                     # the seed's form: return False to dead-letter
+            ...                     # the subclassing form: return False to dead-letter
 
 What happens to an event (the three outcomes of :mod:`relaybus.retry`):
 
@@ -111,7 +111,7 @@ class Microservice(ServiceBase[EventBus]):
     :meth:`close` also releases the connection. Thread-safe; a context manager
     (``with`` closes, it does not start).
 
-    Attributes as in the seed: ``service_name``, ``event_bus``, ``mq``,
+    Attributes: ``service_name``, ``event_bus``, ``mq``,
     ``subscription_queue_name``, ``subscription_queue``, ``subscription_dlq``,
     ``running``; plus ``stats`` (counters: see :data:`STAT_NAMES`), ``retry_policy``
     and ``consumer_id`` (this instance's consumer name, set by :meth:`start`).
@@ -163,7 +163,7 @@ class Microservice(ServiceBase[EventBus]):
         The default calls the ``@on`` handler of ``event.event_type`` (or the ``"*"``
         handler) and returns False only when it returned False. Without a handler it
         raises :class:`~relaybus.errors.Reject` (dead-letter: ``no handler for event
-        type ...``). Subclasses override this (the seed's form). Runs in a handler
+        type ...``). Subclasses override this (the subclassing form). Runs in a handler
         thread: with ``concurrency > 1``, concurrently with itself.
         """
         handler = self._handlers.get(event.event_type) or self._handlers.get(WILDCARD)

@@ -262,7 +262,7 @@ class QueueBase(Generic[MQ]):
 class EventBusBase(Generic[MQ]):
     """Central event bus for publishing and subscribing to events.
 
-    ``EventBus(url)``, or as in the seed: ``EventBus("localhost", 6379, 0, "events:")``
+    ``EventBus(url)``, or positionally: ``EventBus("localhost", 6379, 0, "events:")``
     (a first argument without a scheme is a host name) or ``EventBus(redis_host=...,
     redis_port=..., redis_db=..., prefix=...)``. ``visibility_timeout``: seconds before another
     instance takes over events a dead instance held (stored with the event log).
@@ -303,7 +303,7 @@ class EventBusBase(Generic[MQ]):
         #: Seconds between two rounds of this bus's maintenance (the log's retention).
         self.maintenance_interval = bus.MAINTENANCE_INTERVAL
         self.running = False
-        if url is not None and is_host(url):  # the seed's EventBus(host, port, db, prefix)
+        if url is not None and is_host(url):  # EventBus(host, port, db, prefix)
             url = host_url(url, redis_port, redis_db, redis_password)
         self.mq: MQ = mq or self._new_mq(
             url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,

@@ -339,7 +339,7 @@ class ServiceBase(Generic[B]):
     _default_handle_event: Callable[..., Any] | None = None
 
     def _overrides_handle_event(self) -> bool:
-        """True when a subclass wrote its own ``handle_event`` (the seed's form)."""
+        """True when a subclass wrote its own ``handle_event`` (the subclassing form)."""
         cls = type(self)
         own = getattr(cls, "handle_event", None)
         return own is not None and own is not cls._default_handle_event

@@ -6,7 +6,9 @@ Threads over one subscription queue, all sharing one lock around the consumer st
   at most ``prefetch`` held) and otherwise waits on the server (``XREAD BLOCK``,
   which consumes nothing);
 - ``concurrency`` **handler threads**, each running one message at a time through
-  ``process`` and handing its :class:`~relaybus._core.consumer.Outcome` back;
+  ``process`` and handing its :class:`~relaybus._core.consumer.Outcome` back; with
+  ``concurrency`` 1 there is none: the fetcher runs what it fetched itself (one
+  thread hand-off less per batch), then fetches again;
 - one **settler**, which sends every finished message since its last call as one
   script call (and the lease extensions when due): the hot path has no round trip per
   message. Its lease extension never waits on a handler.
@@ -64,6 +66,8 @@ class Worker:
         self._idle = threading.Condition(self._lock)  # join: a settle completed
         self._threads: list[threading.Thread] = []
         self._halted = False  # set without a lock by halt() (signal handlers)
+        #: Concurrency 1: handlers run on the fetcher's thread (one hand-off less).
+        self._inline = concurrency == 1
 
     @property
     def in_flight(self) -> int:
@@ -82,7 +86,8 @@ class Worker:
         if self._threads:
             raise RuntimeError("a worker runs once; create a new one")
         targets = [(self._fetch_loop, "fetch"), (self._settle_loop, "settle")] + \
-            [(self._handler_loop, f"handler-{i}") for i in range(self.concurrency)]
+            [(self._handler_loop, f"handler-{i}") for i in range(self.concurrency)
+             if not self._inline]
         self._threads = [threading.Thread(target=t, daemon=True,
                                           name=f"relaybus-{self.name}-{label}")
                          for t, label in targets]
@@ -167,11 +172,13 @@ class Worker:
             incident.succeeded(time.monotonic())
             with self._lock:
                 new = self.core.fetched(messages, time.monotonic())
-                if new:
+                if new and not self._inline:
                     self._work.notify(new)
                 if new or self.core.skipped:
                     self._to_settle.notify()  # a lease extension due, or skipped entries
-            if new:
+            if new and self._inline:
+                self._handle_buffered()
+            elif new:
                 time.sleep(0)  # let go of the GIL: a woken handler starts before the next fetch
 
     # -- handling -------------------------------------------------------------------
@@ -186,36 +193,50 @@ class Worker:
                     return
                 if not self.core.buffer:
                     self._room.notify()  # nothing buffered now: the fetcher may refill
-            done: list[tuple[Message, Outcome]] = []
-            failed: list[Message] = []
-            for message in taken:
-                if self._stopping:  # stopping: start nothing more, hand the rest back
-                    break
-                try:
-                    done.append((message, self.process(message)))
-                except BaseException:  # a bug (even SystemExit) must not end the thread
-                    logger.exception("%s: unexpected error handling message %s; it stays "
-                                     "pending and will be redelivered after the visibility "
-                                     "timeout", self.name, message.id)
-                    failed.append(message)
-            # let go of the GIL between chunks: a fetch or settle reply that came meanwhile
-            # is read now, not after the switch interval (5 ms) or the buffer ran dry
-            time.sleep(0)
+            self._handle(taken)
+
+    def _handle_buffered(self) -> None:
+        """Concurrency 1: the fetcher runs what it fetched itself (no hand-off to a
+        handler thread), chunk by chunk, then fetches again."""
+        while True:
             with self._lock:
-                now = time.monotonic()
-                for message, outcome in done:
-                    self.core.finish(message, outcome, now)
-                for message in failed:
-                    self.core.counters.incr("errors")
-                    self.core.dropped(message)
-                for message in taken[len(done) + len(failed):]:  # stopping: never started
-                    self.core.unfinished(message)
-                self._to_settle.notify()
-                self._room.notify()
-                self._idle.notify_all()
-                late = self.core.settle_batch(time.monotonic()) if self.core.abandoned else None
-            if late is not None:  # finished after the stop gave up waiting: settle it here
-                self._settle_late(late)
+                taken = self.core.take_some(1)
+            if not taken:
+                return
+            self._handle(taken)
+
+    def _handle(self, taken: list[Message]) -> None:
+        """Run ``taken`` through ``process`` and hand the outcomes to the settler."""
+        done: list[tuple[Message, Outcome]] = []
+        failed: list[Message] = []
+        for message in taken:
+            if self._stopping:  # stopping: start nothing more, hand the rest back
+                break
+            try:
+                done.append((message, self.process(message)))
+            except BaseException:  # a bug (even SystemExit) must not end the thread
+                logger.exception("%s: unexpected error handling message %s; it stays "
+                                 "pending and will be redelivered after the visibility "
+                                 "timeout", self.name, message.id)
+                failed.append(message)
+        # let go of the GIL between chunks: a fetch or settle reply that came meanwhile
+        # is read now, not after the switch interval (5 ms) or the buffer ran dry
+        time.sleep(0)
+        with self._lock:
+            now = time.monotonic()
+            for message, outcome in done:
+                self.core.finish(message, outcome, now)
+            for message in failed:
+                self.core.counters.incr("errors")
+                self.core.dropped(message)
+            for message in taken[len(done) + len(failed):]:  # stopping: never started
+                self.core.unfinished(message)
+            self._to_settle.notify()
+            self._room.notify()
+            self._idle.notify_all()
+            late = self.core.settle_batch(time.monotonic()) if self.core.abandoned else None
+        if late is not None:  # finished after the stop gave up waiting: settle it here
+            self._settle_late(late)
 
     # -- settling -------------------------------------------------------------------
 

@@ -171,11 +171,15 @@ class Worker:
                 continue
             incident.succeeded(time.monotonic())
             with self._lock:
-                new = self.core.fetched(messages, time.monotonic())
+                now = time.monotonic()
+                new = self.core.fetched(messages, now)
                 if new and not self._inline:
                     self._work.notify(new)
-                if new or self.core.skipped:
-                    self._to_settle.notify()  # a lease extension due, or skipped entries
+                # the settler: a lease schedule begins (it held nothing), a lease
+                # extension is due, or skipped entries wait to be acknowledged
+                if (new and new == len(self.core.held)) or self.core.skipped \
+                        or self.core.lease_due(now):
+                    self._to_settle.notify()
             if new and self._inline:
                 self._handle_buffered()
             elif new:
@@ -224,6 +228,7 @@ class Worker:
         time.sleep(0)
         with self._lock:
             now = time.monotonic()
+            waiting = len(self.core.finished)
             for message, outcome in done:
                 self.core.finish(message, outcome, now)
             for message in failed:
@@ -231,9 +236,14 @@ class Worker:
                 self.core.dropped(message)
             for message in taken[len(done) + len(failed):]:  # stopping: never started
                 self.core.unfinished(message)
-            self._to_settle.notify()
-            self._room.notify()
-            self._idle.notify_all()
+            # wake only who can go on: the settler when a batch is due or its delay
+            # starts, the fetcher when it is another thread, a stop that waits
+            if waiting == 0 or self.core.wants_settle(now) or failed:
+                self._to_settle.notify()
+            if not self._inline:
+                self._room.notify()
+            if self.core.stopping:
+                self._idle.notify_all()
             late = self.core.settle_batch(time.monotonic()) if self.core.abandoned else None
         if late is not None:  # finished after the stop gave up waiting: settle it here
             self._settle_late(late)
@@ -269,7 +279,8 @@ class Worker:
             with self._lock:
                 pause = self.core.settled(batch, result, time.monotonic())
                 self._room.notify()
-                self._idle.notify_all()
+                if self.core.stopping:
+                    self._idle.notify_all()
             if isinstance(result, Exception) and pause is not None:
                 wait = incident.failed(result, time.monotonic(),
                                        expected=isinstance(result, BrokerError))

@@ -26,6 +26,7 @@ validated by :func:`validate_name`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import InvalidNameError
 
@@ -79,56 +80,56 @@ class QueueKeys:
     prefix: str
     name: str
 
-    @property
+    @cached_property
     def tag(self) -> str:
         """The pair's base key: ``P{NAME}``, or ``P{all}:sub:SERVICE`` for a subscription."""
         if self.is_subscription:
             return f"{self.prefix}{{{EVENTS_QUEUE}}}:{self.name}"
         return f"{self.prefix}{{{self.name}}}"
 
-    @property
+    @cached_property
     def is_subscription(self) -> bool:
         return self.name.startswith(SUB_PREFIX)
 
-    @property
+    @cached_property
     def log(self) -> QueueKeys | None:
         """The event log's keys for a subscription, else None."""
         return QueueKeys(self.prefix, EVENTS_QUEUE) if self.is_subscription else None
 
-    @property
+    @cached_property
     def stream(self) -> str:
         return self.tag
 
-    @property
+    @cached_property
     def dlq(self) -> str:
         return self.tag + DLQ_SUFFIX
 
-    @property
+    @cached_property
     def meta(self) -> str:
         return self.tag + ":meta"
 
-    @property
+    @cached_property
     def delayed(self) -> str:
         return self.tag + ":delayed"
 
-    @property
+    @cached_property
     def done(self) -> str:
         return self.tag + ":done"
 
-    @property
+    @cached_property
     def published(self) -> str:
         return self.tag + ":published"
 
-    @property
+    @cached_property
     def published_ids(self) -> str:
         return self.tag + ":published:ids"
 
-    @property
+    @cached_property
     def leases(self) -> str:
         """The hash of each consumer's lease (its visibility timeout, ms) on the stream."""
         return self.tag + ":leases"
 
-    @property
+    @cached_property
     def dlq_leases(self) -> str:
         return self.dlq + ":leases"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from .. import codec
@@ -90,29 +91,29 @@ class QueueRef:
     #: Delete acknowledged entries (work queues); False keeps them (the event log).
     delete_on_ack: bool = True
 
-    @property
+    @cached_property
     def keys(self) -> QueueKeys:
         return QueueKeys(self.settings.prefix, self.pair_name)
 
-    @property
+    @cached_property
     def name(self) -> str:
         return self.pair_name + DLQ_SUFFIX if self.is_dlq else self.pair_name
 
-    @property
+    @cached_property
     def key(self) -> str:
         return self.keys.dlq if self.is_dlq else self.keys.stream
 
-    @property
+    @cached_property
     def leases(self) -> str:
         """The hash of its consumers' leases (see ``lua/fetch.lua``)."""
         return self.keys.dlq_leases if self.is_dlq else self.keys.leases
 
-    @property
+    @cached_property
     def log(self) -> QueueKeys | None:
         """The event log this queue also reads (a subscription's main queue), or None."""
         return None if self.is_dlq else self.keys.log
 
-    @property
+    @cached_property
     def log_prefix(self) -> str:
         log = self.log
         return log.name + LOG_ID_SEPARATOR if log is not None else ""

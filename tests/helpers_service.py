@@ -211,3 +211,9 @@ def hold_the_gil(seconds: float) -> None:
     """A long C call that keeps the GIL (ctypes.PyDLL does not release it): no other
     thread of this process runs meanwhile, the lease extending one included."""
     ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+
+
+def blocked_reads(client: redis.Redis) -> int:
+    """How many connections wait in a blocking XREADGROUP on the server."""
+    return sum(1 for c in client.client_list()
+               if "b" in c.get("flags", "") and c.get("cmd") == "xreadgroup")

@@ -34,7 +34,7 @@ import redis
 import redis.asyncio
 
 from helpers_aio import RUN_VISIBILITY_TIMEOUT, Child, child_command
-from helpers_service import Ping, Pong, hold_the_gil
+from helpers_service import Ping, Pong, blocked_reads, hold_the_gil
 from relaybus import (
     AsyncEventBus,
     AsyncMessageQueue,
@@ -1214,3 +1214,29 @@ def test_run_service_restores_a_custom_signal_handler_for_an_async_service(
         assert received == []  # the service's handler took the signal
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_blocking_read_waiting_at_stop_brings_nothing_to_the_stopped_instance(
+        redis_url: str, prefix: str, raw: redis.Redis) -> None:
+    """As on the sync front: an event published while a stopped instance's blocking
+    read may still wait is handled by the next instance now, not a visibility timeout
+    later."""
+    async def main() -> None:
+        async with Harness(redis_url, prefix) as h:
+            first = h.service("late", block_for_seconds=5.0)
+            first.on(Ping)(lambda e: None)
+            await first.start()
+            await until(lambda: blocked_reads(raw) == 1, what="the fetcher's blocking read")
+            await first.stop()
+            seen: list[int] = []
+            second = h.service("late")
+
+            @second.on(Ping)
+            async def handle(event: Ping) -> None:
+                seen.append(event.n)
+
+            await h.publish(Ping(n=7))
+            await second.start()
+            await until(lambda: seen == [7], what="the event handled by the next instance")
+
+    run(main())

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers_service import Ping, Pong, Proxy, child_command, hold_the_gil
+from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil
 from relaybus import (
     ConfigurationError,
     Event,
@@ -750,3 +750,22 @@ def test_an_idle_worker_blocks_instead_of_polling(make: Factory, raw: redis.Redi
     scripts = used["evalsha"] + used["eval"]
     assert scripts <= 3, used
     assert used["xreadgroup"] - scripts <= 3, used
+
+
+def test_a_blocking_read_waiting_at_stop_hands_back_what_it_brings(
+        make: Factory, bus: EventBus, raw: redis.Redis) -> None:
+    """A stop returns while the fetcher's blocking read still waits on the server; an
+    event published then is delivered to that read: it is handed back at once, so the
+    next instance handles it now, not a visibility timeout (30 s) later."""
+    first = make("late", block_for_seconds=5.0)
+    first.on(Ping)(lambda e: None)
+    first.start()
+    wait_for(lambda: blocked_reads(raw) == 1, what="the fetcher's blocking read")
+    first.stop()
+    assert blocked_reads(raw) == 1  # still waiting on the server
+    seen: list[int] = []
+    second = make("late")
+    second.on(Ping)(lambda e: seen.append(e.n))
+    publish(bus, Ping(n=7))
+    second.start()
+    wait_for(lambda: seen == [7], what="the event handled by the next instance")

@@ -446,6 +446,14 @@ class Consumer:
         self.running.clear()
         return n
 
+    def late(self, messages: list[Message]) -> q.Settlement:
+        """What to send for messages a fetch brought after the stop began (a blocking read
+        that was already waiting on the server): every one handed back at once, and the
+        group left again if nothing else is held."""
+        ids = [m.id for m in messages if m.id not in self.held]
+        skipped, self._skip_inbox = self._skip_inbox, []
+        return q.Settlement(acks=skipped, release=ids, forget=not self.held)
+
     def hand_back(self, *, forget: bool = True) -> q.Settlement:
         """What to send at the end: every unstarted message handed back, the skipped log
         entries (other types) acknowledged, and the group left if nothing is held."""

@@ -171,6 +171,11 @@ class Worker:
                 continue
             incident.succeeded(time.monotonic())
             with self._lock:
+                late = self.core.late(messages) if self._stopping else None
+            if late is not None:
+                self._hand_back_late(late)
+                return
+            with self._lock:
                 now = time.monotonic()
                 new = self.core.fetched(messages, now)
                 if new and not self._inline:
@@ -184,6 +189,23 @@ class Worker:
                 self._handle_buffered()
             elif new:
                 time.sleep(0)  # let go of the GIL: a woken handler starts before the next fetch
+
+    def _hand_back_late(self, batch: Any) -> None:
+        """A blocking read that was waiting when the stop came brought messages: hand
+        them back at once (else they would wait a visibility timeout for another
+        instance)."""
+        if not batch:
+            return
+        try:
+            done = self.driver.drive(self.core.settle_flow_for(batch), retry_timeout=1.0)
+        except Exception as exc:  # best effort: they lapse as after a crash
+            logger.warning("%s: could not hand back %d events fetched while stopping (%s); "
+                           "they will be redelivered after the visibility timeout", self.name,
+                           len(batch.release), exc)
+        else:
+            if done.released:
+                logger.info("%s: handed back %d events fetched while stopping", self.name,
+                            done.released)
 
     # -- handling -------------------------------------------------------------------
 

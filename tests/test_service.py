@@ -624,7 +624,9 @@ def test_a_sigkilled_instance_s_events_are_handled_by_another(redis_url: str, pr
         assert child.stdout.readline().strip() == "started 0"
         queue = bus.mq.get_queue("sub:crashy")
         assert queue is not None
-        wait_for(lambda: queue.get_info().pending_messages == 2, what="child holding 2")
+        # it holds the running event, and the next one if they were fetched together
+        # (with concurrency 1 the fetcher refills only between handler runs)
+        wait_for(lambda: queue.get_info().pending_messages >= 1, what="child holding events")
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:

@@ -8,7 +8,8 @@ Threads over one subscription queue, all sharing one lock around the consumer st
 - ``concurrency`` **handler threads**, each running one message at a time through
   ``process`` and handing its :class:`~relaybus._core.consumer.Outcome` back; with
   ``concurrency`` 1 there is none: the fetcher runs what it fetched itself (one
-  thread hand-off less per batch), then fetches again;
+  thread hand-off less per batch), then fetches again (so a long-running handler
+  holds only what was fetched with it: the rest waits for any instance);
 - one **settler**, which sends every finished message since its last call as one
   script call (and the lease extensions when due): the hot path has no round trip per
   message. Its lease extension never waits on a handler.

@@ -1,9 +1,20 @@
 """Connecting: URL resolution and one settings object for both fronts' clients.
 
 Accepted URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
-``unix:///path/to/socket[?db=N]``, and ``embedded`` / ``embedded:///path/to/dir``
-(the local server of :mod:`relaybus.embedded`). With no URL, ``RELAYBUS_URL`` wins
-over host/port arguments.
+``unix:///path/to/socket[?db=N]``, ``embedded`` / ``embedded:///path/to/dir``
+(the local server of :mod:`relaybus.embedded`), and Redis Sentinel:
+``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/db][?options]``
+(``rediss+sentinel://`` for TLS to the servers and the sentinels). With no URL,
+``RELAYBUS_URL`` wins over host/port arguments.
+
+A Sentinel URL lists the sentinels (port 26379 unless given) and names the monitored
+service; the client asks them for the current primary each time it connects, so a
+connection dropped by a failover reconnects to the new primary. The user and password
+before the hosts are the data servers' (the primary and its replicas); the sentinels
+get none unless the query says ``sentinel_password=...`` (and ``sentinel_username=...``)
+-- repeat the password there when the sentinels share it. Other query options
+(``ssl_ca_certs=...``) go to the data connections, and the ``ssl_*`` ones also to the
+sentinels of a ``rediss+sentinel://`` URL.
 
 :class:`ConnectionSettings` is built once from the URL and makes the redis-py client
 of either front (:meth:`~ConnectionSettings.sync_client`,
@@ -24,13 +35,17 @@ from urllib.parse import quote, unquote, urlparse, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+from redis.connection import parse_url
 
 from ._core.outage import is_nogroup
 from ._core.replies import info_fields
 from .errors import ConfigurationError, UnsupportedServerError
 
 __all__ = ["ConnectionSettings", "resolve_url", "DEFAULT_RETRY_TIMEOUT", "is_nogroup",
-           "check_version", "address_of"]
+           "check_version", "address_of", "SentinelTarget", "sentinel_target",
+           "sentinel_clients"]
 
 #: Environment variable naming the server when no URL is passed.
 URL_ENV = "RELAYBUS_URL"
@@ -118,6 +133,103 @@ def embedded_dir(url: str) -> str | None:
     return None
 
 
+#: The Sentinel URL schemes, and whether each speaks TLS.
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+#: The port of a sentinel given without one.
+DEFAULT_SENTINEL_PORT = 26379
+#: Query options of a Sentinel URL that are the sentinels' own.
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True, repr=False)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names: the sentinels, the service, and the
+    connection options of the data servers and of the sentinels (they hold passwords:
+    the ``repr`` shows the address only)."""
+
+    service: str
+    sentinels: tuple[tuple[str, int], ...]
+    master_options: dict[str, Any]
+    sentinel_options: dict[str, Any]
+
+    @property
+    def address(self) -> str:
+        """``sentinel mymaster via host:port,host:port`` (for messages)."""
+        return sentinel_address(self.service, self.sentinels)
+
+    def __repr__(self) -> str:
+        return f"SentinelTarget({self.address!r})"
+
+
+def sentinel_address(service: str, sentinels: Any) -> str:
+    """How messages name a Sentinel-managed server: the service and its sentinels."""
+    hosts = ",".join(f"[{h}]:{p}" if ":" in str(h) else f"{h}:{p}" for h, p in sentinels)
+    return f"sentinel {service} via {hosts}"
+
+
+def _sentinel_hosts(url: str, text: str) -> tuple[tuple[str, int], ...]:
+    """``host[:port],[v6]:port,...`` as (host, port) pairs."""
+    found = []
+    for item in text.split(","):
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else rest
+        else:
+            host, _, port = item.partition(":")
+        if not host or (port and not port.isdigit()) or ("]" in port):
+            raise _bad_url(url, f"bad sentinel address {item!r}: use host:port[,host:port...]")
+        number = int(port) if port else DEFAULT_SENTINEL_PORT
+        if not 0 < number < 65536:
+            raise _bad_url(url, f"bad sentinel port in {item!r}")
+        found.append((unquote(host), number))
+    return tuple(found)
+
+
+def sentinel_target(url: str) -> SentinelTarget | None:
+    """The :class:`SentinelTarget` of a ``redis+sentinel://`` or ``rediss+sentinel://``
+    URL, None for any other URL; :class:`ConfigurationError` for a malformed one."""
+    scheme, sep, rest = url.partition("://")
+    tls = SENTINEL_SCHEMES.get(scheme.lower()) if sep else None
+    if tls is None:
+        return None
+    netloc, _, tail = rest.partition("/")
+    if any(c in netloc for c in "?#"):
+        raise _bad_url(url, "name the service after the hosts: .../SERVICE_NAME[/db]")
+    userinfo, at, hosts = netloc.rpartition("@")
+    path, _, query = tail.partition("?")
+    path = path.partition("#")[0]
+    service, _, db = path.strip("/").partition("/")
+    if not hosts:
+        raise _bad_url(url, "no sentinel address: use host:port[,host:port...]")
+    if not service:
+        raise _bad_url(url, "no service name: use .../SERVICE_NAME[/db]")
+    if db and not db.isdigit():
+        raise _bad_url(url, f"the database must be a number, not {db!r}")
+    sentinels = _sentinel_hosts(url, hosts)
+    try:  # redis-py reads the credentials and the typed query options
+        options = parse_url(  # type: ignore[no-untyped-call]
+            f"redis://{userinfo}{at}localhost/?{query}")
+    except ValueError as exc:  # not chained: a parser's message may quote the password
+        raise _bad_url(url, str(exc)) from None
+    for key in ("host", "port", "connection_class"):
+        options.pop(key, None)
+    if db:
+        options["db"] = int(db)
+    own = {key.partition("_")[2]: options.pop(key) for key in _SENTINEL_OPTIONS
+           if key in options}
+    if tls:
+        options["ssl"] = True
+        own.update({k: v for k, v in options.items() if k.startswith("ssl")})
+    return SentinelTarget(unquote(service), sentinels, options, own)
+
+
+def sentinel_clients(client: redis.Redis | redis.asyncio.Redis) -> list[Any]:
+    """The clients of the sentinels a Sentinel-managed ``client`` asks (to close them
+    with it), or ``[]`` for any other client."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    return list(getattr(manager, "sentinels", None) or [])
+
+
 def resolve_url(
     url: str | None = None,
     *,
@@ -142,10 +254,13 @@ def resolve_url(
         parsed = urlparse(chosen)
     except ValueError as exc:  # not chained: a parser's message may quote the password
         raise _bad_url(chosen, str(exc)) from None
+    if parsed.scheme in SENTINEL_SCHEMES:
+        sentinel_target(chosen)  # raises for a malformed one
+        return chosen
     if parsed.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(scrub(
-            f"unsupported URL {redact(chosen)!r}: use redis://, rediss://, unix:// or embedded",
-            chosen))
+            f"unsupported URL {redact(chosen)!r}: use redis://, rediss://, unix://, "
+            "redis+sentinel://, rediss+sentinel:// or embedded", chosen))
     db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
     if db and not db.isdigit():  # redis-py would silently use database 0
         raise _bad_url(chosen, f"the database must be a number, not {db!r}")
@@ -153,8 +268,16 @@ def resolve_url(
 
 
 def address_of(client: redis.Redis | redis.asyncio.Redis) -> str:
-    """``host:port`` (or the socket path) a client connects to."""
-    kw = client.connection_pool.connection_kwargs
+    """``host:port`` (or the socket path) a client connects to; for a Sentinel-managed
+    client, ``sentinel SERVICE via host:port,host:port`` (the primary changes)."""
+    pool = client.connection_pool
+    sentinels = sentinel_clients(client)
+    if sentinels and hasattr(pool, "service_name"):
+        return sentinel_address(pool.service_name, [
+            (s.connection_pool.connection_kwargs.get("host", "localhost"),
+             s.connection_pool.connection_kwargs.get("port", DEFAULT_SENTINEL_PORT))
+            for s in sentinels])
+    kw = pool.connection_kwargs
     if "path" in kw:
         return str(kw["path"])
     return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
@@ -218,18 +341,33 @@ class ConnectionSettings:
                 "retry": None, "retry_on_timeout": False, "health_check_interval": 30,
                 "protocol": 2}
 
-    def sync_client(self) -> redis.Redis:
-        """A redis-py client for these settings (RESP2, relaybus's timeouts, no retries)."""
+    def _client(self, redis_class: Any, sentinel_class: Any) -> Any:
+        """A client of ``redis_class`` (either front's) for these settings: from the URL,
+        or, for a Sentinel URL, one whose pool asks ``sentinel_class``'s sentinels for the
+        primary on every connect. The same timeouts for the sentinels and the servers."""
         try:
-            return redis.Redis.from_url(self.url, **self._kwargs())
+            target = sentinel_target(self.url)
+            if target is None:
+                return redis_class.from_url(self.url, **self._kwargs())
+            sentinel_kwargs = {k: v for k, v in self._kwargs().items()
+                               if k != "retry_on_timeout"}  # deprecated for a client
+            manager = sentinel_class(list(target.sentinels),
+                                     sentinel_kwargs={**sentinel_kwargs,
+                                                      **target.sentinel_options},
+                                     **self._kwargs())
+            return manager.master_for(target.service, redis_class=redis_class,
+                                      **target.master_options)
         except ValueError as exc:  # not chained: its message may quote a piece of the password
             error = _bad_url(self.url, str(exc))
         raise error
 
+    def sync_client(self) -> redis.Redis:
+        """A redis-py client for these settings (RESP2, relaybus's timeouts, no retries)."""
+        client: redis.Redis = self._client(redis.Redis, redis.sentinel.Sentinel)
+        return client
+
     def async_client(self) -> redis.asyncio.Redis:
         """A ``redis.asyncio`` client for these settings."""
-        try:
-            return redis.asyncio.Redis.from_url(self.url, **self._kwargs())
-        except ValueError as exc:  # not chained: its message may quote a piece of the password
-            error = _bad_url(self.url, str(exc))
-        raise error
+        client: redis.asyncio.Redis = self._client(redis.asyncio.Redis,
+                                                   redis.asyncio.sentinel.Sentinel)
+        return client

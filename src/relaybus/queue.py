@@ -275,8 +275,9 @@ class Transaction:
 class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
     """A connection to a server and the queue pairs under one key prefix (sync front).
 
-    ``url`` takes ``redis://``, ``rediss://``, ``unix://`` or ``embedded[:///dir]``;
-    without it, ``RELAYBUS_URL`` wins over ``redis_host``/``redis_port``/``redis_db``.
+    ``url`` takes ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+    ``embedded[:///dir]``; without it, ``RELAYBUS_URL`` wins over
+    ``redis_host``/``redis_port``/``redis_db``.
     ``consumer_id`` names this consumer (default: unique per process). Connecting is
     lazy; operations retry an unreachable server for ``retry_timeout`` seconds, then
     raise :class:`BrokerUnavailableError`. Thread-safe; usable as a context manager.

@@ -83,9 +83,9 @@ class _Abandoned(Exception):
 class Microservice(ServiceBase[EventBus]):
     """A service consuming its own durable subscription ``sub:<service_name>``.
 
-    Connection: ``url`` (``redis://``, ``rediss://``, ``unix://``, ``embedded``), else
-    ``$RELAYBUS_URL``, else ``redis_host``/``redis_port``/``redis_db``; or pass an
-    existing ``event_bus`` (then ``url``, the host options, ``prefix`` and
+    Connection: ``url`` (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
+    ``embedded``), else ``$RELAYBUS_URL``, else ``redis_host``/``redis_port``/``redis_db``;
+    or pass an existing ``event_bus`` (then ``url``, the host options, ``prefix`` and
     ``bus_options`` are ignored, and :meth:`close` leaves that bus open).
     ``bus_options`` go to :class:`~relaybus.bus.EventBus` (for instance
     ``dedup_window``, ``retry_timeout``; ``consumer_id`` also names this instance's

@@ -19,6 +19,7 @@ import hiredis
 import redis
 import redis.asyncio
 
+from .._core.outage import role_changed
 from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
@@ -27,7 +28,7 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import address_of, server_name
+from ..connection import address_of, sentinel_clients, server_name
 
 __all__ = ["AsyncDriver"]
 
@@ -112,6 +113,9 @@ class AsyncDriver:
         packed, n = wire(step)
         try:
             replies = await self._replies(conn, packed, n, step.block)
+            if any(role_changed(r) for r in replies):  # not the primary: ask again next time
+                await conn.disconnect()
+                self._readers.pop(id(conn), None)
         except BaseException:
             await conn.disconnect(nowait=True)  # cancelled or failed: never reuse it half-read
             self._readers.pop(id(conn), None)
@@ -173,3 +177,5 @@ class AsyncDriver:
         for conn in self._taken:
             await conn.disconnect()
         await self.client.aclose()
+        for sentinel in sentinel_clients(self.client):
+            await sentinel.aclose()

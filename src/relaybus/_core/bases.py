@@ -65,8 +65,9 @@ def _shown(url: str) -> str:
 class MessageQueueBase(Generic[C, D]):
     """A connection to a server and the queue pairs under one key prefix.
 
-    ``url`` takes ``redis://``, ``rediss://``, ``unix://`` or ``embedded[:///dir]``;
-    without it, ``RELAYBUS_URL`` wins over ``redis_host``/``redis_port``/``redis_db``.
+    ``url`` takes ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+    ``embedded[:///dir]``; without it, ``RELAYBUS_URL`` wins over
+    ``redis_host``/``redis_port``/``redis_db``.
     ``consumer_id`` names this consumer (default: unique per process). Connecting is
     lazy; operations retry an unreachable server for ``retry_timeout`` seconds, then
     raise :class:`~relaybus.errors.BrokerUnavailableError`. ``client`` brings a client

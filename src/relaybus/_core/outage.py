@@ -6,7 +6,12 @@ One policy for every caller, both fronts:
   retry bound, then raised as :class:`~relaybus.errors.BrokerUnavailableError`:
   a lost or refused connection, a timeout, and the transient server states ``BUSY``
   (a long script), ``LOADING`` (a restart reading its data), ``READONLY`` (a replica
-  after failover), ``MASTERDOWN``, ``TRYAGAIN`` and ``CLUSTERDOWN``;
+  after failover), ``NOREPLICAS`` (a primary short of ``min-replicas-to-write``, as a
+  demoted one is), ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``, and a blocking read
+  cut short because the server turned into a replica (``UNBLOCKED ... instance state
+  changed``); after those that mean the server is no longer the primary
+  (:func:`role_changed`) the driver drops the connection, so that the next one asks
+  Sentinel again where the primary is;
 - **out of memory** (``OOM``): :class:`~relaybus.errors.BrokerOutOfMemoryError`, not
   retried (nothing was written; the caller decides);
 - refused credentials (a wrong password or user):
@@ -44,14 +49,19 @@ from ..errors import (
 )
 
 __all__ = ["Kind", "Backoff", "Retrying", "GroupMissing", "classify", "translate",
-           "is_nogroup", "MIN_BACKOFF", "MAX_BACKOFF"]
+           "is_nogroup", "role_changed", "MIN_BACKOFF", "MAX_BACKOFF"]
 
 #: First pause, in seconds, after a failed attempt during an outage.
 MIN_BACKOFF = 0.05
 #: Longest pause, in seconds, between two attempts during an outage.
 MAX_BACKOFF = 1.0
 #: Error-reply prefixes of transient server states: outages, not refusals.
-TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+TRANSIENT_PREFIXES = ("BUSY", "LOADING", "READONLY", "NOREPLICAS", "MASTERDOWN", "TRYAGAIN",
+                      "CLUSTERDOWN")
+#: Error-reply prefixes of a server that is not (or no longer) the primary.
+_NOT_PRIMARY = ("READONLY", "NOREPLICAS", "MASTERDOWN")
+#: How a server that turned into a replica ends the blocking reads of its clients.
+_DEMOTED = "instance state changed"
 #: Error replies of a request too large for the server (``proto-max-bulk-len``).
 _TOO_LARGE = ("invalid bulk length", "invalid multibulk length", "exceeds maximum allowed size")
 #: Size, in bytes, from which a request whose connection the server closes may have been
@@ -97,7 +107,17 @@ def is_nogroup(exc: BaseException) -> bool:
     if not isinstance(exc, redis.ResponseError):
         return False
     text = str(exc)
-    return "NOGROUP" in text or text.startswith("UNBLOCKED")
+    return "NOGROUP" in text or (text.startswith("UNBLOCKED") and _DEMOTED not in text)
+
+
+def role_changed(reply: object) -> bool:
+    """True for an error reply saying the server is not (or no longer) the primary
+    (``READONLY``, ``NOREPLICAS``, ``MASTERDOWN``, a blocking read ended by a demotion):
+    its connection should be dropped, so that a Sentinel-managed one re-resolves."""
+    if not isinstance(reply, redis.ResponseError):
+        return False
+    return _error_code(reply) in _NOT_PRIMARY or (
+        str(reply).startswith("UNBLOCKED") and _DEMOTED in str(reply))
 
 
 def _error_code(exc: BaseException) -> str:
@@ -127,6 +147,8 @@ def classify(exc: BaseException) -> Kind:
         return Kind.OUTAGE
     if not isinstance(exc, redis.ResponseError):
         return Kind.OTHER
+    if role_changed(exc):
+        return Kind.OUTAGE
     if is_nogroup(exc):
         return Kind.NOGROUP
     code = _error_code(exc)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from .._core.outage import role_changed
 from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
@@ -31,7 +32,7 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import address_of, server_name
+from ..connection import address_of, sentinel_clients, server_name
 
 __all__ = ["Driver"]
 
@@ -123,6 +124,8 @@ class Driver:
             self._taken.append(conn)
         packed, n = wire(step)
         try:
+            if getattr(conn, "_sock", True) is None:  # through connect(): a Sentinel-managed
+                conn.connect()  # connection asks where the primary is (send would not)
             conn.send_packed_command([packed])
             replies: list[Any] = []
             for _ in range(n):
@@ -130,6 +133,8 @@ class Driver:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:  # read on: keep the connection in step
                     replies.append(exc)
+            if any(role_changed(r) for r in replies):  # not the primary: ask again next time
+                conn.disconnect()
         except BaseException:
             conn.disconnect()  # replies may be left unread: start afresh next time
             raise
@@ -142,3 +147,5 @@ class Driver:
         for conn in self._taken:
             conn.disconnect()
         self.client.close()
+        for sentinel in sentinel_clients(self.client):
+            sentinel.close()

@@ -1,0 +1,343 @@
+"""Redis Sentinel (#12 items 1 and 5, Sentinel part): ``redis+sentinel://`` URLs, both
+fronts over a real Sentinel deployment (tests/sentinel.py), a forced failover while
+services of both fronts consume, the CLI, and passwords that never show.
+
+Real servers only: one primary, one replica and three sentinels per test session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from helpers_service import Ping
+from relaybus import (
+    AsyncEventBus,
+    AsyncMicroservice,
+    BrokerAuthenticationError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    EventBus,
+    MessageQueue,
+    Microservice,
+)
+from relaybus._core.outage import Kind, classify, is_nogroup, role_changed
+from relaybus.cli import app
+from relaybus.connection import (
+    ConnectionSettings,
+    redact,
+    resolve_url,
+    scrub,
+    sentinel_target,
+)
+from relaybus.keys import QueueKeys
+from relaybus.testing import delete_prefix, unique_prefix
+from sentinel import SentinelCluster, sentinel_cluster
+from waiting import wait_for
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelCluster]:
+    """One Sentinel deployment for the session, stopped afterwards even on failure."""
+    with sentinel_cluster(tmp_path_factory.mktemp("sentinel")) as started:
+        yield started
+
+
+@pytest.fixture
+def sprefix(cluster: SentinelCluster) -> Iterator[str]:
+    """A key prefix for this test alone; its keys are deleted from the primary afterwards."""
+    p = unique_prefix("sen")
+    yield p
+    delete_prefix(f"redis://:{_quoted(cluster.password)}@127.0.0.1:{cluster.primary_port()}/0",
+                  p)
+
+
+def _quoted(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+def shown(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)) + repr(exc)
+
+
+def assert_hidden(cluster: SentinelCluster, *texts: str) -> None:
+    for secret in (cluster.password, cluster.sentinel_password,
+                   _quoted(cluster.password), _quoted(cluster.sentinel_password)):
+        for text in texts:
+            assert secret not in text, text
+
+
+# -- the URL (no server) ---------------------------------------------------------------
+
+
+def test_url_grammar() -> None:
+    target = sentinel_target("redis+sentinel://u:p%40w@h1:26380,h2,[::1]:5000/mymaster/3"
+                             "?sentinel_password=sp&client_name=x")
+    assert target is not None
+    assert target.service == "mymaster"
+    assert target.sentinels == (("h1", 26380), ("h2", 26379), ("::1", 5000))
+    assert target.master_options == {"username": "u", "password": "p@w", "db": 3,
+                                     "client_name": "x"}
+    assert target.sentinel_options == {"password": "sp"}
+    assert target.address == "sentinel mymaster via h1:26380,h2:26379,[::1]:5000"
+    assert "p@w" not in repr(target)
+    plain = sentinel_target("redis+sentinel://h/svc")
+    assert plain is not None and plain.master_options == {} and plain.sentinel_options == {}
+    tls = sentinel_target("rediss+sentinel://:pw@h:1/svc?ssl_cert_reqs=none"
+                          "&sentinel_username=admin")
+    assert tls is not None
+    assert tls.master_options == {"password": "pw", "ssl": True, "ssl_cert_reqs": "none"}
+    assert tls.sentinel_options == {"username": "admin", "ssl": True, "ssl_cert_reqs": "none"}
+    assert sentinel_target("redis://h:1/0") is None
+    url = "redis+sentinel://:pw@h:1,h:2/svc/0"
+    assert resolve_url(url) == url
+
+
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:S3cr-et@h:1/",           # no service
+    "redis+sentinel://:S3cr-et@/svc",           # no sentinel
+    "redis+sentinel://:S3cr-et@h:1/svc/zero",   # a database that is not a number
+    "redis+sentinel://:S3cr-et@h:port/svc",     # a port that is not a number
+    "redis+sentinel://:S3cr-et@h:99999/svc",
+    "redis+sentinel://:S3cr-et@h:1/svc?socket_timeout=soon",
+], ids=["no-service", "no-host", "bad-db", "bad-port", "port-range", "bad-option"])
+def test_bad_url_is_a_configuration_error_without_the_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        ConnectionSettings.from_options(url)
+    assert "S3cr-et" not in shown(caught.value)
+    assert "redis+sentinel://:***@" in str(caught.value)
+
+
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://:S3cr-et@h:1,h:2/svc/0",
+    "redis+sentinel://user:S3cr-et@h:1/svc",
+    "rediss+sentinel://:S3cr-et@h:1,[::1]:2/svc/0?ssl_cert_reqs=none",
+    "redis+sentinel://h:1/svc/0?sentinel_password=S3cr-et",
+    "redis+sentinel://:S3cr-et@h:1/svc/0?sentinel_password=S3cr-et&db=0",
+    "redis+sentinel://:S3c#r-et@h:1,h:2/svc/0",  # unencoded
+    "redis+sentinel://:S3c/r-et@h:1,h:2/svc/0",
+], ids=["netloc", "user", "tls", "sentinel-password", "both", "hash", "slash"])
+def test_redact_hides_the_password_of_a_sentinel_url(url: str) -> None:
+    out = redact(url)
+    for piece in ("S3cr-et", "S3c", "r-et"):
+        assert piece not in out, out
+    assert redact(out) == out
+    assert "S3c" not in scrub(f"cannot use {url}", url)
+    assert "S3c" not in repr(ConnectionSettings(url))
+
+
+def test_sentinel_error_replies_are_outages_that_drop_the_connection() -> None:
+    demoted = redis.ResponseError("UNBLOCKED force unblock from blocking operation, "
+                                  "instance state changed (master -> replica?)")
+    for reply in (redis.ResponseError("NOREPLICAS Not enough good replicas to write."),
+                  redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+                  redis.ResponseError("READONLY You can't write against a read only replica."),
+                  redis.ResponseError("MASTERDOWN Link with MASTER is down"), demoted):
+        assert classify(reply) is Kind.OUTAGE
+        assert role_changed(reply)
+    assert not is_nogroup(demoted)
+    assert is_nogroup(redis.ResponseError("UNBLOCKED the stream key no longer exists"))
+    assert not role_changed(redis.ResponseError("LOADING Redis is loading"))
+    assert not role_changed(b"OK")
+
+
+# -- both fronts over Sentinel ---------------------------------------------------------
+
+
+def _service_options(url: str, prefix: str) -> dict[str, Any]:
+    return dict(url=url, prefix=prefix, maintenance=False, block_for_seconds=0.2,
+                retry_backoff=0.01, retry_backoff_max=0.05, shutdown_timeout=5.0)
+
+
+def test_sync_bus_and_service_over_sentinel(cluster: SentinelCluster, sprefix: str) -> None:
+    url = cluster.url()
+    svc = Microservice("sen-sync", **_service_options(url, sprefix))
+    seen: list[int] = []
+    svc.on(Ping)(lambda e: seen.append(e.n))
+    bus = EventBus(url, prefix=sprefix)
+    try:
+        assert svc.event_bus.mq.driver.address.startswith(f"sentinel {cluster.service} via ")
+        svc.start()
+        for n in range(5):
+            bus.publish(Ping(n=n))
+        wait_for(lambda: sorted(seen) == list(range(5)), what="5 events handled")
+    finally:
+        svc.close()
+        bus.close()
+
+
+def test_async_bus_and_service_over_sentinel(cluster: SentinelCluster, sprefix: str) -> None:
+    url = cluster.url()
+
+    async def main() -> list[int]:
+        seen: list[int] = []
+        svc = AsyncMicroservice("sen-async", **_service_options(url, sprefix))
+
+        @svc.on(Ping)
+        async def handle(event: Ping) -> None:
+            seen.append(event.n)
+
+        async with AsyncEventBus(url, prefix=sprefix) as bus:
+            await svc.start()
+            try:
+                for n in range(5):
+                    await bus.publish(Ping(n=n))
+                deadline = time.monotonic() + 10
+                while sorted(seen) != list(range(5)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                await svc.close()
+        return sorted(seen)
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == list(range(5))
+
+
+def test_cli_queues_over_sentinel(cluster: SentinelCluster, sprefix: str) -> None:
+    with MessageQueue(cluster.url(), prefix=sprefix) as mq:
+        mq.create_queue_pair("sen-cli")
+    result = CliRunner().invoke(app, ["queues", "--url", cluster.url(), "--prefix", sprefix,
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert "sen-cli" in json.dumps(json.loads(result.stdout))
+    assert_hidden(cluster, result.output)
+
+
+def test_passwords_never_show(cluster: SentinelCluster, sprefix: str) -> None:
+    url = cluster.url()
+    wrong_data = url.replace(_quoted(cluster.password), "wr0ng-Pa55", 1)
+    wrong_sentinel = url.replace(_quoted(cluster.sentinel_password), "wr0ng-Pa55", 1)
+    with EventBus(url, prefix=sprefix) as bus:
+        assert_hidden(cluster, repr(bus), repr(bus.mq), str(bus.mq.driver.address))
+    with pytest.raises(BrokerAuthenticationError) as refused, \
+            EventBus(wrong_data, prefix=sprefix, retry_timeout=1) as bad:
+        bad.publish(Ping())
+    assert f"sentinel {cluster.service} via 127.0.0.1:" in str(refused.value)
+    with pytest.raises(BrokerUnavailableError) as unknown, \
+            EventBus(wrong_sentinel, prefix=sprefix, retry_timeout=0.5) as bad:
+        bad.publish(Ping())
+    result = CliRunner().invoke(app, ["queues", "--url", wrong_data, "--prefix", sprefix,
+                                      "--timeout", "1"])
+    assert result.exit_code != 0
+    for text in (shown(refused.value), shown(unknown.value), result.output):
+        assert_hidden(cluster, text)
+        assert "wr0ng-Pa55" not in text
+
+
+# -- failover ------------------------------------------------------------------------
+
+
+class AsyncConsumer:
+    """An AsyncMicroservice running on its own loop in a thread, recording what it handles."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.seen: list[int] = []
+        self.url, self.prefix = url, prefix
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.stats: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name="sen-async-consumer")
+        self.thread.start()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            svc = AsyncMicroservice("sen-fo-async", **_service_options(self.url, self.prefix))
+
+            @svc.on(Ping)
+            async def handle(event: Ping) -> None:
+                self.seen.append(event.n)
+
+            await svc.start()
+            try:
+                self.started.set()
+                while not self.stop.is_set():
+                    await asyncio.sleep(0.02)
+                self.stats = svc.stats
+            finally:
+                await svc.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            self.started.set()
+
+
+@pytest.mark.timeout(25, func_only=True)
+def test_failover_while_both_fronts_consume(cluster: SentinelCluster, sprefix: str) -> None:
+    """Every event whose publish returned is handled by a service of each front, across a
+    forced failover, without restarting them; the new primary holds what follows."""
+    url = cluster.url()
+    svc = Microservice("sen-fo-sync", **_service_options(url, sprefix))
+    sync_seen: list[int] = []
+    svc.on(Ping)(lambda e: sync_seen.append(e.n))
+    svc.start()
+    aio = AsyncConsumer(url, sprefix)
+    published: list[int] = []
+    ids: list[str] = []
+    failed: list[BaseException] = []
+    done = threading.Event()
+    switched_at: list[int] = []
+
+    def publish() -> None:
+        with EventBus(url, prefix=sprefix) as bus:
+            n = 0
+            while not done.is_set():
+                try:
+                    ids.append(bus.publish(Ping(n=n)))
+                    published.append(n)
+                except Exception as exc:  # not acknowledged: need not be handled
+                    failed.append(exc)
+                n += 1
+                done.wait(0.005)  # a steady stream, not a synchronisation
+
+    publisher = threading.Thread(target=publish, name="sen-publisher")
+    try:
+        assert aio.started.wait(15) and aio.error is None, aio.error
+        publisher.start()
+        wait_for(lambda: len(sync_seen) > 20 and len(aio.seen) > 20, what="consuming")
+        old, new = cluster.failover()
+        switched_at.append(len(published))
+        # both keep handling what is published after the switch
+        wait_for(lambda: len(published) > switched_at[0] + 50, 15, "publishing after it")
+        mark = published[-1]
+        wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
+                 "both services handling events published after the failover")
+        done.set()
+        publisher.join(15)
+        every = set(published)
+        wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
+                 "every acknowledged event handled by both services")
+        assert svc.running
+        assert aio.thread.is_alive() and aio.error is None
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
+    finally:
+        done.set()
+        if publisher.is_alive() or publisher.ident:
+            publisher.join(15)
+        aio.stop.set()
+        aio.thread.join(15)
+        svc.close()
+    assert aio.error is None, aio.error
+    assert cluster.primary_port() == new != old
+    # the events published last are on the new primary (the old one refuses writes)
+    log = QueueKeys(sprefix, "all").stream
+    with cluster.data_client(new) as primary:
+        assert primary.xrange(log, ids[-1], ids[-1])
+    dupes = {name: sum(c - 1 for c in Counter(seen).values())
+             for name, seen in (("sync", sync_seen), ("async", aio.seen))}
+    print(f"published {len(published)} (not acknowledged: {len(failed)}), "
+          f"duplicates {dupes}")

@@ -364,8 +364,11 @@ def test_the_demo_passes_the_url_to_its_processes_in_the_environment(
 
     child = _spawn("maintenance", redis_url, prefix, "secrets", 1, 1)
     try:
+        # just forked, the child's /proc entries are empty, then the parent's, until it
+        # has exec'd: wait for its own environment (readable by its user only)
+        wait_for(lambda: f"{URL_ENV}={redis_url}" in _environ(child.pid),
+                 what="the URL in the child's environment")
         assert_hidden(password, _cmdline(child.pid))
-        assert f"{URL_ENV}={redis_url}" in _environ(child.pid)  # readable by its user only
     finally:
         child.terminate()
         child.wait(15)

@@ -605,9 +605,10 @@ def test_consumers_long_gone_that_hold_nothing_are_pruned(
 
     monkeypatch.setattr(core, "PRUNE_IDLE", VT)
     q, _ = make_mq(consumer_id="dead").create_queue_pair("orders", visibility_timeout=VT / 3)
-    keep = q.send_message({"job": "held"})
+    first, keep = q.send_messages([{"job": "done"}, {"job": "held"}])
+    [done] = q.get_messages(consumer_id="dead")  # it worked, then died holding nothing
+    assert q.acknowledge_messages(done.id) == 1 and done.id == first
     q.get_messages(consumer_id="holder")  # died holding a message: it is reclaimed first
-    q.get_messages(consumer_id="dead")  # died holding nothing
     live = make_mq(consumer_id="live").require_queue("orders")
     wait_for(lambda: {c["name"] for c in raw.xinfo_consumers(q.key, GROUP)
                       if c["idle"] >= VT * 1000} >= {b"dead", b"holder"})

@@ -54,7 +54,7 @@ __all__ = ["ALL_EVENTS", "EVENTS_QUEUE", "DEFAULT_RETENTION_MAX_LEN", "DEFAULT_R
            "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "subscription_queue_name",
            "parse_subscriptions", "subscription_types", "event_fields", "raw_event", "publish",
            "open_log", "subscribe", "unsubscribe", "remove_subscription", "read_subscriptions",
-           "read_subscription_table", "unreadable_subscriptions", "trim"]
+           "read_subscription_table", "split_subscriptions", "trim"]
 
 #: Marker stored for a subscription to every event type.
 ALL_EVENTS = "*"
@@ -101,27 +101,24 @@ def _entry(name: Any, value: Any) -> tuple[str, list[str]] | str:
     return str(name), types
 
 
-def parse_subscriptions(raw: Mapping[Any, Any]) -> dict[str, list[str]]:
-    """The subscriptions hash as ``{service: [types]}``, sorted by service; entries that
-    cannot be used are left out (see :func:`unreadable_subscriptions`)."""
-    out: dict[str, list[str]] = {}
+def split_subscriptions(raw: Mapping[Any, Any]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The subscriptions hash as ``({service: [types]}, {unreadable name: why})``, each
+    sorted by name. An unreadable entry concerns only itself: every subscription reads
+    the log through its own group, so the others flow on."""
+    usable: dict[str, list[str]] = {}
+    unreadable: dict[str, str] = {}
     for name, value in raw.items():
         entry = _entry(name, value)
         if isinstance(entry, tuple):
-            out[entry[0]] = entry[1]
-    return dict(sorted(out.items()))
+            usable[entry[0]] = entry[1]
+        else:
+            unreadable[text(name)] = entry
+    return dict(sorted(usable.items())), dict(sorted(unreadable.items()))
 
 
-def unreadable_subscriptions(raw: Mapping[Any, Any]) -> dict[str, str]:
-    """The entries of the subscriptions hash that cannot be used: name (as text) -> why.
-    Each one concerns only itself: every subscription reads the log through its own
-    group, so the others flow on."""
-    out: dict[str, str] = {}
-    for name, value in raw.items():
-        entry = _entry(name, value)
-        if isinstance(entry, str):
-            out[text(name)] = entry
-    return dict(sorted(out.items()))
+def parse_subscriptions(raw: Mapping[Any, Any]) -> dict[str, list[str]]:
+    """The usable subscriptions of the hash (see :func:`split_subscriptions`)."""
+    return split_subscriptions(raw)[0]
 
 
 def subscription_types(event_types: Iterable[str | type[Event]] | str | type[Event] | None
@@ -276,22 +273,22 @@ def read_subscriptions(prefix: str) -> Step[dict[str, list[str]]]:
     """Every subscription under ``prefix``: service name -> event types (``*`` = all).
     Unreadable entries are left out, each logged once (WARNING)."""
     def parse(raw: Any) -> dict[str, list[str]]:
-        table = _table(raw)
-        for name, why in unreadable_subscriptions(table).items():
+        usable, unreadable = split_subscriptions(_table(raw))
+        for name, why in unreadable.items():
             if (prefix, name) not in _reported:
                 _reported.add((prefix, name))
                 logger.warning("subscription entry %r under prefix %r is ignored: %s (delete "
                                "it with `relaybus subscriptions remove NAME`)", name, prefix,
                                why)
-        return parse_subscriptions(table)
+        return usable
 
     return Step.one(Call("HGETALL", subscriptions_key(prefix)), parse)
 
 
 def read_subscription_table(prefix: str) -> Step[tuple[dict[str, list[str]], dict[str, str]]]:
     """The subscriptions under ``prefix`` and the unreadable entries (name -> why)."""
-    return Step.one(Call("HGETALL", subscriptions_key(prefix)), lambda raw: (
-        parse_subscriptions(_table(raw)), unreadable_subscriptions(_table(raw))))
+    return Step.one(Call("HGETALL", subscriptions_key(prefix)),
+                    lambda raw: split_subscriptions(_table(raw)))
 
 
 #: Unreadable entries already logged, as (prefix, name).

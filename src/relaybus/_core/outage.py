@@ -239,8 +239,8 @@ class Retrying:
         connection the server closed twice in a row was refused for its size (a server
         going down refuses the next connection instead).
         """
-        if size >= LARGE_REQUEST and classify(exc) is Kind.OUTAGE and \
-                any(c in str(exc).lower() for c in _CLOSED):
+        outage = classify(exc) is Kind.OUTAGE
+        if size >= LARGE_REQUEST and outage and any(c in str(exc).lower() for c in _CLOSED):
             self._closed_on_large += 1
             if self._closed_on_large >= 2:
                 raise BrokerRequestTooLargeError(
@@ -250,7 +250,7 @@ class Retrying:
                     "max_message_size below its limits, or raise them") from exc
         else:
             self._closed_on_large = 0
-        if classify(exc) is Kind.OUTAGE:
+        if outage:
             if self._backoff is None:
                 self._backoff = Backoff(self._bound, self._clock())
             delay = self._backoff.delay(self._clock())

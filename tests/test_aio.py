@@ -974,6 +974,27 @@ def test_a_sigkilled_async_instance_loses_nothing(redis_url: str, prefix: str,
 # -- the queue layer ----------------------------------------------------------------------------
 
 
+def test_async_reclaim_waits_for_the_holders_lease_not_the_callers(
+        redis_url: str, prefix: str, raw: redis.Redis) -> None:
+    """As on the sync front: a consumer with a short visibility timeout takes over a
+    long-lease holder's message only once the holder's lease has passed (ages set on
+    the server with XCLAIM ... IDLE)."""
+    async def main() -> None:
+        async with AsyncMessageQueue(redis_url, prefix=prefix, consumer_id="old") as old_mq, \
+                AsyncMessageQueue(redis_url, prefix=prefix, consumer_id="new") as new_mq:
+            old, _ = await old_mq.create_queue_pair("orders", visibility_timeout=30)
+            new, _ = await new_mq.create_queue_pair("orders", visibility_timeout=0.3)
+            mid = await old.send_message({"job": 1})
+            assert [m.id for m in await old.get_messages()] == [mid]
+            raw.xclaim(old.key, "relaybus", "old", 0, [mid], idle=5_000, justid=True)
+            assert await new.get_messages() == []  # 5 s: past 0.3 s, not the holder's 30 s
+            raw.xclaim(old.key, "relaybus", "old", 0, [mid], idle=30_001, justid=True)
+            [taken] = await new.get_messages()
+            assert (taken.id, taken.delivery_count) == (mid, 2)
+
+    run(main())
+
+
 def test_async_queue_round_trip(redis_url: str, prefix: str) -> None:
     async def main() -> None:
         async with AsyncMessageQueue(redis_url, prefix=prefix, retry_timeout=5.0) as mq:

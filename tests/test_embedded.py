@@ -54,8 +54,8 @@ def make_server(tmp_path: Path) -> Iterator[Callable[[str], EmbeddedServer]]:
     """EmbeddedServer objects on data dirs under tmp_path; every server is stopped after."""
     made: list[EmbeddedServer] = []
 
-    def make(name: str = "data") -> EmbeddedServer:
-        server = EmbeddedServer(tmp_path / name)
+    def make(name: str = "data", appendfsync: str = "everysec") -> EmbeddedServer:
+        server = EmbeddedServer(tmp_path / name, appendfsync=appendfsync)
         made.append(server)
         return server
 
@@ -245,8 +245,10 @@ def test_a_restart_keeps_the_port_and_a_running_service_reconnects(
 
 
 def test_acknowledged_writes_survive_sigkill(
-        make_server: Callable[[str], EmbeddedServer]) -> None:
-    server = make_server("data")
+        make_server: Callable[..., EmbeddedServer]) -> None:
+    # appendfsync always: with everysec the server may hold a write back (up to 2 s,
+    # while a slow background fsync runs) and still reply, so a SIGKILL can lose it
+    server = make_server("data", appendfsync="always")
     state = server.start()
     with MessageQueue(state.url, prefix="p:") as mq:
         q, _ = mq.create_queue_pair("orders")

@@ -213,7 +213,14 @@ def hold_the_gil(seconds: float) -> None:
     ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
 
 
-def blocked_reads(client: redis.Redis) -> int:
-    """How many connections wait in a blocking XREADGROUP on the server."""
+def named(url: str, name: str) -> str:
+    """``url`` with a client name: the connections it opens show ``name`` in CLIENT LIST."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
+
+
+def blocked_reads(client: redis.Redis, name: str) -> int:
+    """How many connections named ``name`` wait in a blocking XREADGROUP on the server
+    (by name: other tests' services share the server)."""
     return sum(1 for c in client.client_list()
-               if "b" in c.get("flags", "") and c.get("cmd") == "xreadgroup")
+               if c.get("name") == name and "b" in c.get("flags", "")
+               and c.get("cmd") == "xreadgroup")

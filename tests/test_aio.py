@@ -34,7 +34,7 @@ import redis
 import redis.asyncio
 
 from helpers_aio import RUN_VISIBILITY_TIMEOUT, Child, child_command
-from helpers_service import Ping, Pong, blocked_reads, hold_the_gil
+from helpers_service import Ping, Pong, blocked_reads, hold_the_gil, named
 from relaybus import (
     AsyncEventBus,
     AsyncMessageQueue,
@@ -1244,10 +1244,11 @@ def test_a_blocking_read_waiting_at_stop_brings_nothing_to_the_stopped_instance(
     later."""
     async def main() -> None:
         async with Harness(redis_url, prefix) as h:
-            first = h.service("late", block_for_seconds=5.0)
+            tag = f"late-{uuid.uuid4().hex[:8]}"
+            first = h.service("late", block_for_seconds=5.0, url=named(redis_url, tag))
             first.on(Ping)(lambda e: None)
             await first.start()
-            await until(lambda: blocked_reads(raw) == 1, what="the fetcher's blocking read")
+            await until(lambda: blocked_reads(raw, tag) == 1, what="the fetcher's blocking read")
             await first.stop()
             seen: list[int] = []
             second = h.service("late")

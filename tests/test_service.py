@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil
+from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil, named
 from relaybus import (
     ConfigurationError,
     Event,
@@ -755,16 +756,17 @@ def test_an_idle_worker_blocks_instead_of_polling(make: Factory, raw: redis.Redi
 
 
 def test_a_blocking_read_waiting_at_stop_hands_back_what_it_brings(
-        make: Factory, bus: EventBus, raw: redis.Redis) -> None:
+        make: Factory, bus: EventBus, raw: redis.Redis, redis_url: str) -> None:
     """A stop returns while the fetcher's blocking read still waits on the server; an
     event published then is delivered to that read: it is handed back at once, so the
     next instance handles it now, not a visibility timeout (30 s) later."""
-    first = make("late", block_for_seconds=5.0)
+    tag = f"late-{uuid.uuid4().hex[:8]}"
+    first = make("late", block_for_seconds=5.0, url=named(redis_url, tag))
     first.on(Ping)(lambda e: None)
     first.start()
-    wait_for(lambda: blocked_reads(raw) == 1, what="the fetcher's blocking read")
+    wait_for(lambda: blocked_reads(raw, tag) == 1, what="the fetcher's blocking read")
     first.stop()
-    assert blocked_reads(raw) == 1  # still waiting on the server
+    assert blocked_reads(raw, tag) == 1  # still waiting on the server
     seen: list[int] = []
     second = make("late")
     second.on(Ping)(lambda e: seen.append(e.n))

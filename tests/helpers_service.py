@@ -213,11 +213,6 @@ def hold_the_gil(seconds: float) -> None:
     ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
 
 
-def named(url: str, name: str) -> str:
-    """``url`` with a client name: the connections it opens show ``name`` in CLIENT LIST."""
-    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
-
-
 def blocked_reads(client: redis.Redis, name: str) -> int:
     """How many connections named ``name`` wait in a blocking XREADGROUP on the server
     (by name: other tests' services share the server)."""

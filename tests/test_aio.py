@@ -34,7 +34,7 @@ import redis
 import redis.asyncio
 
 from helpers_aio import RUN_VISIBILITY_TIMEOUT, Child, child_command
-from helpers_service import Ping, Pong, blocked_reads, hold_the_gil, named
+from helpers_service import Ping, Pong, blocked_reads, hold_the_gil
 from relaybus import (
     AsyncEventBus,
     AsyncMessageQueue,
@@ -55,6 +55,7 @@ from relaybus import (
 from relaybus._core.service import AWAITABLE_REASON
 from relaybus.keys import QueueKeys
 from relaybus.retry import FALSE_REASON
+from relaybus.testing import named_url
 from waiting import wait_for
 
 T = TypeVar("T")
@@ -1245,7 +1246,7 @@ def test_a_blocking_read_waiting_at_stop_brings_nothing_to_the_stopped_instance(
     async def main() -> None:
         async with Harness(redis_url, prefix) as h:
             tag = f"late-{uuid.uuid4().hex[:8]}"
-            first = h.service("late", block_for_seconds=5.0, url=named(redis_url, tag))
+            first = h.service("late", block_for_seconds=5.0, url=named_url(redis_url, tag))
             first.on(Ping)(lambda e: None)
             await first.start()
             await until(lambda: blocked_reads(raw, tag) == 1, what="the fetcher's blocking read")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil, named
+from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil
 from relaybus import (
     ConfigurationError,
     Event,
@@ -44,6 +44,7 @@ from relaybus.retry import (
     backoff_ceiling,
     compute_backoff,
 )
+from relaybus.testing import named_url
 from waiting import wait_for
 
 Factory = Callable[..., Microservice]
@@ -761,7 +762,7 @@ def test_a_blocking_read_waiting_at_stop_hands_back_what_it_brings(
     event published then is delivered to that read: it is handed back at once, so the
     next instance handles it now, not a visibility timeout (30 s) later."""
     tag = f"late-{uuid.uuid4().hex[:8]}"
-    first = make("late", block_for_seconds=5.0, url=named(redis_url, tag))
+    first = make("late", block_for_seconds=5.0, url=named_url(redis_url, tag))
     first.on(Ping)(lambda e: None)
     first.start()
     wait_for(lambda: blocked_reads(raw, tag) == 1, what="the fetcher's blocking read")

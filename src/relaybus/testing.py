@@ -2,7 +2,8 @@
 
 ``embedded_server()`` starts a private embedded Valkey in a temporary directory (or
 uses ``$RELAYBUS_TEST_URL``) and stops it afterwards; ``unique_prefix()`` and
-``delete_prefix()`` isolate tests by key prefix instead of flushing the database::
+``delete_prefix()`` isolate tests by key prefix instead of flushing the database;
+``named_url()`` names a client's connections, to find them in ``CLIENT LIST``::
 
     with embedded_server() as url:
         bus = EventBus(url, prefix=unique_prefix())
@@ -20,7 +21,7 @@ import redis
 
 from .embedded import EmbeddedServer
 
-__all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "unique_prefix"]
+__all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "named_url", "unique_prefix"]
 
 #: Environment variable naming an existing server to test against instead.
 TEST_URL_ENV = "RELAYBUS_TEST_URL"
@@ -45,6 +46,12 @@ def embedded_server(*, appendfsync: str = "everysec") -> Iterator[str]:
 def unique_prefix(label: str = "t") -> str:
     """A key prefix no other test uses, such as ``t3f9a1c2e:``."""
     return f"{label}{uuid.uuid4().hex[:10]}:"
+
+
+def named_url(url: str, name: str) -> str:
+    """``url`` with a client name: the connections opened from it show ``name`` in
+    ``CLIENT LIST`` (other tests' clients may share the server)."""
+    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
 
 
 def _glob_literal(text: str) -> str:

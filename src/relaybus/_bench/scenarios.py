@@ -48,6 +48,7 @@ from ..bus import EventBus, subscription_queue_name
 from ..embedded import EmbeddedServer
 from ..events import Event
 from ..keys import QueueKeys
+from ..testing import named_url
 from .child import FRONTS, ServiceProcess
 from .common import (
     DEFAULT_PAYLOAD,
@@ -440,10 +441,6 @@ def bench_memory(ctx: _Ctx) -> None:
 # -- idle ------------------------------------------------------------------------------
 
 
-def _named_url(url: str, name: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}client_name={name}"
-
-
 def _client_cmds(client: redis.Redis, name: str) -> int:
     return sum(int(c.get("tot-cmds", 0)) for c in client.client_list() if c.get("name") == name)
 
@@ -459,7 +456,7 @@ def bench_idle(ctx: _Ctx) -> None:
     rows: dict[tuple[str, str], list[float]] = {
         (front, k): [] for front in FRONTS for k in ("sent", "requests", "server", "cpu")}
     with temp_prefix(ctx.url) as p, contextlib.ExitStack() as stack:
-        children = {front: stack.enter_context(ServiceProcess(_named_url(ctx.url, name),
+        children = {front: stack.enter_context(ServiceProcess(named_url(ctx.url, name),
                                                               count_commands=True))
                     for front, name in names.items()}
         for front, child in children.items():

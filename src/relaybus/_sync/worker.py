@@ -44,13 +44,13 @@ logger = logging.getLogger("relaybus.worker")
 #: this time, not after the interpreter's switch interval (5 ms). Not after every
 #: message: each hand-off of the GIL costs a thread switch (a third of the sync
 #: front's fan-out throughput when it was done per message).
-YIELD_EVERY = 0.001
+YIELD_AFTER = 0.001
 
 
 def _yield_if_due(mark: float) -> float:
-    """Let go of the GIL when ``YIELD_EVERY`` has passed since ``mark``; the new mark."""
+    """Let go of the GIL when ``YIELD_AFTER`` has passed since ``mark``; the new mark."""
     now = time.monotonic()
-    if now - mark < YIELD_EVERY:
+    if now - mark < YIELD_AFTER:
         return mark
     time.sleep(0)
     return time.monotonic()

@@ -8,7 +8,8 @@ running beside it::
 
 Each service has its own subscription and a typed handler; the rate is per service.
 It also prints this process's CPU time per wall second while consuming (1.0: one core,
-the GIL, saturated).
+the GIL, saturated) and the server's command calls per event handled (from
+``INFO commandstats``): round trips, which batching keeps well under one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import asyncio
 import os
 import time
+
+import redis
 
 from relaybus import AsyncMicroservice, EventBus, Microservice, testing
 from relaybus._bench import BenchEvent, make_events, publish_all
@@ -89,6 +92,21 @@ async def run_async(url: str, n: int) -> None:
         await svc.stop()
 
 
+def command_calls(url: str) -> dict[str, int]:
+    """Calls per command since the last ``CONFIG RESETSTAT`` (without this bench's own)."""
+    with redis.Redis.from_url(url) as r:
+        stats = r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+            if k not in ("cmdstat_info", "cmdstat_config")}
+
+
+def report_calls(url: str, n: int) -> None:
+    calls = command_calls(url)
+    top = ", ".join(f"{k} {v / (3 * n):.3f}" for k, v in
+                    sorted(calls.items(), key=lambda kv: -kv[1])[:6])
+    print(f"server calls per event handled: {sum(calls.values()) / (3 * n):.3f} ({top})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("events", nargs="?", type=int, default=60_000)
@@ -96,10 +114,13 @@ def main() -> None:
     args = parser.parse_args()
     with testing.embedded_server() as url:
         preload(url, args.events)
+        with redis.Redis.from_url(url) as r:
+            r.config_resetstat()
         if args.front == "sync":
             run_sync(url, args.events)
         else:
             asyncio.run(run_async(url, args.events))
+        report_calls(url, args.events)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ the asyncio worker with tasks. Both follow the same rules, written once here:
   (acknowledgements with their done records, retries, dead letters), and in the same
   call extends the lease of every other held message when one is due. While one
   settle is in flight the next batch gathers, so no message waits more than one round
-  trip, and none is acknowledged before its handler returned.
+  trip, and none is acknowledged before its handler returned. A batch goes out when it
+  holds half the prefetch, when nothing else is to be handled, or when its first
+  message has waited :data:`SETTLE_DELAY` (:data:`BUSY_SETTLE_DELAY` while messages
+  wait to be handled).
 - **Leases.** Every ``lease_interval`` (a third of the visibility timeout) the held
   messages' leases are extended, so only a dead instance's messages lapse. A handler
   that finishes more than a visibility timeout after its message's lease was last
@@ -65,6 +68,11 @@ DEFAULT_PREFETCH_MIN = 100
 #: is settled (a batch also goes out at half the prefetch, or when nothing else is to
 #: be handled).
 SETTLE_DELAY = 0.002
+#: The same while fetched messages wait to be handled (saturation): the batch fills
+#: from them, and the fetch that refills their room waits for it anyway. Shorter, on an
+#: event loop shared by several services, made the batches half size: twice the round
+#: trips (``python bench/fanout_consume.py --front async``).
+BUSY_SETTLE_DELAY = 0.02
 
 
 def default_prefetch(concurrency: int) -> int:
@@ -293,12 +301,15 @@ class Consumer:
             return bool(self.skipped) and not self.buffer
         return (len(self.finished) >= self._batch_min or self.stopping
                 or (not self.buffer and not self.running)
-                or now - (self._first_finished or 0.0) >= SETTLE_DELAY)
+                or now - (self._first_finished or 0.0) >= self._settle_delay())
+
+    def _settle_delay(self) -> float:
+        return BUSY_SETTLE_DELAY if self.buffer else SETTLE_DELAY
 
     def next_settle_in(self, now: float) -> float | None:
         """Seconds until :meth:`wants_settle` turns true by time alone (None: never)."""
         waits = [w for w in (self.next_lease_in(now),
-                             SETTLE_DELAY - (now - self._first_finished)
+                             self._settle_delay() - (now - self._first_finished)
                              if self.finished and self._first_finished is not None else None,
                              SETTLE_DELAY if self.skipped else None) if w is not None]
         return max(0.0, min(waits)) if waits else None

@@ -31,9 +31,8 @@ import threading
 import time
 from typing import Any
 
-import redis
-
 from relaybus import Event, EventBus, Microservice
+from relaybus.testing import plain_client
 
 #: Event types the publisher cycles through (the services subscribe by these names).
 PUBLISHED_TYPES = ("proc.order_placed", "proc.order_paid", "proc.order_shipped",
@@ -74,7 +73,7 @@ def service(args: argparse.Namespace) -> None:
                        visibility_timeout=args.vt, prefetch=args.prefetch,
                        block_for_seconds=0.5, shutdown_timeout=5.0,
                        maintenance=not args.no_maintenance, retry_timeout=10.0)
-    ledger = redis.Redis.from_url(args.url)
+    ledger = plain_client(args.url)
     key = ledger_key(args.prefix, args.name)
     handled = 0
     lock = threading.Lock()
@@ -106,7 +105,7 @@ def reader(args: argparse.Namespace) -> None:
     with EventBus(args.url, prefix=args.prefix, retry_timeout=10.0) as bus:
         bus.subscribe(args.name, None)
         queue, _ = bus.subscription_queue(args.name)
-        ledger = redis.Redis.from_url(args.url)
+        ledger = plain_client(args.url)
         key = ledger_key(args.prefix, args.name)
         say("ready", {"consumer": bus.mq.consumer_id})
         read = 0

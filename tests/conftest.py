@@ -9,7 +9,13 @@ import pytest
 import redis
 
 from relaybus import MessageQueue
-from relaybus.testing import delete_prefix, embedded_server, unique_prefix
+from relaybus.testing import (
+    delete_prefix,
+    embedded_server,
+    on_cluster,
+    plain_client,
+    unique_prefix,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +42,7 @@ def prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 def raw(redis_url: str) -> Iterator[redis.Redis]:
     """A plain redis-py client on the test server (for injecting and inspecting)."""
-    client = redis.Redis.from_url(redis_url)
+    client = plain_client(redis_url)
     yield client
     client.close()
 
@@ -47,6 +53,17 @@ def mq(redis_url: str, prefix: str) -> Iterator[MessageQueue]:
     queue = MessageQueue(redis_url, prefix=prefix, retry_timeout=5.0)
     yield queue
     queue.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a cluster (``RELAYBUS_TEST_URL=redis+cluster://...``), skip the tests marked
+    ``single_server``."""
+    if not on_cluster(os.environ.get("RELAYBUS_TEST_URL", "")):
+        return
+    skip = pytest.mark.skip(reason="single_server: not on a cluster")
+    for item in items:
+        if item.get_closest_marker("single_server"):
+            item.add_marker(skip)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -25,12 +25,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 import redis.asyncio
 
 from helpers_service import Ping
 from relaybus import AsyncMicroservice
+from relaybus.testing import plain_async_client
 
 #: Visibility timeout of the ``run`` service, in seconds.
 RUN_VISIBILITY_TIMEOUT = 30.0
@@ -47,7 +48,7 @@ def make_blocking_service() -> AsyncMicroservice:
     @svc.on(Ping)
     async def handle(event: Ping) -> None:
         if not clients:
-            clients.append(redis.asyncio.Redis.from_url(url))
+            clients.append(plain_async_client(url))
         print(f"started {event.n}", flush=True)
         await clients[0].blpop([prefix + "release"], timeout=20)
         print(f"finished {event.n}", flush=True)
@@ -69,7 +70,7 @@ def _run(url: str, prefix: str, name: str) -> None:
 
 def _stream(url: str, prefix: str, name: str) -> None:
     async def main() -> None:
-        ledger = redis.asyncio.Redis.from_url(url)
+        ledger = plain_async_client(url)
         svc = AsyncMicroservice(name, url=url, prefix=prefix, visibility_timeout=1.0,
                                 maintenance=False, block_for_seconds=0.2, concurrency=2,
                                 prefetch=4)
@@ -159,3 +160,46 @@ def child_command(*args: str) -> list[str]:
     code = (f"import sys; sys.path.insert(0, {here!r}); import helpers_aio; "
             "helpers_aio.main(sys.argv[1:])")
     return [sys.executable, "-c", code, *args]
+
+
+def service_options(url: str, prefix: str) -> dict[str, Any]:
+    """Test-friendly service options (either front): quick retries, short waits."""
+    return dict(url=url, prefix=prefix, maintenance=False, block_for_seconds=0.2,
+                retry_backoff=0.01, retry_backoff_max=0.05, shutdown_timeout=5.0)
+
+
+class AsyncConsumer:
+    """An AsyncMicroservice running on its own loop in a thread, recording what it handles."""
+
+    def __init__(self, url: str, prefix: str, name: str) -> None:
+        self.seen: list[int] = []
+        self.url, self.prefix, self.name = url, prefix, name
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.stats: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name=f"{name}-thread")
+        self.thread.start()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            svc = AsyncMicroservice(self.name, **service_options(self.url, self.prefix))
+
+            @svc.on(Ping)
+            async def handle(event: Ping) -> None:
+                self.seen.append(event.n)
+
+            await svc.start()
+            try:
+                self.started.set()
+                while not self.stop.is_set():
+                    await asyncio.sleep(0.02)
+                self.stats = svc.stats
+            finally:
+                await svc.close()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            self.started.set()

@@ -142,6 +142,7 @@ def test_env_url_used_by_message_queue(monkeypatch: pytest.MonkeyPatch, redis_ur
         assert [m.data for m in q.get_messages()] == [{"via": "env"}]
 
 
+@pytest.mark.single_server
 def test_the_seeds_positional_form_connects_to_that_host(monkeypatch: pytest.MonkeyPatch,
                                                          redis_url: str, prefix: str,
                                                          closed_port: int) -> None:
@@ -181,6 +182,7 @@ def test_server_version_reported(mq: MessageQueue) -> None:
     assert tuple(int(p) for p in version.split(".")[:2]) >= (6, 2)
 
 
+@pytest.mark.single_server
 def test_injected_client_is_used(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     with MessageQueue(client=client, prefix=prefix) as mq:

@@ -14,7 +14,7 @@ import redis
 import relaybus
 from relaybus import EmbeddedServer, errors
 from relaybus.keys import QueueKeys
-from relaybus.testing import delete_prefix
+from relaybus.testing import delete_prefix, plain_client
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -95,7 +95,7 @@ def test_delete_prefix_deletes_its_own_prefix_only(redis_url: str, prefix: str,
                                                    glob: str) -> None:
     """A prefix with glob characters matches itself only, not its neighbours."""
     mine, theirs = f"{prefix}{glob}:", f"{prefix}a:"
-    client = redis.Redis.from_url(redis_url)
+    client = plain_client(redis_url)
     client.set(mine + "k", 1)
     client.set(theirs + "k", 1)
     assert delete_prefix(redis_url, mine) == 1

@@ -20,6 +20,7 @@ import redis
 from redis.connection import AbstractConnection
 
 from relaybus import (
+    CrossSlotError,
     InvalidNameError,
     LeanMQ,
     Message,
@@ -32,6 +33,7 @@ from relaybus import (
     SerializationError,
 )
 from relaybus.keys import GROUP
+from relaybus.testing import on_cluster
 from waiting import wait_for
 
 T = TypeVar("T")
@@ -91,6 +93,8 @@ def make_mq(redis_url: str, prefix: str) -> Iterator[Callable[..., MessageQueue]
 @pytest.fixture
 def named_mq(redis_url: str, prefix: str) -> Iterator[tuple[MessageQueue, str]]:
     """A MessageQueue whose connections carry a client name (to see it block in CLIENT LIST)."""
+    if on_cluster(redis_url):
+        pytest.skip("inspects one server's connections (CLIENT LIST, a counting client): not a cluster")
     name = f"relaybus-test-{uuid.uuid4().hex[:8]}"
     mq = MessageQueue(client=redis.Redis.from_url(redis_url, client_name=name), prefix=prefix)
     yield mq, name
@@ -226,6 +230,7 @@ def test_context_manager_closes(redis_url: str, prefix: str) -> None:
         assert [m.data for m in mq2.require_queue("orders").get_messages()] == [{"a": 1}]
 
 
+@pytest.mark.single_server
 def test_leanmq_seed_constructor(redis_url: str, prefix: str) -> None:
     parsed = urlparse(redis_url)
     db = int(parsed.path.strip("/") or 0)
@@ -782,6 +787,25 @@ def test_requeue_messages_default_destination_and_unknown_ids(mq: MessageQueue,
     assert [m.data for m in dlq.peek()] == [{"i": 3}]
 
 
+def test_move_to_another_pairs_dlq_moves_it_whole(mq: MessageQueue, raw: redis.Redis) -> None:
+    """Into another pair's DLQ: on a cluster another slot, so dead-lettered into the
+    pair's own DLQ first and then copied across; the same outcome on one server."""
+    q, own_dlq = mq.create_queue_pair("orders")
+    _, shared = mq.create_queue_pair("poison")
+    keep = q.send_message({"n": 0})
+    mid = q.send_message({"n": 1}, headers={"trace": "t1"}, ttl=600)
+    msgs = q.get_messages(count=2)
+    assert q.move_to_dlq([msgs[1].id], "unreadable", shared) == 1
+    assert raw.xlen(own_dlq.key) == 0 and list(pending_ids(raw, q)) == [keep]
+    [dead] = shared.peek()
+    assert (dead.data, dead.headers, dead.reason) == ({"n": 1}, {"trace": "t1"}, "unreadable")
+    assert dead.failures[-1]["message_id"] == mid and dead.expires_at is not None
+    assert shared.requeue_messages(dead.id, q) == 1  # back across: afresh, no expiry
+    assert raw.xlen(shared.key) == 0
+    [back] = [m for m in q.peek() if m.data == {"n": 1}]
+    assert back.expires_at is None and back.headers == {"trace": "t1"}
+
+
 def test_requeued_message_starts_afresh_without_expiry(mq: MessageQueue) -> None:
     q, dlq = mq.create_queue_pair("orders")
     q.send_message({"a": 1}, ttl=0.05)
@@ -991,7 +1015,9 @@ def test_get_info_fields(mq: MessageQueue) -> None:
 # -- transactions ------------------------------------------------------------------------
 
 
-def test_transaction_commits_all_across_queues(mq: MessageQueue) -> None:
+def test_transaction_commits_all_across_queues(mq: MessageQueue, redis_url: str) -> None:
+    if on_cluster(redis_url):
+        pytest.skip("queue pairs live in different slots of a cluster: see the next test")
     a, _ = mq.create_queue_pair("a")
     b, _ = mq.create_queue_pair("b")
     with mq.transaction() as tx:
@@ -1003,6 +1029,22 @@ def test_transaction_commits_all_across_queues(mq: MessageQueue) -> None:
     assert [m.data for m in a.get_messages(count=5)] == [{"to": "a"}, {"to": "a2"}]
     [bm] = b.get_messages(count=5)
     assert bm.data == {"to": "b"} and bm.headers == {"k": "v"} and bm.id == tx.ids[1]
+
+
+def test_a_transaction_across_queue_pairs_on_a_cluster_is_refused_whole(
+        mq: MessageQueue, redis_url: str) -> None:
+    if not on_cluster(redis_url):
+        pytest.skip("a single server runs a transaction across queue pairs")
+    a, _ = mq.create_queue_pair("a")
+    b, _ = mq.create_queue_pair("b")
+    with pytest.raises(CrossSlotError, match="within one slot"), mq.transaction() as tx:
+        tx.send_message(a, {"to": "a"})
+        tx.send_message(b, {"to": "b"})
+    assert a.peek() == [] and b.peek() == [] and tx.ids == []
+    with mq.transaction() as tx:  # within one pair it commits
+        tx.send_message(a, {"n": 1})
+        tx.send_message(a, {"n": 2})
+    assert [m.data for m in a.peek()] == [{"n": 1}, {"n": 2}]
 
 
 def test_transaction_exception_sends_nothing(mq: MessageQueue, raw: redis.Redis) -> None:

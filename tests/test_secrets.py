@@ -125,6 +125,7 @@ def test_scrub_hides_the_pieces_a_parser_quotes() -> None:
 # -- reprs ----------------------------------------------------------------------------------
 
 
+@pytest.mark.single_server
 def test_no_repr_shows_the_password(redis_url: str, password: str, prefix: str) -> None:
     mq = MessageQueue(redis_url, prefix=prefix, retry_timeout=5)
     bus = EventBus(redis_url, prefix=prefix, retry_timeout=5)
@@ -188,6 +189,7 @@ def test_an_unreachable_server_shows_its_url_redacted(
     assert_hidden(password, caplog.text)
 
 
+@pytest.mark.single_server
 def test_a_missing_database_names_the_url_redacted(redis_url: str, password: str,
                                                    prefix: str) -> None:
     url = redis_url.rsplit("/", 1)[0] + "/99"

@@ -14,12 +14,12 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
 from typer.testing import CliRunner
 
+from helpers_aio import AsyncConsumer, service_options
 from helpers_service import Ping
 from relaybus import (
     AsyncEventBus,
@@ -156,14 +156,9 @@ def test_sentinel_error_replies_are_outages_that_drop_the_connection() -> None:
 # -- both fronts over Sentinel ---------------------------------------------------------
 
 
-def _service_options(url: str, prefix: str) -> dict[str, Any]:
-    return dict(url=url, prefix=prefix, maintenance=False, block_for_seconds=0.2,
-                retry_backoff=0.01, retry_backoff_max=0.05, shutdown_timeout=5.0)
-
-
 def test_sync_bus_and_service_over_sentinel(cluster: SentinelCluster, sprefix: str) -> None:
     url = cluster.url()
-    svc = Microservice("sen-sync", **_service_options(url, sprefix))
+    svc = Microservice("sen-sync", **service_options(url, sprefix))
     seen: list[int] = []
     svc.on(Ping)(lambda e: seen.append(e.n))
     bus = EventBus(url, prefix=sprefix)
@@ -183,7 +178,7 @@ def test_async_bus_and_service_over_sentinel(cluster: SentinelCluster, sprefix: 
 
     async def main() -> list[int]:
         seen: list[int] = []
-        svc = AsyncMicroservice("sen-async", **_service_options(url, sprefix))
+        svc = AsyncMicroservice("sen-async", **service_options(url, sprefix))
 
         @svc.on(Ping)
         async def handle(event: Ping) -> None:
@@ -238,53 +233,16 @@ def test_passwords_never_show(cluster: SentinelCluster, sprefix: str) -> None:
 # -- failover ------------------------------------------------------------------------
 
 
-class AsyncConsumer:
-    """An AsyncMicroservice running on its own loop in a thread, recording what it handles."""
-
-    def __init__(self, url: str, prefix: str) -> None:
-        self.seen: list[int] = []
-        self.url, self.prefix = url, prefix
-        self.started = threading.Event()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.stats: dict[str, int] = {}
-        self.thread = threading.Thread(target=self._run, name="sen-async-consumer")
-        self.thread.start()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            svc = AsyncMicroservice("sen-fo-async", **_service_options(self.url, self.prefix))
-
-            @svc.on(Ping)
-            async def handle(event: Ping) -> None:
-                self.seen.append(event.n)
-
-            await svc.start()
-            try:
-                self.started.set()
-                while not self.stop.is_set():
-                    await asyncio.sleep(0.02)
-                self.stats = svc.stats
-            finally:
-                await svc.close()
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-            self.started.set()
-
-
 @pytest.mark.timeout(25, func_only=True)
 def test_failover_while_both_fronts_consume(cluster: SentinelCluster, sprefix: str) -> None:
     """Every event whose publish returned is handled by a service of each front, across a
     forced failover, without restarting them; the new primary holds what follows."""
     url = cluster.url()
-    svc = Microservice("sen-fo-sync", **_service_options(url, sprefix))
+    svc = Microservice("sen-fo-sync", **service_options(url, sprefix))
     sync_seen: list[int] = []
     svc.on(Ping)(lambda e: sync_seen.append(e.n))
     svc.start()
-    aio = AsyncConsumer(url, sprefix)
+    aio = AsyncConsumer(url, sprefix, "sen-fo-async")
     published: list[int] = []
     ids: list[str] = []
     failed: list[BaseException] = []

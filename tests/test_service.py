@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ import redis
 from helpers_service import Ping, Pong, Proxy, blocked_reads, child_command, hold_the_gil
 from relaybus import (
     ConfigurationError,
+    EmbeddedServer,
     Event,
     EventBus,
     Microservice,
@@ -734,8 +736,21 @@ def test_a_broker_outage_does_not_end_the_loop(redis_url: str, prefix: str, bus:
 # -- cost when idle ---------------------------------------------------------------------------
 
 
-def test_an_idle_worker_blocks_instead_of_polling(make: Factory, raw: redis.Redis) -> None:
-    svc = make("idle", block_for_seconds=2.0, visibility_timeout=30.0)  # the defaults
+def test_an_idle_worker_blocks_instead_of_polling(make: Factory, tmp_path: Path) -> None:
+    # a private server: INFO commandstats counts every client's commands, and another
+    # test's service still stopping on a shared server would be counted too
+    server = EmbeddedServer(str(tmp_path))
+    url = server.start().url
+    raw = redis.Redis.from_url(url)
+    try:
+        _idle_calls(make, raw, url)
+    finally:
+        raw.close()
+        server.stop()
+
+
+def _idle_calls(make: Factory, raw: redis.Redis, url: str) -> None:
+    svc = make("idle", block_for_seconds=2.0, visibility_timeout=30.0, url=url)  # defaults
     svc.on(Ping)(lambda e: None)
     svc.start()
 
@@ -754,6 +769,7 @@ def test_an_idle_worker_blocks_instead_of_polling(make: Factory, raw: redis.Redi
     scripts = used["evalsha"] + used["eval"]
     assert scripts <= 3, used
     assert used["xreadgroup"] - scripts <= 3, used
+    svc.close()
 
 
 def test_a_blocking_read_waiting_at_stop_hands_back_what_it_brings(

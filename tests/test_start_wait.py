@@ -242,6 +242,7 @@ def test_a_stop_ends_the_wait_of_run_forever(closed_port: int,
         svc.close()
 
 
+@pytest.mark.single_server
 def test_refused_credentials_and_a_missing_database_fail_at_once(
         redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Not outages: no waiting, even with no bound."""

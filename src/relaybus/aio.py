@@ -144,7 +144,7 @@ class AsyncQueue(QueueBase["AsyncMessageQueue"]):
         """Move messages (usually from a DLQ) to ``destination``, history kept."""
         id_list = _id_list(ids)
         dest = destination.key if destination is not None else self.keys.stream
-        return await self._run(core.requeue(self._ref, id_list, dest)) if id_list else 0
+        return await self._drive(core.requeue(self._ref, id_list, dest)) if id_list else 0
 
     async def requeue_where(self, predicate: Callable[[Message], bool] | None = None,
                             destination: AsyncQueue | None = None, *,

@@ -4,8 +4,14 @@ Accepted URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TL
 ``unix:///path/to/socket[?db=N]``, ``embedded`` / ``embedded:///path/to/dir``
 (the local server of :mod:`relaybus.embedded`), and Redis Sentinel:
 ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/SERVICE[/db][?options]``
-(``rediss+sentinel://`` for TLS to the servers and the sentinels). With no URL,
-``RELAYBUS_URL`` wins over host/port arguments.
+(``rediss+sentinel://`` for TLS to the servers and the sentinels), and Redis Cluster:
+``redis+cluster://[[user]:password@]host[:port][,host[:port]...]/[?options]``
+(``rediss+cluster://`` for TLS). With no URL, ``RELAYBUS_URL`` wins over host/port
+arguments.
+
+A cluster URL lists some of its nodes; the driver reads the slot map from the first
+that answers and connects to every primary with the URL's credentials and options
+(:mod:`relaybus._core.cluster` routes each command to its slot's node).
 
 A Sentinel URL lists the sentinels (port 26379 unless given) and names the monitored
 service; the client asks them for the current primary each time it connects, so a
@@ -45,7 +51,8 @@ from .errors import ConfigurationError, UnsupportedServerError
 
 __all__ = ["ConnectionSettings", "resolve_url", "DEFAULT_RETRY_TIMEOUT", "is_nogroup",
            "check_version", "address_of", "SentinelTarget", "sentinel_target",
-           "sentinel_clients"]
+           "sentinel_clients", "cluster_seeds", "cluster_seed_url", "node_pool",
+           "cluster_address"]
 
 #: Environment variable naming the server when no URL is passed.
 URL_ENV = "RELAYBUS_URL"
@@ -167,7 +174,8 @@ def sentinel_address(service: str, sentinels: Any) -> str:
     return f"sentinel {service} via {hosts}"
 
 
-def _sentinel_hosts(url: str, text: str) -> tuple[tuple[str, int], ...]:
+def _sentinel_hosts(url: str, text: str, default_port: int = DEFAULT_SENTINEL_PORT
+                    ) -> tuple[tuple[str, int], ...]:
     """``host[:port],[v6]:port,...`` as (host, port) pairs."""
     found = []
     for item in text.split(","):
@@ -177,10 +185,10 @@ def _sentinel_hosts(url: str, text: str) -> tuple[tuple[str, int], ...]:
         else:
             host, _, port = item.partition(":")
         if not host or (port and not port.isdigit()) or ("]" in port):
-            raise _bad_url(url, f"bad sentinel address {item!r}: use host:port[,host:port...]")
-        number = int(port) if port else DEFAULT_SENTINEL_PORT
+            raise _bad_url(url, f"bad address {item!r}: use host:port[,host:port...]")
+        number = int(port) if port else default_port
         if not 0 < number < 65536:
-            raise _bad_url(url, f"bad sentinel port in {item!r}")
+            raise _bad_url(url, f"bad port in {item!r}")
         found.append((unquote(host), number))
     return tuple(found)
 
@@ -223,6 +231,46 @@ def sentinel_target(url: str) -> SentinelTarget | None:
     return SentinelTarget(unquote(service), sentinels, options, own)
 
 
+#: The Redis Cluster URL schemes, and whether each speaks TLS.
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+
+
+def cluster_seeds(url: str) -> tuple[tuple[str, int], ...] | None:
+    """The nodes a ``redis+cluster://`` or ``rediss+cluster://`` URL names (the client
+    reads the rest of the cluster from them), None for any other URL;
+    :class:`ConfigurationError` for a malformed one."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        return None
+    netloc, _, tail = rest.partition("/")
+    if any(c in netloc for c in "?#"):
+        raise _bad_url(url, "end the node list with a slash: host:port[,host:port...]/")
+    hosts = netloc.rpartition("@")[2]
+    if not hosts:
+        raise _bad_url(url, "no node address: use host:port[,host:port...]")
+    path = tail.partition("?")[0].partition("#")[0].strip("/")
+    if path and path != "0":
+        raise _bad_url(url, f"Redis Cluster has only database 0, not {path!r}")
+    return _sentinel_hosts(url, hosts, 6379)
+
+
+def cluster_seed_url(url: str) -> str | None:
+    """The ``redis://`` (or ``rediss://``) URL of a cluster URL's first node, with its
+    credentials and options (None for any other URL): the client relaybus makes for a
+    cluster (its driver reaches the other nodes with the same options)."""
+    seeds = cluster_seeds(url)
+    if not seeds:
+        return None
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    userinfo, at, _ = netloc.rpartition("@")
+    host, port = seeds[0]
+    shown = f"[{host}]" if ":" in host else host
+    query = tail.partition("?")[2]
+    return (f"{scheme.lower().partition('+')[0]}://{userinfo}{at}{shown}:{port}/0"
+            + (f"?{query}" if query else ""))
+
+
 def sentinel_clients(client: redis.Redis | redis.asyncio.Redis) -> list[Any]:
     """The clients of the sentinels a Sentinel-managed ``client`` asks (to close them
     with it), or ``[]`` for any other client."""
@@ -257,10 +305,14 @@ def resolve_url(
     if parsed.scheme in SENTINEL_SCHEMES:
         sentinel_target(chosen)  # raises for a malformed one
         return chosen
+    if parsed.scheme in CLUSTER_SCHEMES:
+        cluster_seeds(chosen)  # raises for a malformed one
+        return chosen
     if parsed.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(scrub(
             f"unsupported URL {redact(chosen)!r}: use redis://, rediss://, unix://, "
-            "redis+sentinel://, rediss+sentinel:// or embedded", chosen))
+            "redis+sentinel://, rediss+sentinel://, redis+cluster://, rediss+cluster:// "
+            "or embedded", chosen))
     db = parsed.path.strip("/") if parsed.scheme != "unix" else ""
     if db and not db.isdigit():  # redis-py would silently use database 0
         raise _bad_url(chosen, f"the database must be a number, not {db!r}")
@@ -281,6 +333,19 @@ def address_of(client: redis.Redis | redis.asyncio.Redis) -> str:
     if "path" in kw:
         return str(kw["path"])
     return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+
+
+def cluster_address(seeds: Any) -> str:
+    """How messages name a cluster: ``cluster via host:port,host:port``."""
+    return "cluster via " + ",".join(f"[{h}]:{p}" if ":" in str(h) else f"{h}:{p}"
+                                     for h, p in seeds)
+
+
+def node_pool(pool: Any, host: str, port: int) -> Any:
+    """A connection pool like ``pool`` (either front's: same class, options,
+    credentials and TLS) to another node, ``host:port``, of a cluster."""
+    kwargs = {**pool.connection_kwargs, "host": host, "port": port}
+    return type(pool)(connection_class=pool.connection_class, **kwargs)
 
 
 def check_version(reply: Any, address: str) -> None:
@@ -348,7 +413,8 @@ class ConnectionSettings:
         try:
             target = sentinel_target(self.url)
             if target is None:
-                return redis_class.from_url(self.url, **self._kwargs())
+                return redis_class.from_url(cluster_seed_url(self.url) or self.url,
+                                            **self._kwargs())
             sentinel_kwargs = {k: v for k, v in self._kwargs().items()
                                if k != "retry_on_timeout"}  # deprecated for a client
             manager = sentinel_class(list(target.sentinels),
@@ -362,7 +428,8 @@ class ConnectionSettings:
         raise error
 
     def sync_client(self) -> redis.Redis:
-        """A redis-py client for these settings (RESP2, relaybus's timeouts, no retries)."""
+        """A redis-py client for these settings (RESP2, relaybus's timeouts, no retries);
+        for a cluster URL, a client of its first node (the driver reaches the others)."""
         client: redis.Redis = self._client(redis.Redis, redis.sentinel.Sentinel)
         return client
 

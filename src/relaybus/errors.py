@@ -10,7 +10,8 @@ Every error relaybus raises derives from :class:`RelaybusError`::
     │   ├── BrokerAuthenticationError    the server refused the credentials (not retried)
     │   └── UnsupportedServerError       the server is older than Redis 6.2 / Valkey 7.2
     ├── ConfigurationError (ValueError)  a bad option or URL
-    │   └── InvalidNameError (ValueError)  a queue or service name relaybus cannot use
+    │   ├── InvalidNameError (ValueError)  a queue or service name relaybus cannot use
+    │   └── CrossSlotError               on Redis Cluster, one step across queue pairs' slots
     ├── QueueNotFoundError (LookupError) the queue does not exist
     ├── SerializationError (ValueError)  a payload JSON cannot carry, or an undecodable entry
     │   └── MessageTooLargeError         an encoded payload above the size limit
@@ -38,6 +39,7 @@ __all__ = [
     "BrokerOutOfMemoryError",
     "BrokerUnavailableError",
     "ConfigurationError",
+    "CrossSlotError",
     "DuplicateEventTypeError",
     "EmbeddedServerError",
     "EventError",
@@ -117,6 +119,11 @@ class UnsupportedServerError(BrokerError):
 
 class ConfigurationError(RelaybusError, ValueError):
     """An option, URL or combination of options relaybus cannot use."""
+
+
+class CrossSlotError(ConfigurationError):
+    """On Redis Cluster, one command or transaction would touch keys in several slots
+    (several queue pairs): nothing was sent. Do the work per queue pair instead."""
 
 
 class InvalidNameError(ConfigurationError):

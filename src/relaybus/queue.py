@@ -172,7 +172,7 @@ class Queue(QueueBase["MessageQueue"]):
         """
         id_list = _id_list(ids)
         dest = destination.key if destination is not None else self.keys.stream
-        return self._run(core.requeue(self._ref, id_list, dest)) if id_list else 0
+        return self._drive(core.requeue(self._ref, id_list, dest)) if id_list else 0
 
     def requeue_where(self, predicate: Callable[[Message], bool] | None = None,
                       destination: Queue | None = None, *, batch_size: int = 500) -> int:

@@ -3,7 +3,9 @@
 ``embedded_server()`` starts a private embedded Valkey in a temporary directory (or
 uses ``$RELAYBUS_TEST_URL``) and stops it afterwards; ``unique_prefix()`` and
 ``delete_prefix()`` isolate tests by key prefix instead of flushing the database;
-``named_url()`` names a client's connections, to find them in ``CLIENT LIST``::
+``named_url()`` names a client's connections, to find them in ``CLIENT LIST``;
+``plain_client()`` is a redis-py client for any URL relaybus takes (a
+``redis.cluster.RedisCluster`` for a cluster), to inspect what relaybus wrote::
 
     with embedded_server() as url:
         bus = EventBus(url, prefix=unique_prefix())
@@ -12,16 +14,24 @@ uses ``$RELAYBUS_TEST_URL``) and stops it afterwards; ``unique_prefix()`` and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import redis
+import redis.asyncio
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 
+from .connection import ConnectionSettings, cluster_seeds
 from .embedded import EmbeddedServer
 
-__all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "named_url", "unique_prefix"]
+__all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "named_url", "plain_client",
+           "plain_async_client", "on_cluster", "unique_prefix"]
 
 #: Environment variable naming an existing server to test against instead.
 TEST_URL_ENV = "RELAYBUS_TEST_URL"
@@ -59,20 +69,69 @@ def _glob_literal(text: str) -> str:
     return "".join("\\" + c if c in "\\*?[]" else c for c in text)
 
 
+def _cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]] | None:
+    """A cluster URL's nodes and connection options (TLS, credentials, timeouts)."""
+    seeds = cluster_seeds(url)
+    if seeds is None:
+        return None
+    seed = ConnectionSettings(url).sync_client()
+    pool = seed.connection_pool
+    options = {k: v for k, v in pool.connection_kwargs.items()
+               if k not in ("host", "port", "db", "retry", "retry_on_timeout")}
+    options["ssl"] = issubclass(pool.connection_class, redis.SSLConnection)
+    seed.close()
+    return list(seeds), options
+
+
+def plain_client(url: str) -> redis.Redis:
+    """A redis-py client for ``url`` (``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://``, ``redis+cluster://``): relaybus's connection settings, replies
+    decoded by redis-py as usual. For a cluster, a ``redis.cluster.RedisCluster``
+    (typed as ``redis.Redis``: the commands are the same)."""
+    cluster = _cluster_options(url)
+    if cluster is None:
+        return ConnectionSettings(url).sync_client()
+    seeds, options = cluster
+    client: redis.Redis = RedisCluster(  # type: ignore[assignment]
+        startup_nodes=[ClusterNode(h, p) for h, p in seeds],  # type: ignore[no-untyped-call]
+        **options)
+    return client
+
+
+def plain_async_client(url: str) -> redis.asyncio.Redis:
+    """:func:`plain_client` for asyncio (a ``redis.asyncio.cluster.RedisCluster`` for a
+    cluster)."""
+    cluster = _cluster_options(url)
+    if cluster is None:
+        return ConnectionSettings(url).async_client()
+    seeds, options = cluster
+    accepted = inspect.signature(AsyncRedisCluster).parameters  # it takes no others
+    client: redis.asyncio.Redis = AsyncRedisCluster(  # type: ignore[assignment]
+        startup_nodes=[AsyncClusterNode(h, p) for h, p in seeds],
+        **{k: v for k, v in options.items() if k in accepted})
+    return client
+
+
+def on_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster."""
+    return cluster_seeds(url) is not None
+
+
 def delete_prefix(url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN, not KEYS), and no other (glob characters
-    in it match only themselves); return how many."""
-    client = redis.Redis.from_url(url)
+    """Delete every key under ``prefix`` (SCAN, not KEYS; on every primary of a
+    cluster), and no other (glob characters in it match only themselves); return how
+    many."""
+    client = plain_client(url)
     try:
+        nodes = ([n.redis_connection for n in client.get_primaries()]
+                 if isinstance(client, RedisCluster) else [client])
         deleted = 0
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=_glob_literal(prefix) + "*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += int(client.delete(*batch))
-                batch = []
-        if batch:
-            deleted += int(client.delete(*batch))
+        for node in nodes:
+            keys = list(node.scan_iter(match=_glob_literal(prefix) + "*", count=1000))
+            for i in range(0, len(keys), 500):  # one slot per DEL on a cluster: one by one
+                chunk = keys[i:i + 500]
+                deleted += sum(int(node.delete(k)) for k in chunk) if node is not client \
+                    else int(node.delete(*chunk))
         return deleted
     finally:
         client.close()

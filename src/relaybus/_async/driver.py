@@ -19,6 +19,7 @@ import hiredis
 import redis
 import redis.asyncio
 
+from .._core import cluster
 from .._core.outage import role_changed
 from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
@@ -28,7 +29,14 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import address_of, sentinel_clients, server_name
+from ..connection import (
+    address_of,
+    cluster_address,
+    cluster_seeds,
+    node_pool,
+    sentinel_clients,
+    server_name,
+)
 
 __all__ = ["AsyncDriver"]
 
@@ -49,11 +57,15 @@ class AsyncDriver:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.pool = client.connection_pool
-        self.address = address_of(client)
+        seeds = cluster_seeds(url) if url else None
+        #: The slot map of a cluster (None: one server).
+        self.slots = cluster.SlotMap(seeds) if seeds else None
+        self.address = cluster_address(seeds) if seeds else address_of(client)
         self.url = url
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
                                  address=self.address, url=url)
-        self._idle: list[Any] = []  # redis-py connections (untyped)
+        self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
+        self._idle: dict[cluster.Node | None, list[Any]] = {None: []}  # redis-py connections
         self._taken: list[Any] = []
         self._readers: dict[int, tuple[Any, Any]] = {}  # connection -> (writer, hiredis reader)
         self.socket_timeout = float(client.connection_pool.connection_kwargs.get(
@@ -104,15 +116,48 @@ class AsyncDriver:
         return server_name(await self.run(Step.one(Call("INFO", "server"))))
 
     async def _exchange(self, step: Step[Any]) -> list[Any]:
-        conn: Any  # redis-py's connections are untyped
+        """One round trip for the step; on a cluster, one batch per node, written and
+        read concurrently (:func:`relaybus._core.cluster.exchange`)."""
+        if self.slots is None:
+            packed, n = wire(step)
+            return unwrap(step, await self._talk(cluster.Batch(None, packed, n, step.block)))
+        flow = cluster.exchange(step, self.slots)
         try:
-            conn = self._idle.pop()
+            want = next(flow)
+            while True:
+                try:
+                    if len(want.batches) == 1:
+                        answers = [await self._talk(want.batches[0])]
+                    else:
+                        answers = list(await asyncio.gather(
+                            *(self._talk(b) for b in want.batches)))
+                except Exception as exc:
+                    want = flow.throw(exc)
+                else:
+                    want = flow.send(answers)
+        except StopIteration as done:
+            replies: list[Any] = done.value
+            return replies
+
+    async def _connection(self, node: cluster.Node | None) -> Any:
+        idle = self._idle.setdefault(node, [])
+        try:
+            return idle.pop()
         except IndexError:
-            conn = await self.pool.get_connection()  # type: ignore[no-untyped-call]
-            self._taken.append(conn)
-        packed, n = wire(step)
+            pass
+        pool = self._pools.get(node)
+        if pool is None:
+            assert node is not None
+            pool = self._pools.setdefault(node, node_pool(self.pool, *node))
+        conn = await pool.get_connection()
+        self._taken.append(conn)
+        return conn
+
+    async def _talk(self, batch: cluster.Batch) -> list[Any]:
+        """Write one batch to its node and read its replies (errors in their place)."""
+        conn: Any = await self._connection(batch.node)  # redis-py's connections are untyped
         try:
-            replies = await self._replies(conn, packed, n, step.block)
+            replies = await self._replies(conn, batch.packed, batch.replies, batch.block)
             if any(role_changed(r) for r in replies):  # not the primary: ask again next time
                 await conn.disconnect()
                 self._readers.pop(id(conn), None)
@@ -121,8 +166,8 @@ class AsyncDriver:
             self._readers.pop(id(conn), None)
             raise
         finally:
-            self._idle.append(conn)
-        return unwrap(step, replies)
+            self._idle[batch.node].append(conn)
+        return replies
 
     async def _replies(self, conn: Any, packed: bytes, n: int, block: float | None
                        ) -> list[Any]:
@@ -176,6 +221,9 @@ class AsyncDriver:
         """Close every connection."""
         for conn in self._taken:
             await conn.disconnect()
+        for node, pool in self._pools.items():
+            if node is not None:
+                await pool.disconnect()
         await self.client.aclose()
         for sentinel in sentinel_clients(self.client):
             await sentinel.aclose()

@@ -78,14 +78,15 @@ def install_command_counter() -> None:
     (socket write) they went in, for both redis-py's sync and asyncio connections.
 
     relaybus's drivers send what the core packs (``relaybus._core.steps.wire`` calls
-    ``pack`` once per step: one request, several commands when the step has several);
+    ``pack`` once per step, ``relaybus._core.cluster`` once per node of a step: one
+    request, several commands when the step has several);
     redis-py's own commands (the connection handshake, health-check PINGs) go through
     ``send_command``, one request each.
     """
     from redis import connection as sync_conn
     from redis.asyncio import connection as async_conn
 
-    from .._core import resp, steps
+    from .._core import cluster, resp, steps
 
     def pack(commands: Iterable[Sequence[Any]]) -> bytes:  # one request per step
         cmds = list(commands)
@@ -93,8 +94,9 @@ def install_command_counter() -> None:
         COUNTS["requests"] += 1
         return resp.pack(cmds)
 
-    packing: Any = steps  # ``wire`` calls its module's ``pack``
-    packing.pack = pack
+    for module in (steps, cluster):  # ``wire`` (one server) and a cluster's batches
+        packing: Any = module
+        packing.pack = pack
 
     sync_cls: Any = sync_conn.AbstractConnection
     sync_command = sync_cls.send_command

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from ..bus import EventBus
 from ..codec import dumps
-from ..connection import redact
+from ..connection import cluster_seed_url, redact
 from ..events import Event, serialize_event
-from ..testing import delete_prefix, unique_prefix
+from ..testing import delete_prefix, plain_client, unique_prefix
 
 __all__ = ["BenchEvent", "DEFAULT_PAYLOAD", "Figure", "environment", "fmt", "make_events",
            "paced_publish", "payload_size", "percentiles", "publish_all", "raw_fields",
@@ -137,6 +138,22 @@ def temp_prefix(url: str, label: str = "bench") -> Iterator[str]:
         delete_prefix(url, p)
 
 
+@contextlib.contextmanager
+def servers(url: str, key: str | None = None) -> Iterator[list[redis.Redis]]:
+    """Plain clients of the servers behind ``url``: the server itself, or each primary
+    of a cluster; with ``key``, only the one that holds it."""
+    client = plain_client(url)
+    try:
+        if not isinstance(client, RedisCluster):
+            yield [client]
+        elif key is not None:
+            yield [client.get_node_from_key(key).redis_connection]
+        else:
+            yield [n.redis_connection for n in client.get_primaries()]
+    finally:
+        client.close()
+
+
 def publish_all(bus: EventBus, events: Sequence[Event], batch: int) -> None:
     """Publish ``events`` with ``publish_many`` in batches of ``batch``."""
     for i in range(0, len(events), batch):
@@ -244,7 +261,8 @@ def environment(url: str, embedded: bool) -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "server_url": "embedded (private, temporary)" if embedded else redact(url),
     }
-    client = redis.Redis.from_url(url, decode_responses=True)
+    seed = cluster_seed_url(url)  # a cluster: its first node speaks for it
+    client = redis.Redis.from_url(seed or url, decode_responses=True)
     try:
         info = client.info("server")
         env["server"] = (f"valkey {info['valkey_version']}" if "valkey_version" in info

@@ -61,6 +61,7 @@ from .common import (
     publish_all,
     raw_fields,
     render_table,
+    servers,
     temp_prefix,
     used_memory,
     wait_timeout,
@@ -158,15 +159,16 @@ def bench_publish(ctx: _Ctx) -> None:
                 publish_all(bus, many, batch)
                 rates[key].append(n_many / (time.perf_counter() - t))
             fields = raw_fields(bus, make_events(n_many))
-            raw_key = QueueKeys(p, "raw").stream
-            client = bus.mq.client
-            t = time.perf_counter()
-            for i in range(0, n_many, 100):
-                pipe = client.pipeline(transaction=False)
-                for f in fields[i: i + 100]:
-                    pipe.xadd(raw_key, f)
-                pipe.execute()
-            rates["raw100"].append(n_many / (time.perf_counter() - t))
+            log = QueueKeys(p, "all").stream
+            raw_key = log + ":bench-raw"  # beside the log (one node of a cluster)
+            with servers(ctx.url, log) as (client,):
+                t = time.perf_counter()
+                for i in range(0, n_many, 100):
+                    pipe = client.pipeline(transaction=False)
+                    for f in fields[i: i + 100]:
+                        pipe.xadd(raw_key, f)
+                    pipe.execute()
+                rates["raw100"].append(n_many / (time.perf_counter() - t))
     ctx.add("publish", "publish(), one event per call", "events/s", rates["single"])
     ctx.add("publish", "publish_many, batches of 100", "events/s", rates["many100"])
     ctx.add("publish", "publish_many, batches of 1,000", "events/s", rates["many1000"])
@@ -368,40 +370,37 @@ def memory_round(url: str, n: int) -> dict[str, float]:
     """
     events = make_events(n)
     name = "bench-memory"
-    with temp_prefix(url) as p, EventBus(url, prefix=p) as bus:
-        client = redis.Redis.from_url(url)
-        try:
-            bus.subscribe(name, [BenchEvent])
-            queue, _ = bus.subscription_queue(name)
-            log = QueueKeys(p, "all")
-            m0 = used_memory(client)
-            publish_all(bus, events, 1000)
-            m1 = used_memory(client)
-            log_bytes = _key_bytes(client, log.stream)
-            dedup_bytes = _key_bytes(client, log.published, log.published_ids)
-            fields = raw_fields(bus, events)
-            raw_key = QueueKeys(p, "raw").stream
-            for i in range(0, n, 1000):
-                pipe = client.pipeline(transaction=False)
-                for f in fields[i: i + 1000]:
-                    pipe.xadd(raw_key, f)
-                pipe.execute()
-            raw_bytes = _key_bytes(client, raw_key)
-            client.delete(raw_key)
-            acked = 0
-            while True:  # acknowledge everything, recording each event as done
-                msgs = queue.get_messages(count=1000, consumer_id="bench")
-                if not msgs:
-                    break
-                acked += queue.acknowledge_messages(
-                    [m.id for m in msgs], record_done=[m.dedup_key or "" for m in msgs])
-            if acked != n:
-                raise RuntimeError(f"memory: acknowledged {acked} of {n}")
-            m2 = used_memory(client)
-            done_bytes = _key_bytes(client, QueueKeys(p, subscription_queue_name(name)).done)
-            pending = int(client.xpending(log.stream, subscription_queue_name(name))["pending"])
-        finally:
-            client.close()
+    with temp_prefix(url) as p, EventBus(url, prefix=p) as bus, \
+            servers(url, QueueKeys(p, "all").stream) as (client,):  # the log's node
+        bus.subscribe(name, [BenchEvent])
+        queue, _ = bus.subscription_queue(name)
+        log = QueueKeys(p, "all")
+        m0 = used_memory(client)
+        publish_all(bus, events, 1000)
+        m1 = used_memory(client)
+        log_bytes = _key_bytes(client, log.stream)
+        dedup_bytes = _key_bytes(client, log.published, log.published_ids)
+        fields = raw_fields(bus, events)
+        raw_key = log.stream + ":bench-raw"  # beside the log (one node of a cluster)
+        for i in range(0, n, 1000):
+            pipe = client.pipeline(transaction=False)
+            for f in fields[i: i + 1000]:
+                pipe.xadd(raw_key, f)
+            pipe.execute()
+        raw_bytes = _key_bytes(client, raw_key)
+        client.delete(raw_key)
+        acked = 0
+        while True:  # acknowledge everything, recording each event as done
+            msgs = queue.get_messages(count=1000, consumer_id="bench")
+            if not msgs:
+                break
+            acked += queue.acknowledge_messages(
+                [m.id for m in msgs], record_done=[m.dedup_key or "" for m in msgs])
+        if acked != n:
+            raise RuntimeError(f"memory: acknowledged {acked} of {n}")
+        m2 = used_memory(client)
+        done_bytes = _key_bytes(client, QueueKeys(p, subscription_queue_name(name)).done)
+        pending = int(client.xpending(log.stream, subscription_queue_name(name))["pending"])
     return {"log": log_bytes / n, "dedup": dedup_bytes / n,
             "waiting": (log_bytes + dedup_bytes) / n, "grown": (m1 - m0) / n,
             "raw": raw_bytes / n, "done": done_bytes / n, "left": (m2 - m0) / n,
@@ -441,8 +440,9 @@ def bench_memory(ctx: _Ctx) -> None:
 # -- idle ------------------------------------------------------------------------------
 
 
-def _client_cmds(client: redis.Redis, name: str) -> int:
-    return sum(int(c.get("tot-cmds", 0)) for c in client.client_list() if c.get("name") == name)
+def _client_cmds(nodes: list[redis.Redis], name: str) -> int:
+    return sum(int(c.get("tot-cmds", 0)) for node in nodes for c in node.client_list()
+               if c.get("name") == name)
 
 
 def bench_idle(ctx: _Ctx) -> None:
@@ -461,16 +461,16 @@ def bench_idle(ctx: _Ctx) -> None:
                     for front, name in names.items()}
         for front, child in children.items():
             child.request("start", front=front, prefix=p, services=[f"bench-idle-{front}"])
-        client = stack.enter_context(contextlib.closing(redis.Redis.from_url(ctx.url)))
+        nodes = stack.enter_context(servers(ctx.url))  # a cluster: every primary
         time.sleep(ctx.n(3.0, 1.0))  # let start-up traffic pass (first trim, first fetch)
         for r in range(ctx.rounds):
             ctx.say(f"idle: window {r + 1}/{ctx.rounds} of {window:g}s")
-            before = {front: _client_cmds(client, name) for front, name in names.items()}
+            before = {front: _client_cmds(nodes, name) for front, name in names.items()}
             for child in children.values():
                 child.request("begin")
             time.sleep(window)
             ends = {front: c.request("end") for front, c in children.items()}
-            after = {front: _client_cmds(client, name) for front, name in names.items()}
+            after = {front: _client_cmds(nodes, name) for front, name in names.items()}
             for front, end in ends.items():
                 rows[front, "sent"].append(end["commands"] / end["wall"])
                 rows[front, "requests"].append(end["requests"] / end["wall"])

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import codec
 from ..codec import Message
-from ..errors import BrokerOutOfMemoryError, SerializationError
+from ..errors import BrokerOutOfMemoryError, CrossSlotError, SerializationError
 from ..keys import DLQ_SUFFIX, GROUP, QueueKeys, registry_key
 from ..scripts import script
 from .outage import GroupMissing
@@ -223,6 +223,8 @@ class Settled:
     released: int = 0
     removed: bool = False
     missing: tuple[str, ...] = ()
+    #: The dead letters' ids in the dead-letter stream.
+    parked: tuple[str, ...] = ()
 
 
 @dataclass
@@ -630,7 +632,16 @@ def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None 
             return done
         except BrokerOutOfMemoryError:
             pass
-    done = yield _settle_script(ref, consumer, batch, dlq_key)
+    try:
+        done = yield _settle_script(ref, consumer, batch, dlq_key)
+    except CrossSlotError:
+        if dlq_key is None:
+            raise
+        # on a cluster, another pair's DLQ lives on another slot: dead-letter into the
+        # pair's own DLQ (atomically, as above), then move the new entries across
+        done = yield _settle_script(ref, consumer, batch, None)
+        if done.parked:
+            yield from move_across(ref.keys.dlq, list(done.parked), dlq_key, fresh=False)
     return done
 
 
@@ -656,7 +667,7 @@ def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str
 
     def parse(r: list[Any]) -> Settled:
         return Settled(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), bool(int(r[5])),
-                       tuple(text(m) for m in r[6]))
+                       tuple(text(m) for m in r[6]), tuple(text(m) for m in r[7]))
 
     return Step.one(ScriptCall(script("settle"), keys, args), parse)
 
@@ -693,10 +704,49 @@ def _acknowledge(ref: QueueRef, batch: Settlement) -> Step[Settled]:
     return Step(tuple(cmds), parse, transaction=len(cmds) > 1, tolerate=True)
 
 
-def requeue(ref: QueueRef, message_ids: list[str], destination_key: str) -> Step[int]:
-    """Move entries (usually from a DLQ) to ``destination_key``, history kept."""
-    return Step.one(ScriptCall(script("requeue"), [ref.key, destination_key],
-                               [GROUP, *message_ids]), int)
+def requeue(ref: QueueRef, message_ids: list[str], destination_key: str) -> Flow[int]:
+    """Move entries (usually from a DLQ) to ``destination_key``, history kept: one
+    script call (atomic), or, to another slot of a cluster, :func:`move_across`."""
+    try:
+        moved: int = yield Step.one(ScriptCall(script("requeue"), [ref.key, destination_key],
+                                               [GROUP, *message_ids]), int)
+    except CrossSlotError:
+        moved = yield from move_across(ref.key, message_ids, destination_key, fresh=True)
+    return moved
+
+
+#: Fields a requeued entry leaves behind: it starts afresh (``requeue.lua`` drops them too).
+_FRESH_DROPS = frozenset({b"x", b"l", b"n"})
+
+
+def move_across(source: str, message_ids: list[str], destination: str, *, fresh: bool
+                ) -> Flow[int]:
+    """Move entries between streams in different cluster slots: copy, then remove
+    (three round trips, not atomic). A crash between the two leaves an entry in both
+    streams, never in neither: the copy keeps its dedup key, so a consumer's done
+    record makes handling it twice harmless. ``fresh`` drops the expiry and attempt
+    counter (a requeue). The value: how many moved."""
+    replies = yield Step(tuple(Call("XRANGE", source, i, i) for i in message_ids),
+                         lambda r: r)
+    found: list[tuple[str, list[Any]]] = []
+    for mid, reply in zip(message_ids, replies, strict=True):
+        rows = stream_entries(reply)
+        if rows:
+            f = rows[0][1]
+            found.append((mid, [x for kv in f.items() for x in kv] if isinstance(f, Mapping)
+                          else list(f)))
+    if not found:
+        return 0
+    adds = []
+    for _, f in found:
+        pairs = [(f[i], f[i + 1]) for i in range(0, len(f), 2)]
+        kept = [x for k, v in pairs if not (fresh and k in _FRESH_DROPS) for x in (k, v)]
+        adds.append(Call("XADD", destination, "*", *kept))
+    yield Step(tuple(adds), lambda r: r)
+    ids = [mid for mid, _ in found]
+    yield Step((Call("XACK", source, GROUP, *ids), Call("XDEL", source, *ids)), lambda r: r,
+               transaction=True)
+    return len(found)
 
 
 def requeue_where(ref: QueueRef, predicate: Callable[[Message], bool] | None,
@@ -713,7 +763,7 @@ def requeue_where(ref: QueueRef, predicate: Callable[[Message], bool] | None,
         in_range = [m for m in page if id_order(m.id) <= end]
         chosen = [m.id for m in in_range if predicate is None or predicate(m)]
         if chosen:
-            moved += yield requeue(ref, chosen, destination_key)
+            moved += yield from requeue(ref, chosen, destination_key)
         if len(page) < batch_size or len(in_range) < len(page):
             return moved
         start = "(" + page[-1].id

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from .._core import cluster
 from .._core.outage import role_changed
 from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
@@ -32,7 +33,14 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import address_of, sentinel_clients, server_name
+from ..connection import (
+    address_of,
+    cluster_address,
+    cluster_seeds,
+    node_pool,
+    sentinel_clients,
+    server_name,
+)
 
 __all__ = ["Driver"]
 
@@ -59,12 +67,16 @@ class Driver:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.pool = client.connection_pool
-        self.address = address_of(client)
+        seeds = cluster_seeds(url) if url else None
+        #: The slot map of a cluster (None: one server).
+        self.slots = cluster.SlotMap(seeds) if seeds else None
+        self.address = cluster_address(seeds) if seeds else address_of(client)
         self.url = url
         self.sleep = sleep
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
                                  address=self.address, url=url)
-        self._idle: list[Any] = []  # redis-py connections (untyped)
+        self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
+        self._idle: dict[cluster.Node | None, list[Any]] = {None: []}  # redis-py connections
         self._taken: list[Any] = []
 
     # -- running ---------------------------------------------------------------------
@@ -115,37 +127,76 @@ class Driver:
     # -- one exchange ----------------------------------------------------------------
 
     def _exchange(self, step: Step[Any]) -> list[Any]:
-        """Write the step's commands at once, read every reply (errors in their place)."""
-        conn: Any  # redis-py's connections are untyped
+        """Write the step's commands at once, read every reply (errors in their place);
+        on a cluster, one batch per node (:func:`relaybus._core.cluster.exchange`)."""
+        if self.slots is None:
+            packed, n = wire(step)
+            return unwrap(step, self._talk([cluster.Batch(None, packed, n)])[0])
+        flow = cluster.exchange(step, self.slots)
         try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = _take(self.pool)
-            self._taken.append(conn)
-        packed, n = wire(step)
-        try:
-            if getattr(conn, "_sock", True) is None:  # through connect(): a Sentinel-managed
-                conn.connect()  # connection asks where the primary is (send would not)
-            conn.send_packed_command([packed])
-            replies: list[Any] = []
-            for _ in range(n):
+            want = next(flow)
+            while True:
                 try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # read on: keep the connection in step
-                    replies.append(exc)
-            if any(role_changed(r) for r in replies):  # not the primary: ask again next time
-                conn.disconnect()
+                    answers = self._talk(want.batches)
+                except Exception as exc:
+                    want = flow.throw(exc)
+                else:
+                    want = flow.send(answers)
+        except StopIteration as done:
+            replies: list[Any] = done.value
+            return replies
+
+    def _connection(self, node: cluster.Node | None) -> Any:
+        idle = self._idle.setdefault(node, [])
+        try:
+            return idle.pop()
+        except IndexError:
+            pass
+        pool = self._pools.get(node)
+        if pool is None:
+            assert node is not None
+            pool = self._pools.setdefault(node, node_pool(self.pool, *node))
+        conn = _take(pool)
+        self._taken.append(conn)
+        return conn
+
+    def _talk(self, batches: tuple[cluster.Batch, ...] | list[cluster.Batch]) -> list[list[Any]]:
+        """Write every batch on a connection to its node, then read each one's replies."""
+        conns: list[Any] = []  # redis-py's connections are untyped
+        try:
+            for batch in batches:
+                conn = self._connection(batch.node)
+                conns.append(conn)
+                if getattr(conn, "_sock", True) is None:  # through connect(): a Sentinel-managed
+                    conn.connect()  # connection asks where the primary is (send would not)
+                conn.send_packed_command([batch.packed])
+            out = []
+            for conn, batch in zip(conns, batches, strict=True):
+                replies: list[Any] = []
+                for _ in range(batch.replies):
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:  # read on: keep the connection in step
+                        replies.append(exc)
+                if any(role_changed(r) for r in replies):  # not the primary: ask again next time
+                    conn.disconnect()
+                out.append(replies)
         except BaseException:
-            conn.disconnect()  # replies may be left unread: start afresh next time
+            for conn in conns:
+                conn.disconnect()  # replies may be left unread: start afresh next time
             raise
         finally:
-            self._idle.append(conn)
-        return unwrap(step, replies)
+            for conn, batch in zip(conns, batches, strict=False):
+                self._idle[batch.node].append(conn)
+        return out
 
     def close(self) -> None:
         """Close every connection."""
         for conn in self._taken:
             conn.disconnect()
+        for node, pool in self._pools.items():
+            if node is not None:
+                pool.disconnect()
         self.client.close()
         for sentinel in sentinel_clients(self.client):
             sentinel.close()

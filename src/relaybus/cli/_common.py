@@ -64,7 +64,8 @@ DEFAULT_TIMEOUT = 2.0
 
 UrlOption = Annotated[str, typer.Option(
     "--url", envvar="RELAYBUS_URL", show_default=False,
-    help="Broker: redis://, rediss://, unix:// or embedded[:///DIR] (default: "
+    help="Broker: redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// "
+    "(rediss+ for TLS) or embedded[:///DIR] (default: "
          "$RELAYBUS_URL, else embedded, the local server in ./.relaybus).")]
 PrefixOption = Annotated[str, typer.Option(
     "--prefix", envvar="RELAYBUS_PREFIX", help="Key prefix of the event bus.")]

@@ -128,7 +128,7 @@ local function park(f, id, deliveries, record, dst, due, now)
       fields[#fields + 1] = 'n'
       fields[#fields + 1] = tostring(attempts)
     end
-    redis.call('XADD', dst, '*', unpack(fields))
+    return redis.call('XADD', dst, '*', unpack(fields))
   else
     fields[#fields + 1] = 'n'
     fields[#fields + 1] = tostring(attempts + deliveries)

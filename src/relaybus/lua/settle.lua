@@ -16,7 +16,8 @@
 -- extended and entries handed back only where this consumer still owns them; a handed
 -- back entry's delivery count goes back one, so its next delivery (which counts one)
 -- is not an attempt more: it never started. A consumer with pending entries is never removed.
--- Returns {acknowledged, retried, dead-lettered, extended, handed back, removed, missing}.
+-- Returns {acknowledged, retried, dead-lettered, extended, handed back, removed, missing,
+-- the dead letters' ids in the dead-letter stream}.
 local own = {key = KEYS[1], group = ARGV[1], delete = ARGV[3] == '1', prefix = ''}
 local delayed, done, dlq = KEYS[2], KEYS[3], KEYS[4]
 local consumer = ARGV[2]
@@ -70,6 +71,7 @@ if n > 0 then
 end
 
 local missing = {}
+local parked = {}  -- the dead letters' new ids
 local function move(wire_id, record_json, dst, due)
   local src, id = locate(wire_id, own, log)
   local r = redis.call('XRANGE', src.key, id, id)
@@ -77,8 +79,9 @@ local function move(wire_id, record_json, dst, due)
   if not okp then p = {} end
   -- a log entry stays in the log once settled: only a pending one is ours to move
   if r[1] and (src.delete or p[1]) then
-    park(r[1][2], wire_id, p[1] and tonumber(p[1][4]) or 1, record_json,
-         dst, due, now)
+    local added = park(r[1][2], wire_id, p[1] and tonumber(p[1][4]) or 1, record_json,
+                       dst, due, now)
+    if added then parked[#parked + 1] = added end
   else
     missing[#missing + 1] = wire_id
   end
@@ -146,4 +149,4 @@ if ARGV[pos] == '1' then
     removed = 1
   end
 end
-return {acked, retried, dead, extended, released, removed, missing}
+return {acked, retried, dead, extended, released, removed, missing, parked}

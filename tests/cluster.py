@@ -12,35 +12,29 @@ would hold every replica's first sync, and so the start, that long). A node's cl
 bus listens on its port + 10000 (Redis 6.2 has no ``cluster-port``), so ports are picked
 with both free.
 
-Run as a script, ``python tests/cluster.py start DIR`` starts a deployment under DIR,
-prints its URL (the only line on stdout) and stays in the foreground until SIGTERM or
-SIGINT, then stops the nodes: one shared cluster for a CI test pass.
+``python tests/deployments.py cluster DIR`` runs one for a CI test pass.
 
 Everything polls (:func:`waiting.wait_for`); nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from urllib.parse import quote
 
 import redis
 
+from processes import log_tails, stop_all
 from relaybus.embedded import find_server_binary
 from waiting import wait_for
 
-__all__ = ["ClusterDeployment", "cluster_deployment", "main"]
+__all__ = ["ClusterDeployment", "cluster_deployment"]
 
 Address = tuple[str, int]
 
@@ -235,21 +229,11 @@ class ClusterDeployment:
 
     def stop(self) -> None:
         """Stop every process (terminate, then kill what does not exit)."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5.0)
-        self._procs.clear()
+        stop_all(self._procs)
 
     def logs(self) -> str:
-        """The tail of every node's log (for a failing test's message)."""
-        return "\n".join(f"--- {p.parent.name}/{p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted(self.root.glob("*/*.log")))
+        """The tail of every server's log (for a failing test's message)."""
+        return log_tails(list(self.root.glob("*/*.log")), self.root)
 
 
 @contextlib.contextmanager
@@ -260,35 +244,3 @@ def cluster_deployment(root: Path) -> Iterator[ClusterDeployment]:
         yield deployment
     finally:
         deployment.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``cluster.py start DIR``: start a deployment, print its URL, run until signalled."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["start"])
-    parser.add_argument("dir", type=Path, help="an empty or new directory for the nodes")
-    args = parser.parse_args(argv)
-
-    def leave(signum: int, _frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, leave)
-    args.dir.mkdir(parents=True, exist_ok=True)
-    deployment = ClusterDeployment(args.dir.resolve())
-    try:
-        began = time.monotonic()
-        deployment.start()
-        print(f"cluster up in {time.monotonic() - began:.1f}s, nodes under {args.dir}",
-              file=sys.stderr, flush=True)
-        print(deployment.url, flush=True)
-        while True:
-            signal.pause()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
-        deployment.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

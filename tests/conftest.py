@@ -12,7 +12,7 @@ from relaybus import MessageQueue
 from relaybus.testing import (
     delete_prefix,
     embedded_server,
-    on_cluster,
+    one_server,
     plain_client,
     unique_prefix,
 )
@@ -56,11 +56,12 @@ def mq(redis_url: str, prefix: str) -> Iterator[MessageQueue]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On a cluster (``RELAYBUS_TEST_URL=redis+cluster://...``), skip the tests marked
-    ``single_server``."""
-    if not on_cluster(os.environ.get("RELAYBUS_TEST_URL", "")):
+    """Through a cluster or Sentinel (``RELAYBUS_TEST_URL=redis+cluster://...`` or
+    ``redis+sentinel://...``), skip the tests marked ``single_server``."""
+    url = os.environ.get("RELAYBUS_TEST_URL", "")
+    if not url or one_server(url):
         return
-    skip = pytest.mark.skip(reason="single_server: not on a cluster")
+    skip = pytest.mark.skip(reason="single_server: not through a cluster or Sentinel")
     for item in items:
         if item.get_closest_marker("single_server"):
             item.add_marker(skip)

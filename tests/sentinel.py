@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from urllib.parse import quote
 
 import redis
 
+from processes import log_tails, stop_all
 from relaybus.embedded import find_server_binary
 from waiting import wait_for
 
@@ -185,23 +187,29 @@ class SentinelCluster:
         wait_for(switched, timeout, "every sentinel to name the new primary", interval=0.05)
         return old, new
 
+    def replica_port(self) -> int:
+        """The data server that is not the primary now."""
+        primary = self.primary_port()
+        return next(p for p in self.data_ports if p != primary)
+
+    @contextlib.contextmanager
+    def paused(self, port: int) -> Iterator[None]:
+        """SIGSTOP the data server on ``port`` (a replica that stops acknowledging), and
+        SIGCONT it on exit."""
+        proc = self._procs[self.data_ports.index(port)]  # spawned first, in port order
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop every process (terminate, then kill what does not exit)."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5.0)
-        self._procs.clear()
+        stop_all(self._procs)
 
     def logs(self) -> str:
         """The tail of every server's log (for a failing test's message)."""
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                         for p in sorted(self.root.glob("*.log")))
+        return log_tails(list(self.root.glob("*.log")), self.root)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ that a single server cannot show. Real servers only: three primaries and three r
 from __future__ import annotations
 
 import json
-import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 
 from cluster import ClusterDeployment, cluster_deployment
 from helpers_aio import AsyncConsumer, service_options
-from helpers_service import Ping
+from helpers_service import Ping, SteadyPublisher
 from relaybus import ConfigurationError, EventBus, MessageQueue, Microservice
 from relaybus.cli import app
 from relaybus.connection import ConnectionSettings, cluster_seeds, redact, resolve_url
@@ -92,23 +91,8 @@ def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
     svc.on(Ping)(lambda e: sync_seen.append(e.n))
     svc.start()
     aio = AsyncConsumer(url, cprefix, "cl-fo-async")
-    published: list[int] = []
-    failed: list[BaseException] = []
-    done = threading.Event()
-
-    def publish() -> None:
-        with EventBus(url, prefix=cprefix) as bus:
-            n = 0
-            while not done.is_set():
-                try:
-                    bus.publish(Ping(n=n))
-                    published.append(n)
-                except Exception as exc:  # not acknowledged: need not be handled
-                    failed.append(exc)
-                n += 1
-                done.wait(0.005)  # a steady stream, not a synchronisation
-
-    publisher = threading.Thread(target=publish, name="cl-publisher")
+    publisher = SteadyPublisher(url, cprefix)
+    published = publisher.published
     try:
         assert aio.started.wait(15) and aio.error is None, aio.error
         publisher.start()
@@ -120,8 +104,7 @@ def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
         mark = published[-1]
         wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
                  "both services handling events published after the failover")
-        done.set()
-        publisher.join(15)
+        publisher.stop()
         every = set(published)
         wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
                  "every acknowledged event handled by both services")
@@ -130,9 +113,7 @@ def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{deployment.logs()}") from exc
     finally:
-        done.set()
-        if publisher.ident:
-            publisher.join(15)
+        publisher.stop()
         aio.stop.set()
         aio.thread.join(15)
         svc.close()

@@ -20,6 +20,7 @@ import redis
 from redis.connection import AbstractConnection
 
 from relaybus import (
+    ConfigurationError,
     CrossSlotError,
     InvalidNameError,
     LeanMQ,
@@ -30,10 +31,11 @@ from relaybus import (
     QueueInfo,
     QueueNotFoundError,
     RelaybusError,
+    ReplicationTimeoutError,
     SerializationError,
 )
 from relaybus.keys import GROUP
-from relaybus.testing import on_cluster
+from relaybus.testing import on_cluster, one_server
 from waiting import wait_for
 
 T = TypeVar("T")
@@ -93,8 +95,8 @@ def make_mq(redis_url: str, prefix: str) -> Iterator[Callable[..., MessageQueue]
 @pytest.fixture
 def named_mq(redis_url: str, prefix: str) -> Iterator[tuple[MessageQueue, str]]:
     """A MessageQueue whose connections carry a client name (to see it block in CLIENT LIST)."""
-    if on_cluster(redis_url):
-        pytest.skip("inspects one server's connections (CLIENT LIST, a counting client): not a cluster")
+    if not one_server(redis_url):
+        pytest.skip("inspects one server's connections (CLIENT LIST, a counting client)")
     name = f"relaybus-test-{uuid.uuid4().hex[:8]}"
     mq = MessageQueue(client=redis.Redis.from_url(redis_url, client_name=name), prefix=prefix)
     yield mq, name
@@ -1045,6 +1047,28 @@ def test_a_transaction_across_queue_pairs_on_a_cluster_is_refused_whole(
         tx.send_message(a, {"n": 1})
         tx.send_message(a, {"n": 2})
     assert [m.data for m in a.peek()] == [{"n": 1}, {"n": 2}]
+
+
+@pytest.mark.single_server
+def test_replicated_durability_without_a_replica_raises_after_writing(
+        redis_url: str, prefix: str) -> None:
+    """No replica to wait for (this server has none): the send raises
+    ReplicationTimeoutError, and the primary has the message all the same."""
+    with MessageQueue(redis_url, prefix=prefix, durability="replicated",
+                      replication_timeout=0.1) as mq:
+        q, _ = mq.create_queue_pair("dur")
+        with pytest.raises(ReplicationTimeoutError, match="reached 0 of the 1"):
+            q.send_message({"a": 1})
+        assert [m.data for m in q.peek()] == [{"a": 1}]
+        assert q.peek() and q.get_messages()  # reads do not wait for replicas
+
+
+@pytest.mark.parametrize(("option", "value"), [("durability", "quorum"),
+                                               ("replication_timeout", 0),
+                                               ("replication_timeout", 60)])
+def test_bad_durability_options_are_configuration_errors(option: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        MessageQueue("redis://localhost:1/0", **{option: value})
 
 
 def test_transaction_exception_sends_nothing(mq: MessageQueue, raw: redis.Redis) -> None:

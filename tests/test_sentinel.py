@@ -8,8 +8,8 @@ Real servers only: one primary, one replica and three sentinels per test session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import threading
 import time
 import traceback
 from collections import Counter
@@ -20,7 +20,7 @@ import redis
 from typer.testing import CliRunner
 
 from helpers_aio import AsyncConsumer, service_options
-from helpers_service import Ping
+from helpers_service import Ping, SteadyPublisher
 from relaybus import (
     AsyncEventBus,
     AsyncMicroservice,
@@ -30,6 +30,7 @@ from relaybus import (
     EventBus,
     MessageQueue,
     Microservice,
+    ReplicationTimeoutError,
 )
 from relaybus._core.outage import Kind, classify, is_nogroup, role_changed
 from relaybus.cli import app
@@ -230,6 +231,53 @@ def test_passwords_never_show(cluster: SentinelCluster, sprefix: str) -> None:
         assert "wr0ng-Pa55" not in text
 
 
+# -- durability="replicated" -------------------------------------------------------------
+
+
+def test_replicated_durability_waits_for_the_replica(cluster: SentinelCluster,
+                                                     sprefix: str) -> None:
+    """A publish returns once the replica has the event; with the replica stopped it
+    raises ReplicationTimeoutError, and publishing the same event again once the
+    replica is back appends it once: retrying is safe."""
+    url = cluster.url()
+    log = QueueKeys(sprefix, "all").stream
+    with EventBus(url, prefix=sprefix, durability="replicated",
+                  replication_timeout=0.3) as bus:
+        bus.subscribe("dur", [Ping])
+        queue, _ = bus.subscription_queue("dur")
+        bus.publish(Ping(n=1))
+        replica = cluster.replica_port()
+        with contextlib.closing(cluster.data_client(replica)) as r:
+            assert r.xlen(log) == 1  # WAIT returned: the replica has it
+        late = Ping(n=2)
+        with cluster.paused(replica), pytest.raises(ReplicationTimeoutError,
+                                                    match="reached 0 of the 1"):
+            bus.publish(late)
+        bus.publish(late)  # the same event again, the replica back
+        with contextlib.closing(cluster.data_client(replica)) as r:
+            assert r.xlen(log) == 2
+        got = queue.get_messages(count=10)
+        assert [m.data["n"] for m in got] == [1, 2]  # once each
+        assert queue.acknowledge_messages([m.id for m in got]) == 2
+
+
+def test_a_service_settles_with_replicated_durability(cluster: SentinelCluster,
+                                                      sprefix: str) -> None:
+    url = cluster.url()
+    svc = Microservice("sen-dur", durability="replicated", replication_timeout=1.0,
+                       **service_options(url, sprefix))
+    seen: list[int] = []
+    svc.on(Ping)(lambda e: seen.append(e.n))
+    svc.start()
+    try:
+        with EventBus(url, prefix=sprefix, durability="replicated") as bus:
+            bus.publish_many([Ping(n=i) for i in range(20)])
+        wait_for(lambda: svc.stats["handled"] == 20, 15, "20 events handled and settled")
+        assert sorted(seen) == list(range(20)) and svc.stats["errors"] == 0
+    finally:
+        svc.close()
+
+
 # -- failover ------------------------------------------------------------------------
 
 
@@ -243,38 +291,20 @@ def test_failover_while_both_fronts_consume(cluster: SentinelCluster, sprefix: s
     svc.on(Ping)(lambda e: sync_seen.append(e.n))
     svc.start()
     aio = AsyncConsumer(url, sprefix, "sen-fo-async")
-    published: list[int] = []
-    ids: list[str] = []
-    failed: list[BaseException] = []
-    done = threading.Event()
-    switched_at: list[int] = []
-
-    def publish() -> None:
-        with EventBus(url, prefix=sprefix) as bus:
-            n = 0
-            while not done.is_set():
-                try:
-                    ids.append(bus.publish(Ping(n=n)))
-                    published.append(n)
-                except Exception as exc:  # not acknowledged: need not be handled
-                    failed.append(exc)
-                n += 1
-                done.wait(0.005)  # a steady stream, not a synchronisation
-
-    publisher = threading.Thread(target=publish, name="sen-publisher")
+    publisher = SteadyPublisher(url, sprefix)
+    published, ids, failed = publisher.published, publisher.ids, publisher.failed
     try:
         assert aio.started.wait(15) and aio.error is None, aio.error
         publisher.start()
         wait_for(lambda: len(sync_seen) > 20 and len(aio.seen) > 20, what="consuming")
         old, new = cluster.failover()
-        switched_at.append(len(published))
+        switched = len(published)
         # both keep handling what is published after the switch
-        wait_for(lambda: len(published) > switched_at[0] + 50, 15, "publishing after it")
+        wait_for(lambda: len(published) > switched + 50, 15, "publishing after it")
         mark = published[-1]
         wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
                  "both services handling events published after the failover")
-        done.set()
-        publisher.join(15)
+        publisher.stop()
         every = set(published)
         wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
                  "every acknowledged event handled by both services")
@@ -283,9 +313,7 @@ def test_failover_while_both_fronts_consume(cluster: SentinelCluster, sprefix: s
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
     finally:
-        done.set()
-        if publisher.is_alive() or publisher.ident:
-            publisher.join(15)
+        publisher.stop()
         aio.stop.set()
         aio.thread.join(15)
         svc.close()

@@ -232,7 +232,8 @@ class AsyncMessageQueue(MessageQueueBase[redis.asyncio.Redis, AsyncDriver]):
 
     def _new_driver(self, client: redis.asyncio.Redis, settings: ConnectionSettings
                     ) -> AsyncDriver:
-        return AsyncDriver(client, retry_timeout=settings.retry_timeout, url=settings.url)
+        return AsyncDriver(client, retry_timeout=settings.retry_timeout, url=settings.url,
+                           replication=settings.replication)
 
     def _queue(self, name: str, *, is_dlq: bool = False, visibility_timeout: float
                ) -> AsyncQueue:

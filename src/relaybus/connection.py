@@ -47,12 +47,13 @@ from redis.connection import parse_url
 
 from ._core.outage import is_nogroup
 from ._core.replies import info_fields
+from ._core.steps import Replication
 from .errors import ConfigurationError, UnsupportedServerError
 
 __all__ = ["ConnectionSettings", "resolve_url", "DEFAULT_RETRY_TIMEOUT", "is_nogroup",
            "check_version", "address_of", "SentinelTarget", "sentinel_target",
            "sentinel_clients", "cluster_seeds", "cluster_seed_url", "node_pool",
-           "cluster_address"]
+           "pool_of", "cluster_address"]
 
 #: Environment variable naming the server when no URL is passed.
 URL_ENV = "RELAYBUS_URL"
@@ -61,6 +62,12 @@ DEFAULT_RETRY_TIMEOUT = 10.0
 #: Socket timeout, in seconds, for one command (blocking reads are cut to fit under it).
 DEFAULT_SOCKET_TIMEOUT = 10.0
 _MIN_VERSION = (6, 2)
+#: What ``durability`` takes: a write counts once the primary has it, or once a
+#: replica has it too.
+DURABILITIES = ("primary", "replicated")
+#: Longest ``replication_timeout``, in seconds (a WAIT must end well inside a socket
+#: timeout).
+MAX_REPLICATION_TIMEOUT = 5.0
 
 
 def is_host(text: str) -> bool:
@@ -348,6 +355,16 @@ def node_pool(pool: Any, host: str, port: int) -> Any:
     return type(pool)(connection_class=pool.connection_class, **kwargs)
 
 
+def pool_of(pools: dict[Any, Any], node: tuple[str, int] | None) -> Any:
+    """The connection pool of ``node`` in ``pools``: ``pools[None]`` is the first
+    server's; another node's is made like it (:func:`node_pool`) on first use."""
+    pool = pools.get(node)
+    if pool is None:
+        assert node is not None
+        pool = pools.setdefault(node, node_pool(pools[None], *node))
+    return pool
+
+
 def check_version(reply: Any, address: str) -> None:
     """Raise :class:`UnsupportedServerError` for an ``INFO server`` reply older than 6.2."""
     version = info_fields(reply).get("redis_version", "0")
@@ -377,28 +394,45 @@ class ConnectionSettings:
     url: str
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+    #: ``durability="replicated"``: how durable writes wait for the replicas.
+    replication: Replication | None = None
 
     def __repr__(self) -> str:
         return (f"ConnectionSettings(url={redact(self.url)!r}, "
-                f"retry_timeout={self.retry_timeout!r}, socket_timeout={self.socket_timeout!r})")
+                f"retry_timeout={self.retry_timeout!r}, socket_timeout={self.socket_timeout!r}"
+                + (f", replication={self.replication!r})" if self.replication else ")"))
 
     @classmethod
     def from_options(cls, url: str | None = None, *, redis_host: str = "localhost",
                      redis_port: int = 6379, redis_db: int = 0,
                      redis_password: str | None = None,
                      retry_timeout: float | None = None,
+                     durability: str = "primary", replication_timeout: float = 1.0,
                      client: bool = False) -> ConnectionSettings:
-        """Resolve the URL (``embedded`` starts a server) and validate the timeouts.
+        """Resolve the URL (``embedded`` starts a server) and validate the options.
 
-        ``client``: the caller brings its own client, so no URL is resolved.
+        ``durability``: ``"primary"`` (a write counts once the primary applied it) or
+        ``"replicated"`` (publishes, settles and moves also wait, up to
+        ``replication_timeout`` seconds, for one replica). ``client``: the caller
+        brings its own client, so no URL is resolved.
         """
+        if durability not in DURABILITIES:
+            raise ConfigurationError(f"durability must be one of {', '.join(DURABILITIES)}, "
+                                     f"not {durability!r}")
+        if not (isinstance(replication_timeout, (int, float))
+                and 0 < replication_timeout <= MAX_REPLICATION_TIMEOUT):
+            raise ConfigurationError(
+                f"replication_timeout must be > 0 and <= {MAX_REPLICATION_TIMEOUT:g} "
+                f"seconds, not {replication_timeout!r}")
         resolved = "client" if client else resolve_url(
             url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
             redis_password=redis_password)
         bound = DEFAULT_RETRY_TIMEOUT if retry_timeout is None else float(retry_timeout)
         if not bound >= 0:
             raise ConfigurationError(f"retry_timeout must be >= 0 seconds, not {retry_timeout!r}")
-        return cls(resolved, bound)
+        replication = Replication(1, float(replication_timeout)) \
+            if durability == "replicated" else None
+        return cls(resolved, bound, replication=replication)
 
     def _kwargs(self) -> dict[str, Any]:
         return {"socket_timeout": self.socket_timeout,

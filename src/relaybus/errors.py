@@ -8,6 +8,7 @@ Every error relaybus raises derives from :class:`RelaybusError`::
     │   ├── BrokerOutOfMemoryError       the server refused a write (maxmemory reached)
     │   ├── BrokerCommandError           the server refused a command (repeating it fails again)
     │   ├── BrokerAuthenticationError    the server refused the credentials (not retried)
+    │   ├── ReplicationTimeoutError      durability="replicated": too few replicas in time
     │   └── UnsupportedServerError       the server is older than Redis 6.2 / Valkey 7.2
     ├── ConfigurationError (ValueError)  a bad option or URL
     │   ├── InvalidNameError (ValueError)  a queue or service name relaybus cannot use
@@ -50,6 +51,7 @@ __all__ = [
     "QueueNotFoundError",
     "Reject",
     "RelaybusError",
+    "ReplicationTimeoutError",
     "Retry",
     "SerializationError",
     "UnknownEventTypeError",
@@ -111,6 +113,19 @@ class BrokerAuthenticationError(BrokerError):
     def __init__(self, address: str, reason: str) -> None:
         self.address = address
         super().__init__(f"the server at {address} refused the credentials: {reason}")
+
+
+class ReplicationTimeoutError(BrokerError):
+    """``durability="replicated"``: the primary applied the write, but fewer replicas
+    than asked acknowledged it in time, so a failover could still lose it. Retrying is
+    safe: a publish with the same event (its id) is appended once, a settle repeats
+    harmlessly."""
+
+    def __init__(self, acknowledged: int, wanted: int, timeout: float) -> None:
+        self.acknowledged, self.wanted, self.timeout = acknowledged, wanted, timeout
+        super().__init__(f"the write reached {acknowledged} of the {wanted} replica(s) "
+                         f"durability='replicated' waits for within {timeout:g} s: the "
+                         "primary has it, a failover could lose it; retrying is safe")
 
 
 class UnsupportedServerError(BrokerError):

@@ -287,7 +287,8 @@ class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
         return settings.sync_client()
 
     def _new_driver(self, client: redis.Redis, settings: ConnectionSettings) -> Driver:
-        return Driver(client, retry_timeout=settings.retry_timeout, url=settings.url)
+        return Driver(client, retry_timeout=settings.retry_timeout, url=settings.url,
+                      replication=settings.replication)
 
     # -- queue pairs ------------------------------------------------------------
 

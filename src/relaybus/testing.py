@@ -31,7 +31,7 @@ from .connection import ConnectionSettings, cluster_seeds
 from .embedded import EmbeddedServer
 
 __all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "named_url", "plain_client",
-           "plain_async_client", "on_cluster", "unique_prefix"]
+           "plain_async_client", "on_cluster", "one_server", "unique_prefix"]
 
 #: Environment variable naming an existing server to test against instead.
 TEST_URL_ENV = "RELAYBUS_TEST_URL"
@@ -115,6 +115,12 @@ def plain_async_client(url: str) -> redis.asyncio.Redis:
 def on_cluster(url: str) -> bool:
     """Whether ``url`` names a Redis Cluster."""
     return cluster_seeds(url) is not None
+
+
+def one_server(url: str) -> bool:
+    """Whether ``url`` names one server directly (``redis://``, ``rediss://``,
+    ``unix://``), not a cluster or a Sentinel-managed service."""
+    return url.partition("://")[0].lower() in ("redis", "rediss", "unix")
 
 
 def delete_prefix(url: str, prefix: str) -> int:

@@ -25,6 +25,7 @@ from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
     Flow,
+    Replication,
     Step,
     unwrap,
     wire,
@@ -33,7 +34,7 @@ from ..connection import (
     address_of,
     cluster_address,
     cluster_seeds,
-    node_pool,
+    pool_of,
     sentinel_clients,
     server_name,
 )
@@ -54,6 +55,7 @@ class AsyncDriver:
     """Runs steps and flows on an asyncio ``client``'s connections (see the module docstring)."""
 
     def __init__(self, client: redis.asyncio.Redis, *, retry_timeout: float, url: str = "",
+                 replication: Replication | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.pool = client.connection_pool
@@ -62,6 +64,8 @@ class AsyncDriver:
         self.slots = cluster.SlotMap(seeds) if seeds else None
         self.address = cluster_address(seeds) if seeds else address_of(client)
         self.url = url
+        #: ``durability="replicated"``: durable steps wait for the replicas (None: not).
+        self.replication = replication
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
                                  address=self.address, url=url)
         self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
@@ -119,9 +123,10 @@ class AsyncDriver:
         """One round trip for the step; on a cluster, one batch per node, written and
         read concurrently (:func:`relaybus._core.cluster.exchange`)."""
         if self.slots is None:
-            packed, n = wire(step)
-            return unwrap(step, await self._talk(cluster.Batch(None, packed, n, step.block)))
-        flow = cluster.exchange(step, self.slots)
+            packed, n = wire(step, self.replication)
+            return unwrap(step, await self._talk(cluster.Batch(None, packed, n, step.block)),
+                          self.replication)
+        flow = cluster.exchange(step, self.slots, self.replication)
         try:
             want = next(flow)
             while True:
@@ -145,10 +150,7 @@ class AsyncDriver:
             return idle.pop()
         except IndexError:
             pass
-        pool = self._pools.get(node)
-        if pool is None:
-            assert node is not None
-            pool = self._pools.setdefault(node, node_pool(self.pool, *node))
+        pool = pool_of(self._pools, node)
         conn = await pool.get_connection()
         self._taken.append(conn)
         return conn

@@ -262,7 +262,7 @@ def environment(url: str, embedded: bool) -> dict[str, Any]:
         "server_url": "embedded (private, temporary)" if embedded else redact(url),
     }
     seed = cluster_seed_url(url)  # a cluster: its first node speaks for it
-    client = redis.Redis.from_url(seed or url, decode_responses=True)
+    client = plain_client(seed or url)  # (Sentinel: the primary)
     try:
         info = client.info("server")
         env["server"] = (f"valkey {info['valkey_version']}" if "valkey_version" in info
@@ -270,7 +270,8 @@ def environment(url: str, embedded: bool) -> dict[str, Any]:
         mem = client.info("memory")
         env["server_allocator"] = mem.get("mem_allocator")
         with contextlib.suppress(redis.RedisError):
-            conf = client.config_get("append*")
+            conf = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes)
+                    else v for k, v in client.config_get("append*").items()}
             env["server_persistence"] = (f"appendonly {conf.get('appendonly')}, "
                                          f"appendfsync {conf.get('appendfsync')}")
     finally:

@@ -70,8 +70,12 @@ class MessageQueueBase(Generic[C, D]):
     ``redis_host``/``redis_port``/``redis_db``.
     ``consumer_id`` names this consumer (default: unique per process). Connecting is
     lazy; operations retry an unreachable server for ``retry_timeout`` seconds, then
-    raise :class:`~relaybus.errors.BrokerUnavailableError`. ``client`` brings a client
-    of one's own (then the URL options are ignored).
+    raise :class:`~relaybus.errors.BrokerUnavailableError`. ``durability="replicated"``
+    makes every publish, settle and move wait (``replication_timeout`` seconds at most,
+    in the same round trip) until a replica has it too, else raise
+    :class:`~relaybus.errors.ReplicationTimeoutError` (docs/reliability.md says what
+    each setting guarantees). ``client`` brings a client of one's own (then the URL
+    options are ignored).
     """
 
     def __init__(
@@ -88,6 +92,8 @@ class MessageQueueBase(Generic[C, D]):
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         retry_timeout: float | None = None,
+        durability: str = "primary",
+        replication_timeout: float = 1.0,
         client: C | None = None,
     ) -> None:
         self.prefix = validate_prefix(prefix)
@@ -99,7 +105,8 @@ class MessageQueueBase(Generic[C, D]):
         self._counts = Counts()
         conn = ConnectionSettings.from_options(
             url, redis_host=redis_host, redis_port=redis_port, redis_db=redis_db,
-            redis_password=redis_password, retry_timeout=retry_timeout, client=client is not None)
+            redis_password=redis_password, retry_timeout=retry_timeout, durability=durability,
+            replication_timeout=replication_timeout, client=client is not None)
         self.url = conn.url
         self.client: C = client if client is not None else self._new_client(conn)
         #: Runs every command of this queue layer (outage retries, script loading).

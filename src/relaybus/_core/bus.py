@@ -187,7 +187,7 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         return ids
 
     return Step.one(ScriptCall(script("publish"), [log.stream, log.published, log.published_ids],
-                               args), parse)
+                               args), parse, durable=True)
 
 
 def open_log(log: QueueRef, now: float) -> Flow[float]:

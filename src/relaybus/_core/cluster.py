@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from ..errors import CrossSlotError
 from .outage import role_changed
 from .resp import pack
-from .steps import Command, ScriptCall, Step, command_args, unwrap
+from .steps import Command, Replication, ScriptCall, Step, command_args, framed, unwrap
 
 __all__ = ["Node", "Batch", "Send", "SlotMap", "exchange", "refresh", "command_slot",
            "redirect_of", "MAX_REDIRECTS"]
@@ -202,7 +202,8 @@ def refresh(slots: SlotMap) -> Generator[Send, Any, None]:
     raise error
 
 
-def exchange(step: Step[Any], slots: SlotMap) -> Exchange:
+def exchange(step: Step[Any], slots: SlotMap, replication: Replication | None = None
+             ) -> Exchange:
     """Run ``step`` over the cluster whose slot map is ``slots``: its replies, in order
     (as a single server's). The map is refreshed first when stale (at the start, after
     a ``MOVED`` or a failed exchange)."""
@@ -221,13 +222,13 @@ def exchange(step: Step[Any], slots: SlotMap) -> Exchange:
             yield from refresh(slots)
         parts = _plan(step, todo, where, asked, slots)
         try:
-            answers = yield Send(tuple(_batch(step, part) for part in parts))
+            answers = yield Send(tuple(_batch(step, part, replication) for part in parts))
         except Exception:
             slots.stale = True  # a node down or gone: ask where the slots are next time
             raise
         todo, asked = [], {}
         for part, raw in zip(parts, answers, strict=True):
-            got = _own_replies(step, part, raw)
+            got = _own_replies(step, part, raw, replication)
             for i, reply in zip(part.indices, got, strict=True):
                 redirect = redirect_of(reply)
                 if redirect is None and role_changed(reply):
@@ -279,23 +280,22 @@ def _anchor(where: list[int | None]) -> int | None:
     return next((s for s in where if s is not None), None)
 
 
-def _batch(step: Step[Any], part: _Part) -> Batch:
-    cmds = [command_args(step.commands[i]) for i in part.indices]
-    if step.transaction:
-        cmds = [("MULTI",), *cmds, ("EXEC",)]
+def _batch(step: Step[Any], part: _Part, replication: Replication | None) -> Batch:
+    cmds = framed(step, [command_args(step.commands[i]) for i in part.indices], replication)
     if part.asking:
         cmds = [("ASKING",), *cmds]
     return Batch(part.node, pack(cmds), len(cmds), step.block)
 
 
-def _own_replies(step: Step[Any], part: _Part, raw: list[Any]) -> list[Any]:
-    """The replies of ``part``'s own commands (ASKING and MULTI/EXEC taken off); a
+def _own_replies(step: Step[Any], part: _Part, raw: list[Any],
+                 replication: Replication | None) -> list[Any]:
+    """The replies of ``part``'s own commands (ASKING, MULTI/EXEC and WAIT taken off); a
     transaction a redirect aborted gives the redirect for each command."""
     if part.asking:
         raw = raw[1:]
-    if not step.transaction:
-        return raw
-    redirect = next((r for r in raw[1:-1] if redirect_of(r) is not None), None)
-    if redirect is not None:
+    redirect = next((r for r in raw if redirect_of(r) is not None), None)
+    if step.transaction and redirect is not None:
         return [redirect] * len(part.indices)
-    return unwrap(step, raw)
+    if redirect is not None and replication is not None and replication.applies(step):
+        return raw[:-1]  # sent again where the slot is now: its WAIT there counts
+    return unwrap(step, raw, replication)

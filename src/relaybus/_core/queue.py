@@ -263,14 +263,15 @@ def send(ref: QueueRef, fields: Mapping[str, str | int], message_id: str | None 
          ) -> Step[str]:
     """Append one entry; the step's value is its stream id."""
     flat = [x for kv in fields.items() for x in kv]
-    return Step.one(Call("XADD", ref.key, message_id or "*", *flat), text)
+    return Step.one(Call("XADD", ref.key, message_id or "*", *flat), text, durable=True)
 
 
 def send_many(keys_fields: Sequence[tuple[str, Mapping[str, str | int]]]) -> Step[list[str]]:
     """Append entries (to one stream or several) all or none: one MULTI/EXEC."""
     commands = tuple(Call("XADD", key, "*", *[x for kv in fields.items() for x in kv])
                      for key, fields in keys_fields)
-    return Step(commands, lambda replies: [text(r) for r in replies], transaction=True)
+    return Step(commands, lambda replies: [text(r) for r in replies], transaction=True,
+                durable=True)
 
 
 # -- reading ------------------------------------------------------------------------
@@ -669,7 +670,7 @@ def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str
         return Settled(int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4]), bool(int(r[5])),
                        tuple(text(m) for m in r[6]), tuple(text(m) for m in r[7]))
 
-    return Step.one(ScriptCall(script("settle"), keys, args), parse)
+    return Step.one(ScriptCall(script("settle"), keys, args), parse, durable=True)
 
 
 def _acknowledge(ref: QueueRef, batch: Settlement) -> Step[Settled]:
@@ -701,7 +702,7 @@ def _acknowledge(ref: QueueRef, batch: Settlement) -> Step[Settled]:
         # the group on the log may be gone (unsubscribed, its backlog copied over)
         return Settled(sum(r for r in replies[:n_acks] if isinstance(r, int)))
 
-    return Step(tuple(cmds), parse, transaction=len(cmds) > 1, tolerate=True)
+    return Step(tuple(cmds), parse, transaction=len(cmds) > 1, tolerate=True, durable=True)
 
 
 def requeue(ref: QueueRef, message_ids: list[str], destination_key: str) -> Flow[int]:
@@ -709,7 +710,7 @@ def requeue(ref: QueueRef, message_ids: list[str], destination_key: str) -> Flow
     script call (atomic), or, to another slot of a cluster, :func:`move_across`."""
     try:
         moved: int = yield Step.one(ScriptCall(script("requeue"), [ref.key, destination_key],
-                                               [GROUP, *message_ids]), int)
+                                               [GROUP, *message_ids]), int, durable=True)
     except CrossSlotError:
         moved = yield from move_across(ref.key, message_ids, destination_key, fresh=True)
     return moved
@@ -742,10 +743,10 @@ def move_across(source: str, message_ids: list[str], destination: str, *, fresh:
         pairs = [(f[i], f[i + 1]) for i in range(0, len(f), 2)]
         kept = [x for k, v in pairs if not (fresh and k in _FRESH_DROPS) for x in (k, v)]
         adds.append(Call("XADD", destination, "*", *kept))
-    yield Step(tuple(adds), lambda r: r)
+    yield Step(tuple(adds), lambda r: r, durable=True)
     ids = [mid for mid, _ in found]
     yield Step((Call("XACK", source, GROUP, *ids), Call("XDEL", source, *ids)), lambda r: r,
-               transaction=True)
+               transaction=True, durable=True)
     return len(found)
 
 

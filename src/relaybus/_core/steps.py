@@ -20,11 +20,13 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..errors import ReplicationTimeoutError
 from ..scripts import Script
 from .outage import Kind, classify
 from .resp import pack
 
 __all__ = ["Call", "ScriptCall", "Command", "Step", "Flow", "T", "command_args", "wire", "unwrap",
+           "Replication", "framed",
            "first_error", "noscript", "request_size"]
 
 T = TypeVar("T")
@@ -68,7 +70,9 @@ class Step(Generic[T]):
     ``tolerate`` lets error replies through to ``parse`` (as exception objects in
     their place) instead of raising the first one. ``block`` marks a blocking read:
     the seconds it may wait on the server (the driver gives it a connection of its
-    own and a socket timeout above it). ``transaction`` sends MULTI/EXEC.
+    own and a socket timeout above it). ``transaction`` sends MULTI/EXEC. ``durable``
+    marks a write whose loss would lose or repeat work (a publish, a settle, a move):
+    with ``durability="replicated"`` it waits for the replicas (:class:`Replication`).
     """
 
     commands: tuple[Command, ...]
@@ -76,15 +80,40 @@ class Step(Generic[T]):
     transaction: bool = False
     tolerate: bool = False
     block: float | None = None
+    durable: bool = False
 
     @staticmethod
     def one(command: Command, parse: Callable[[Any], U] | None = None, *,
-            block: float | None = None) -> Step[U]:
+            block: float | None = None, durable: bool = False) -> Step[U]:
         """A step of one command; ``parse`` gets its reply (not a list)."""
         if parse is None:
-            return Step((command,), _first, block=block)
+            return Step((command,), _first, block=block, durable=durable)
         fn = parse
-        return Step((command,), lambda replies: fn(replies[0]), block=block)
+        return Step((command,), lambda replies: fn(replies[0]), block=block, durable=durable)
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """``durability="replicated"``: a durable step ends with ``WAIT replicas timeout``
+    (after its EXEC: inside MULTI, WAIT does not wait), in the same write, and fails with
+    :class:`~relaybus.errors.ReplicationTimeoutError` when fewer replicas than
+    ``replicas`` acknowledged it within ``timeout`` seconds."""
+
+    replicas: int = 1
+    timeout: float = 1.0
+
+    def applies(self, step: Step[Any]) -> bool:
+        return step.durable and step.block is None
+
+    def command(self) -> tuple[Any, ...]:
+        return ("WAIT", self.replicas, max(1, int(self.timeout * 1000)))
+
+    def check(self, reply: Any) -> None:
+        """Raise unless ``reply`` (WAIT's) counts enough replicas."""
+        if isinstance(reply, Exception):
+            raise reply
+        if int(reply) < self.replicas:
+            raise ReplicationTimeoutError(int(reply), self.replicas, self.timeout)
 
 
 #: A multi-step operation: yields steps, receives their values, returns a result.
@@ -96,21 +125,37 @@ def command_args(command: Command) -> tuple[Any, ...]:
     return command.evalsha if isinstance(command, ScriptCall) else command.args
 
 
-def wire(step: Step[Any]) -> tuple[bytes, int]:
-    """The bytes to write for ``step`` (MULTI/EXEC around a transaction) and how many
-    replies they bring back."""
-    cmds = [command_args(c) for c in step.commands]
-    if step.transaction:
-        cmds = [("MULTI",), *cmds, ("EXEC",)]
+def wire(step: Step[Any], replication: Replication | None = None) -> tuple[bytes, int]:
+    """The bytes to write for ``step`` (MULTI/EXEC around a transaction, WAIT after a
+    durable step when ``replication`` is asked for) and how many replies they bring
+    back."""
+    cmds = framed(step, [command_args(c) for c in step.commands], replication)
     return pack(cmds), len(cmds)
 
 
-def unwrap(step: Step[Any], replies: list[Any]) -> list[Any]:
-    """The replies of ``step``'s own commands from what was read (MULTI/EXEC unwrapped).
+def framed(step: Step[Any], cmds: list[tuple[Any, ...]], replication: Replication | None
+           ) -> list[tuple[Any, ...]]:
+    """``cmds`` (some or all of ``step``'s) as sent: in MULTI/EXEC for a transaction,
+    then WAIT for a durable step under ``replication``."""
+    if step.transaction:
+        cmds = [("MULTI",), *cmds, ("EXEC",)]
+    if replication is not None and replication.applies(step):
+        cmds = [*cmds, replication.command()]
+    return cmds
+
+
+def unwrap(step: Step[Any], replies: list[Any], replication: Replication | None = None
+           ) -> list[Any]:
+    """The replies of ``step``'s own commands from what was read (MULTI/EXEC unwrapped,
+    WAIT's checked and taken off).
 
     A refused transaction (EXECABORT: a command was refused when queued, e.g. out of
-    memory) raises the refusal.
+    memory) raises the refusal; too few replicas, :class:`ReplicationTimeoutError`.
     """
+    if replication is not None and replication.applies(step):
+        replies, waited = replies[:-1], replies[-1]
+        if not any(isinstance(r, Exception) for r in replies):
+            replication.check(waited)  # (a refused command reports itself)
     if not step.transaction:
         return replies
     result = replies[-1]

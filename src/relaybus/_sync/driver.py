@@ -29,6 +29,7 @@ from .._core.running import IO, Pause, StepRunner
 from .._core.steps import (
     Call,
     Flow,
+    Replication,
     Step,
     unwrap,
     wire,
@@ -37,7 +38,7 @@ from ..connection import (
     address_of,
     cluster_address,
     cluster_seeds,
-    node_pool,
+    pool_of,
     sentinel_clients,
     server_name,
 )
@@ -63,6 +64,7 @@ class Driver:
     """
 
     def __init__(self, client: redis.Redis, *, retry_timeout: float, url: str = "",
+                 replication: Replication | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
@@ -72,6 +74,8 @@ class Driver:
         self.slots = cluster.SlotMap(seeds) if seeds else None
         self.address = cluster_address(seeds) if seeds else address_of(client)
         self.url = url
+        #: ``durability="replicated"``: durable steps wait for the replicas (None: not).
+        self.replication = replication
         self.sleep = sleep
         self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
                                  address=self.address, url=url)
@@ -130,9 +134,9 @@ class Driver:
         """Write the step's commands at once, read every reply (errors in their place);
         on a cluster, one batch per node (:func:`relaybus._core.cluster.exchange`)."""
         if self.slots is None:
-            packed, n = wire(step)
-            return unwrap(step, self._talk([cluster.Batch(None, packed, n)])[0])
-        flow = cluster.exchange(step, self.slots)
+            packed, n = wire(step, self.replication)
+            return unwrap(step, self._talk([cluster.Batch(None, packed, n)])[0], self.replication)
+        flow = cluster.exchange(step, self.slots, self.replication)
         try:
             want = next(flow)
             while True:
@@ -152,10 +156,7 @@ class Driver:
             return idle.pop()
         except IndexError:
             pass
-        pool = self._pools.get(node)
-        if pool is None:
-            assert node is not None
-            pool = self._pools.setdefault(node, node_pool(self.pool, *node))
+        pool = pool_of(self._pools, node)
         conn = _take(pool)
         self._taken.append(conn)
         return conn

@@ -172,20 +172,30 @@ class SentinelCluster:
 
         wait_for(ask, timeout, "a sentinel to accept SENTINEL FAILOVER", interval=0.1)
         new = next(p for p in self.data_ports if p != old)
-
-        def switched() -> bool:
-            for port in self.sentinel_ports:
-                state = self._master_state(port)
-                if not state or state.get("port") != str(new):
-                    return False
-            try:
-                with contextlib.closing(self.data_client(new)) as c:
-                    return c.info("replication").get("role") == "master"
-            except redis.RedisError:
-                return False
-
-        wait_for(switched, timeout, "every sentinel to name the new primary", interval=0.05)
+        wait_for(lambda: self._switched_to(new), timeout,
+                 "every sentinel to name the new primary", interval=0.05)
         return old, new
+
+    def kill_primary(self, timeout: float = 30.0) -> tuple[int, int]:
+        """SIGKILL the primary and wait until the sentinels have promoted the replica
+        (after ``down-after-milliseconds``, 1 s); return (old port, new port)."""
+        old = self.primary_port()
+        new = next(p for p in self.data_ports if p != old)
+        self.kill(old)
+        wait_for(lambda: self._switched_to(new), timeout,
+                 "the sentinels to promote the replica", interval=0.05)
+        return old, new
+
+    def _switched_to(self, new: int) -> bool:
+        for port in self.sentinel_ports:
+            state = self._master_state(port)
+            if not state or state.get("port") != str(new):
+                return False
+        try:
+            with contextlib.closing(self.data_client(new)) as c:
+                return c.info("replication").get("role") == "master"
+        except redis.RedisError:
+            return False
 
     def replica_port(self) -> int:
         """The data server that is not the primary now."""
@@ -202,6 +212,23 @@ class SentinelCluster:
             yield
         finally:
             proc.send_signal(signal.SIGCONT)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the data server on ``port`` (:meth:`restart` brings it back)."""
+        proc = self._procs[self.data_ports.index(port)]
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        """Start the killed data server on ``port`` again, from its config file (no data:
+        the sentinels make it a replica of the primary, which syncs it in full)."""
+        index = self.data_ports.index(port)
+        name = ("primary", "replica")[index]
+        log = (self.root / f"{name}.log").open("ab")
+        self._procs[index] = subprocess.Popen(
+            [self._binary, str(self.root / f"{name}.conf")], stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root)
+        log.close()
 
     def stop(self) -> None:
         """Stop every process (terminate, then kill what does not exit)."""

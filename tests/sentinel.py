@@ -104,6 +104,7 @@ class SentinelCluster:
         data = self.root / name
         data.mkdir()
         return (f"port {port}\nbind 127.0.0.1\ndir {data}\nsave \"\"\nappendonly no\n"
+                "repl-diskless-sync-delay 0\n"  # a replica's full sync starts at once
                 f"requirepass \"{self.password}\"\nmasterauth \"{self.password}\"\n{extra}")
 
     def start(self) -> SentinelCluster:

@@ -25,13 +25,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 import redis.asyncio
 
-from helpers_service import Ping
-from relaybus import AsyncMicroservice
+from helpers_service import Ping, SteadyPublisher
+from relaybus import AsyncMicroservice, Microservice
 from relaybus.testing import plain_async_client
+from waiting import wait_for
 
 #: Visibility timeout of the ``run`` service, in seconds.
 RUN_VISIBILITY_TIMEOUT = 30.0
@@ -203,3 +205,53 @@ class AsyncConsumer:
         except BaseException as exc:  # reported by the test
             self.error = exc
             self.started.set()
+
+
+@dataclass
+class Failover:
+    """What :func:`consume_across` saw: the switch's result, the acknowledged
+    publishes, and what each front's service handled."""
+
+    switched: Any
+    publisher: SteadyPublisher
+    sync_seen: list[int]
+    async_seen: list[int]
+
+
+def consume_across(url: str, prefix: str, name: str, switch: Callable[[], Any],
+                   logs: Callable[[], str]) -> Failover:
+    """A service of each front (``name``-sync, ``name``-async) consuming a steady stream
+    while ``switch()`` (a failover) runs: asserts that both keep handling what is
+    published after it, without a restart, and that every event whose publish returned
+    is handled by both. ``logs()`` goes into a failure's message."""
+    svc = Microservice(f"{name}-sync", **service_options(url, prefix))
+    sync_seen: list[int] = []
+    svc.on(Ping)(lambda e: sync_seen.append(e.n))
+    svc.start()
+    aio = AsyncConsumer(url, prefix, f"{name}-async")
+    publisher = SteadyPublisher(url, prefix)
+    published = publisher.published
+    try:
+        assert aio.started.wait(15) and aio.error is None, aio.error
+        publisher.start()
+        wait_for(lambda: len(sync_seen) > 20 and len(aio.seen) > 20, 15, "consuming")
+        switched = switch()
+        after = len(published)
+        wait_for(lambda: len(published) > after + 50, 15, "publishing after the switch")
+        mark = published[-1]
+        wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
+                 "both services handling events published after the switch")
+        publisher.stop()
+        every = set(published)
+        wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
+                 "every acknowledged event handled by both services")
+        assert svc.running and aio.thread.is_alive() and aio.error is None
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{logs()}") from exc
+    finally:
+        publisher.stop()
+        aio.stop.set()
+        aio.thread.join(15)
+        svc.close()
+    assert aio.error is None, aio.error
+    return Failover(switched, publisher, sync_seen, aio.seen)

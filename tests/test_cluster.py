@@ -19,14 +19,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster import ClusterDeployment, cluster_deployment
-from helpers_aio import AsyncConsumer, service_options
-from helpers_service import Ping, SteadyPublisher
-from relaybus import ConfigurationError, EventBus, MessageQueue, Microservice
+from helpers_aio import consume_across
+from helpers_service import Ping
+from relaybus import ConfigurationError, EventBus, MessageQueue
 from relaybus.cli import app
 from relaybus.connection import ConnectionSettings, cluster_seeds, redact, resolve_url
 from relaybus.keys import QueueKeys
 from relaybus.testing import delete_prefix, plain_client, unique_prefix
-from waiting import wait_for
 
 # -- the URL (no server) ---------------------------------------------------------------
 
@@ -85,39 +84,11 @@ def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
     """Every event whose publish returned is handled by a service of each front across a
     ``CLUSTER FAILOVER`` of the primary that holds the event log, without restarting
     them: the driver reads the new slot map after the old primary answers ``MOVED``."""
-    url = deployment.url
-    svc = Microservice("cl-fo-sync", **service_options(url, cprefix))
-    sync_seen: list[int] = []
-    svc.on(Ping)(lambda e: sync_seen.append(e.n))
-    svc.start()
-    aio = AsyncConsumer(url, cprefix, "cl-fo-async")
-    publisher = SteadyPublisher(url, cprefix)
-    published = publisher.published
-    try:
-        assert aio.started.wait(15) and aio.error is None, aio.error
-        publisher.start()
-        wait_for(lambda: len(sync_seen) > 20 and len(aio.seen) > 20, 15, "consuming")
-        old = _owner(deployment, QueueKeys(cprefix, "all").stream)
-        new = deployment.failover(old)
-        switched = len(published)
-        wait_for(lambda: len(published) > switched + 50, 15, "publishing after it")
-        mark = published[-1]
-        wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
-                 "both services handling events published after the failover")
-        publisher.stop()
-        every = set(published)
-        wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
-                 "every acknowledged event handled by both services")
-        assert svc.running and aio.thread.is_alive() and aio.error is None
-        assert _owner(deployment, QueueKeys(cprefix, "all").stream) == new != old
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{deployment.logs()}") from exc
-    finally:
-        publisher.stop()
-        aio.stop.set()
-        aio.thread.join(15)
-        svc.close()
-    assert aio.error is None, aio.error
+    log = QueueKeys(cprefix, "all").stream
+    old = _owner(deployment, log)
+    seen = consume_across(deployment.url, cprefix, "cl-fo",
+                          lambda: deployment.failover(old), deployment.logs)
+    assert _owner(deployment, log) == seen.switched != old
 
 
 def test_cli_queues_sees_every_node(deployment: ClusterDeployment, cprefix: str) -> None:

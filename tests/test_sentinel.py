@@ -19,8 +19,8 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from helpers_aio import AsyncConsumer, service_options
-from helpers_service import Ping, SteadyPublisher
+from helpers_aio import consume_across, service_options
+from helpers_service import Ping
 from relaybus import (
     AsyncEventBus,
     AsyncMicroservice,
@@ -285,45 +285,15 @@ def test_a_service_settles_with_replicated_durability(cluster: SentinelCluster,
 def test_failover_while_both_fronts_consume(cluster: SentinelCluster, sprefix: str) -> None:
     """Every event whose publish returned is handled by a service of each front, across a
     forced failover, without restarting them; the new primary holds what follows."""
-    url = cluster.url()
-    svc = Microservice("sen-fo-sync", **service_options(url, sprefix))
-    sync_seen: list[int] = []
-    svc.on(Ping)(lambda e: sync_seen.append(e.n))
-    svc.start()
-    aio = AsyncConsumer(url, sprefix, "sen-fo-async")
-    publisher = SteadyPublisher(url, sprefix)
-    published, ids, failed = publisher.published, publisher.ids, publisher.failed
-    try:
-        assert aio.started.wait(15) and aio.error is None, aio.error
-        publisher.start()
-        wait_for(lambda: len(sync_seen) > 20 and len(aio.seen) > 20, what="consuming")
-        old, new = cluster.failover()
-        switched = len(published)
-        # both keep handling what is published after the switch
-        wait_for(lambda: len(published) > switched + 50, 15, "publishing after it")
-        mark = published[-1]
-        wait_for(lambda: max(sync_seen) >= mark and max(aio.seen) >= mark, 15,
-                 "both services handling events published after the failover")
-        publisher.stop()
-        every = set(published)
-        wait_for(lambda: every <= set(sync_seen) and every <= set(aio.seen), 15,
-                 "every acknowledged event handled by both services")
-        assert svc.running
-        assert aio.thread.is_alive() and aio.error is None
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{cluster.logs()}") from exc
-    finally:
-        publisher.stop()
-        aio.stop.set()
-        aio.thread.join(15)
-        svc.close()
-    assert aio.error is None, aio.error
+    seen = consume_across(cluster.url(), sprefix, "sen-fo", cluster.failover, cluster.logs)
+    old, new = seen.switched
     assert cluster.primary_port() == new != old
     # the events published last are on the new primary (the old one refuses writes)
     log = QueueKeys(sprefix, "all").stream
+    ids = seen.publisher.ids
     with cluster.data_client(new) as primary:
         assert primary.xrange(log, ids[-1], ids[-1])
-    dupes = {name: sum(c - 1 for c in Counter(seen).values())
-             for name, seen in (("sync", sync_seen), ("async", aio.seen))}
-    print(f"published {len(published)} (not acknowledged: {len(failed)}), "
-          f"duplicates {dupes}")
+    dupes = {name: sum(c - 1 for c in Counter(handled).values())
+             for name, handled in (("sync", seen.sync_seen), ("async", seen.async_seen))}
+    print(f"published {len(seen.publisher.published)} (not acknowledged: "
+          f"{len(seen.publisher.failed)}), duplicates {dupes}")

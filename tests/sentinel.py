@@ -220,15 +220,17 @@ class SentinelCluster:
         proc.kill()
         proc.wait(10)
 
-    def restart(self, port: int) -> None:
-        """Start the killed data server on ``port`` again, from its config file (no data:
-        the sentinels make it a replica of the primary, which syncs it in full)."""
+    def restart(self, port: int, replica_of: int) -> None:
+        """Start the killed data server on ``port`` again, from its config file, as a
+        replica of ``replica_of`` (no data: it syncs in full; the sentinels would make it
+        one too, some seconds later)."""
         index = self.data_ports.index(port)
         name = ("primary", "replica")[index]
         log = (self.root / f"{name}.log").open("ab")
         self._procs[index] = subprocess.Popen(
-            [self._binary, str(self.root / f"{name}.conf")], stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root)
+            [self._binary, str(self.root / f"{name}.conf"), "--replicaof", "127.0.0.1",
+             str(replica_of)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=self.root)
         log.close()
 
     def stop(self) -> None:

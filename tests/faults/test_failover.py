@@ -10,8 +10,7 @@ replica is gone: the scenario counts it (docs/reliability.md states the window).
 ``durability="replicated"``, a publish returns only once the replica has the event, so
 nothing whose publish returned is lost.
 
-The killed server is then started again, empty: the sentinels make it the new
-primary's replica. Every relaybus process carries on without a restart.
+The killed server is then started again, empty, as the new primary's replica. Every relaybus process carries on without a restart.
 """
 
 from __future__ import annotations
@@ -73,9 +72,9 @@ def _run(cluster: Cluster, deployment: SentinelCluster, scale: Scale, record: li
                "a fifth of the events to be handled")
     before = len(cluster.ledger.refresh().published)
     at = time.time()
-    old, _ = deployment.kill_primary()
+    old, new = deployment.kill_primary()
     promoted = time.time()
-    deployment.restart(old)  # back as the new primary's replica: WAIT can succeed again
+    deployment.restart(old, replica_of=new)  # a replica again: WAIT can succeed again
     assert any(p.alive() for p in producers), "the producers had finished before the fault"
     cluster.wait_exit(producers, timeout=seconds * 4 + 60)
     cluster.wait_quiet(SERVICES, timeout=90)

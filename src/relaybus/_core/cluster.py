@@ -13,9 +13,9 @@ and returns the step's replies. The slot map (:class:`SlotMap`) is read with
 ``CLUSTER SLOTS`` from the first node that answers, at first use and again after a
 ``MOVED`` or a failed exchange; commands a node answers ``MOVED`` (the slot moved) are
 sent again where the new map says; ``ASK`` (the slot is migrating) sends the command
-again to the named node after ``ASKING``. A
-transaction runs on one node, so its commands must share a slot: one that does not
-raises :class:`~relaybus.errors.CrossSlotError` before anything is sent.
+again to the named node after ``ASKING``. A transaction runs on one node, so its
+commands must share a slot: one that does not raises
+:class:`~relaybus.errors.CrossSlotError` before anything is sent.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ __all__ = ["Node", "Batch", "Send", "SlotMap", "exchange", "refresh", "command_s
 
 #: A node: ``(host, port)``.
 Node = tuple[str, int]
+#: Slots of a Redis Cluster.
+SLOTS = 16384
 #: Redirects followed for one step before it fails (a slot moving twice is rare).
 MAX_REDIRECTS = 5
 #: Commands with no key: sent to any primary (``SCRIPT`` to every primary).
@@ -139,8 +141,9 @@ class _Part:
 
 
 class SlotMap:
-    """Which node owns each slot: read from ``CLUSTER SLOTS`` (:func:`refresh`), patched
-    by ``MOVED`` replies. ``seeds``: the nodes a URL names, asked first."""
+    """Which node owns each slot: read from ``CLUSTER SLOTS`` (:func:`refresh`), again
+    once ``stale`` (a ``MOVED``, a demoted primary, a failed exchange). ``seeds``: the
+    nodes a URL names, asked when no primary answers."""
 
     def __init__(self, seeds: Sequence[Node]) -> None:
         self.seeds = list(seeds)
@@ -178,8 +181,6 @@ class SlotMap:
         return list(dict.fromkeys([*self.primaries, *self.seeds]))
 
 
-#: Slots of a Redis Cluster.
-SLOTS = 16384
 _CLUSTER_SLOTS = pack([("CLUSTER", "SLOTS")])
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+import redis.cluster
 
 from processes import log_tails, stop_all
 from relaybus.embedded import find_server_binary
@@ -229,6 +230,43 @@ class ClusterDeployment:
 
         wait_for(swapped, timeout, f"{replica} to take over from {primary}", interval=0.05)
         return replica
+
+    def owner(self, key: str) -> Address:
+        """The primary that serves ``key``'s slot now."""
+        with contextlib.closing(redis.cluster.RedisCluster(
+                HOST, self.nodes[0][1], password=self.password)) as c:
+            node = c.get_node_from_key(key)
+            return node.host, int(node.port)
+
+    def kill(self, primary: Address, timeout: float = START_TIMEOUT) -> Address:
+        """SIGKILL the node ``primary`` and wait until its replica has taken over (the
+        other nodes flag it failed after ``cluster-node-timeout``, 2 s) and every slot is
+        served again; return the replica."""
+        (replica,) = self.replicas_of(primary)
+        self._procs[self.nodes.index(primary)].kill()
+        self._procs[self.nodes.index(primary)].wait()
+
+        def promoted() -> bool:
+            info = self._info(replica, "cluster") or {}
+            return (self._info(replica, "replication") or {}).get("role") == "master" and \
+                info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == str(SLOTS)
+
+        wait_for(promoted, timeout, f"{replica} to take over from the killed {primary}",
+                 interval=0.05)
+        return replica
+
+    def restart(self, node: Address, timeout: float = START_TIMEOUT) -> None:
+        """Start a killed node again from its config (no data; its nodes.conf names the
+        cluster) and wait until it has rejoined, as the replica of the node that took
+        over, and the cluster has settled."""
+        index = self.nodes.index(node)
+        folder = self.root / f"node{index}"
+        log = (folder / "node.log").open("ab")
+        self._procs[index] = subprocess.Popen([self._binary, str(folder / "node.conf")],
+                                              stdout=log, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, cwd=folder)
+        log.close()
+        wait_for(self._settled, timeout, f"{node} to rejoin as a replica", interval=0.1)
 
     def stop(self) -> None:
         """Stop every process (terminate, then kill what does not exit)."""

@@ -25,7 +25,7 @@ from relaybus import ConfigurationError, EventBus, MessageQueue
 from relaybus.cli import app
 from relaybus.connection import ConnectionSettings, cluster_seeds, redact, resolve_url
 from relaybus.keys import QueueKeys
-from relaybus.testing import delete_prefix, plain_client, unique_prefix
+from relaybus.testing import delete_prefix, unique_prefix
 
 # -- the URL (no server) ---------------------------------------------------------------
 
@@ -69,15 +69,6 @@ def cprefix(deployment: ClusterDeployment) -> Iterator[str]:
     delete_prefix(deployment.url, p)
 
 
-def _owner(deployment: ClusterDeployment, key: str) -> tuple[str, int]:
-    client: Any = plain_client(deployment.url)
-    try:
-        node = client.get_node_from_key(key)
-        return node.host, node.port
-    finally:
-        client.close()
-
-
 @pytest.mark.timeout(40, func_only=True)
 def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
                                             cprefix: str) -> None:
@@ -85,10 +76,10 @@ def test_failover_while_both_fronts_consume(deployment: ClusterDeployment,
     ``CLUSTER FAILOVER`` of the primary that holds the event log, without restarting
     them: the driver reads the new slot map after the old primary answers ``MOVED``."""
     log = QueueKeys(cprefix, "all").stream
-    old = _owner(deployment, log)
+    old = deployment.owner(log)
     seen = consume_across(deployment.url, cprefix, "cl-fo",
                           lambda: deployment.failover(old), deployment.logs)
-    assert _owner(deployment, log) == seen.switched != old
+    assert deployment.owner(log) == seen.switched != old
 
 
 def test_cli_queues_sees_every_node(deployment: ClusterDeployment, cprefix: str) -> None:
@@ -97,7 +88,7 @@ def test_cli_queues_sees_every_node(deployment: ClusterDeployment, cprefix: str)
         for i, name in enumerate(names):
             q, _ = mq.create_queue_pair(name)
             q.send_messages([{"i": j} for j in range(i + 1)])
-    owners = {_owner(deployment, QueueKeys(cprefix, n).stream) for n in names}
+    owners = {deployment.owner(QueueKeys(cprefix, n).stream) for n in names}
     assert len(owners) > 1  # the queues are spread over the primaries
     result = CliRunner().invoke(app, ["queues", "--url", deployment.url, "--prefix", cprefix,
                                       "--json"])

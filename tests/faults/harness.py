@@ -38,7 +38,6 @@ from faults.ledger import (
 from faults.procs import FRONTS, command
 from relaybus.embedded import find_server_binary
 from relaybus.testing import plain_client
-from sentinel import SentinelCluster
 
 T = TypeVar("T")
 
@@ -153,26 +152,24 @@ class Server:
             return "(no server log)"
 
 
-class SentinelServer:
-    """A Sentinel deployment (tests/sentinel.py: a primary, a replica, three sentinels)
-    in the place of :class:`Server`: children get its ``redis+sentinel://`` URL."""
+class DeploymentServer:
+    """A deployment of several servers (tests/sentinel.py, tests/cluster.py) in the place
+    of :class:`Server`: children get its URL (``redis+sentinel://``, ``redis+cluster://``)."""
 
-    def __init__(self, deployment: SentinelCluster) -> None:
-        self.deployment = deployment
-
-    @property
-    def url(self) -> str:
-        return self.deployment.url()
+    def __init__(self, url: str, logs: Callable[[], str], stop: Callable[[], None]) -> None:
+        self.url = url
+        self._logs = logs
+        self._stop = stop
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
-        """A client of the current primary (it follows a failover on reconnect)."""
+        """A client of the deployment (it follows a failover)."""
         return plain_client(self.url)
 
     def log_tail(self, lines: int = 15) -> str:
-        return self.deployment.logs()
+        return self._logs()
 
     def close(self) -> None:
-        self.deployment.stop()
+        self._stop()
 
 
 class Child:
@@ -248,7 +245,7 @@ class Child:
 class Cluster:
     """The processes of one scenario, all on one server; closed by the fixture."""
 
-    def __init__(self, root: Path, server: Server | SentinelServer, prefix: str = PREFIX
+    def __init__(self, root: Path, server: Server | DeploymentServer, prefix: str = PREFIX
                  ) -> None:
         self.root = root
         self.server = server

@@ -18,7 +18,7 @@ one that does not exist ("relaybus async" while ``relaybus.AsyncMicroservice`` i
 missing) is reported as n/a. Every wait on another process or on the server has a
 time limit.
 
-Workloads (payload: the ~245-byte JSON event of ``relaybus._bench``):
+Workloads (payload: the ~265-byte JSON event of ``relaybus._bench``):
 
 - ``publish1`` publish, one per call: raw ``XADD``; FastStream
   ``broker.publish(stream=...)``; relaybus ``EventBus.publish``.

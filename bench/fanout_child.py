@@ -61,6 +61,7 @@ class FsEvent(BaseModel):
     correlation_id: str | None = None
     causation_id: str | None = None
     headers: dict[str, str] = {}
+    partition_key: str | None = None
     order_id: str
     customer: str
     total: float

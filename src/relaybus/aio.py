@@ -86,7 +86,8 @@ class AsyncQueue(QueueBase["AsyncMessageQueue"]):
 
     async def _settle(self, batch: Settlement, dlq: AsyncQueue | None = None) -> core.Settled:
         return await self._drive(core.settle(self._ref, self.mq.consumer_id, batch,
-                                             dlq.key if dlq is not None else None))
+                                             dlq.key if dlq is not None else None,
+                                             ordered=self._ref.log is not None))  # keys handed on
 
     async def send_message(self, data: Mapping[str, Any], *, ttl: float | None = None,
                            message_id: str | None = None,
@@ -354,12 +355,14 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def subscribe(self, service_name: str,
                         event_types: Iterable[str | type[Event]] | str | type[Event] | None = None,
-                        *, visibility_timeout: float | None = None) -> str:
-        """Subscribe a service to event types (None: every type); return its queue name."""
+                        *, visibility_timeout: float | None = None,
+                        ordered: bool | None = None) -> str:
+        """Subscribe a service to event types (None: every type); return its queue name
+        (``ordered`` as in :meth:`relaybus.EventBus.subscribe`)."""
         types = core_bus.subscription_types(event_types)
         ref = self._sub_ref(service_name, visibility_timeout)
         await self.mq.driver.drive(core_bus.subscribe(ref, service_name, types,
-                                                      visibility_timeout, time.time()))
+                                                      visibility_timeout, time.time(), ordered))
         logger.info("service %r subscribed to %s", service_name,
                     "all events" if types == [ALL_EVENTS] else ", ".join(types))
         return ref.pair_name
@@ -520,11 +523,6 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             error = exc
         return self._conclude(message, event, result, error, started, time.time())
 
-    def _resubscribe(self, ref: core.QueueRef) -> Flow[Any]:
-        types = core_bus.subscription_types(self._subscription_types())
-        return core_bus.subscribe(ref, self.service_name, types, self.visibility_timeout,
-                                  time.time())
-
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self, *, start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
@@ -549,7 +547,8 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             self._not_started(driver)
             return
         types = self._subscription_types()
-        await bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout)
+        await bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout,
+                            ordered=self.ordered)
         queue, _ = await self.subscription_queues()
         self.consumer_id = self._new_consumer_id()
         self._executor = ThreadPoolExecutor(self.concurrency,

@@ -111,19 +111,22 @@ class EventBus(EventBusBase[MessageQueue]):
 
     def subscribe(self, service_name: str,
                   event_types: Iterable[str | type[Event]] | str | type[Event] | None = None,
-                  *, visibility_timeout: float | None = None) -> str:
+                  *, visibility_timeout: float | None = None,
+                  ordered: bool | None = None) -> str:
         """Subscribe a service to event types (None: every type, including later ones).
 
         ``event_types`` takes type names and :class:`Event` classes (or one of either).
         Creates the subscription queue pair ``sub:<service_name>`` and records the
         subscription in Redis, where every EventBus on this prefix sees it. The
         subscription receives every event published after this returns; calling it
-        again replaces the service's types. Returns the subscription queue name.
+        again replaces the service's types. ``ordered`` True makes the subscription
+        ordered (see ``Microservice(ordered=True)``), False not; None keeps the stored
+        setting. Returns the subscription queue name.
         """
         types = core.subscription_types(event_types)
         ref = self._sub_ref(service_name, visibility_timeout)
         self.mq.driver.drive(core.subscribe(ref, service_name, types, visibility_timeout,
-                                            time.time()))
+                                            time.time(), ordered))
         logger.info("service %r subscribed to %s", service_name,
                     "all events" if types == [ALL_EVENTS] else ", ".join(types))
         return ref.pair_name

@@ -11,6 +11,8 @@ An entry's fields (short names keep Redis memory per message low)::
         becomes when a script moves the entry (a retry, a dead letter)
     k   dedup key: an event id (absent for plain queue messages)
     e   routing key: the event type (events only; lets routers route without parsing)
+    p   partition key: an event's ``partition_key`` (absent without one); a service with
+        ``ordered=True`` handles the entries of one key one at a time, in order
     n   attempts made before this entry was (re)queued by a retry (absent when 0)
     f   failure records: JSON list, oldest first (DLQ entries and retries)
 
@@ -137,6 +139,7 @@ def encode_entry(
     ttl: float | None = None,
     dedup_key: str | None = None,
     routing_key: str | None = None,
+    partition_key: str | None = None,
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> dict[str, str | int]:
     """Build the stream fields for one message (see the module docstring)."""
@@ -161,6 +164,8 @@ def encode_entry(
         fields["k"] = _key_text("dedup key", dedup_key)
     if routing_key:
         fields["e"] = _key_text("routing key", routing_key)
+    if partition_key:
+        fields["p"] = _key_text("partition key", partition_key)
     return fields
 
 

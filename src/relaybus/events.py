@@ -72,6 +72,10 @@ def _new_event_id() -> str:
     return str(uuid.uuid4())
 
 
+#: Longest ``Event.partition_key``, in characters.
+MAX_PARTITION_KEY_LENGTH = 512
+
+
 class Event(BaseModel):
     """Base class of every event; subclass it and add payload fields.
 
@@ -96,6 +100,10 @@ class Event(BaseModel):
     causation_id: str | None = None
     #: Free-form string metadata carried with the event.
     headers: dict[str, str] = Field(default_factory=dict)
+    #: What orders this event: a service with ``ordered=True`` handles the events of one
+    #: key one at a time, in publish order (None: the event is ordered with no other).
+    partition_key: str | None = Field(default=None, min_length=1,
+                                      max_length=MAX_PARTITION_KEY_LENGTH)
 
     def __init_subclass__(
         cls, *, event_type: str | None = None, abstract: bool = False, **kwargs: Any
@@ -136,6 +144,13 @@ class Event(BaseModel):
             raise ValueError(
                 f"event_type {value!r} does not match {cls.__name__} ({cls.__event_type__!r})"
             )
+        return value
+
+    @field_validator("partition_key")
+    @classmethod
+    def _check_partition_key(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("partition_key must not contain NUL characters")
         return value
 
     @classmethod

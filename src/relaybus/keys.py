@@ -7,6 +7,8 @@ Layout for a queue pair named ``NAME`` under prefix ``P`` (default ``mq:``)::
     P{NAME}:meta       hash: settings (visibility_timeout, created_at, ...)
     P{NAME}:delayed    sorted set: retries waiting for their due time (score: due ms)
     P{NAME}:done       sorted set: dedup keys recently acknowledged (score: ms)
+    P{NAME}:order      hash: an ordered subscription's keys in use -> their holder
+    P{NAME}:held       sorted set: an ordered subscription's entries waiting for their key
     Pqueues            set: names of every queue pair under the prefix
     Psubscriptions     hash: service name -> JSON list of event types (EventBus)
 
@@ -133,10 +135,22 @@ class QueueKeys:
     def dlq_leases(self) -> str:
         return self.dlq + ":leases"
 
+    @cached_property
+    def order(self) -> str:
+        """An ordered subscription's hash: partition key -> the entry that holds it (the
+        one being handled, retried or waiting to be; see ``lua/lib.lua``)."""
+        return self.tag + ":order"
+
+    @cached_property
+    def held(self) -> str:
+        """An ordered subscription's sorted set of entries held back until their key is
+        free, in order (members ``key NUL sequence NUL holder fields``)."""
+        return self.tag + ":held"
+
     def all(self) -> list[str]:
         """Every key of the pair (for deletion)."""
         return [self.stream, self.dlq, self.meta, self.delayed, self.done, self.published,
-                self.published_ids, self.leases, self.dlq_leases]
+                self.published_ids, self.leases, self.dlq_leases, self.order, self.held]
 
 
 def registry_key(prefix: str) -> str:

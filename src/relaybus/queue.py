@@ -64,7 +64,8 @@ class Queue(QueueBase["MessageQueue"]):
 
     def _settle(self, batch: Settlement, dlq: Queue | None = None) -> core.Settled:
         return self._drive(core.settle(self._ref, self.mq.consumer_id, batch,
-                                       dlq.key if dlq is not None else None))
+                                       dlq.key if dlq is not None else None,
+                                       ordered=self._ref.log is not None))  # keys handed on
 
     # -- sending ------------------------------------------------------------------
 

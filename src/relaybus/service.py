@@ -59,11 +59,8 @@ import time
 from types import TracebackType
 from typing import Any
 
-from ._core.bus import subscribe, subscription_types
 from ._core.consumer import Consumer, Outcome
-from ._core.queue import QueueRef
 from ._core.service import DEFAULT_START_TIMEOUT, STAT_NAMES, WILDCARD, ServiceBase
-from ._core.steps import Flow
 from ._sync.worker import Worker
 from .bus import EventBus
 from .codec import Message
@@ -104,6 +101,11 @@ class Microservice(ServiceBase[EventBus]):
 
     Retries: ``max_attempts`` runs in all, ``retry_backoff`` / ``retry_backoff_max``
     (seconds) shape the backoff (see :mod:`relaybus.retry`).
+
+    Order: with ``ordered=True`` the events of one ``partition_key`` are handled one at
+    a time, in publish order, across every instance, retries and crashes included (a
+    retry holds back the later events of its key, not those of other keys); events
+    without a key are not held back. See docs/design.md, "Ordered delivery".
 
     Lifecycle: :meth:`start` subscribes, starts the worker threads and, with
     ``maintenance`` (default), the bus's maintenance thread (the event log's
@@ -192,11 +194,6 @@ class Microservice(ServiceBase[EventBus]):
             error = exc
         return self._conclude(message, event, result, error, started, time.time())
 
-    def _resubscribe(self, ref: QueueRef) -> Flow[Any]:
-        """After the server lost the subscription (flushed): subscribe again."""
-        types = subscription_types(self._subscription_types())
-        return subscribe(ref, self.service_name, types, self.visibility_timeout, time.time())
-
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self, *, start_timeout: float | None = DEFAULT_START_TIMEOUT) -> None:
@@ -232,7 +229,8 @@ class Microservice(ServiceBase[EventBus]):
                 return
             bus = reached
             types = self._subscription_types()
-            bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout)
+            bus.subscribe(self.service_name, types, visibility_timeout=self.visibility_timeout,
+                          ordered=self.ordered)
             self._pair = None  # reopen with the stored settings
             queue = self.subscription_queue
             self.consumer_id = self._new_consumer_id()

@@ -282,12 +282,13 @@ class Cluster:
     def producer(self, label: str, count: int, *, rate: float = 0.0, types: str = "alpha",
                  batch: int = 1, retry_timeout: float = 10.0, on_oom: str = "retry",
                  pad: int = 0, url: str | None = None, id_seed: str = "",
-                 skew: float = 0.0, durability: str = "primary") -> Child:
+                 skew: float = 0.0, durability: str = "primary", keys: int = 0) -> Child:
+        """A producer; ``keys`` > 0 gives event n the partition key ``LABEL-k(n % keys)``."""
         return self.spawn("producer", label, "--count", str(count), "--rate", str(rate),
                           "--types", types, "--batch", str(batch),
                           "--retry-timeout", str(retry_timeout), "--on-oom", on_oom,
                           "--pad", str(pad), "--id-seed", id_seed,
-                          "--durability", durability, url=url, skew=skew)
+                          "--durability", durability, "--keys", str(keys), url=url, skew=skew)
 
     def maintenance(self, label: str = "maint", *, max_len: int = 100_000,
                     max_age: float = 0.0, interval: float = 0.5, retry_timeout: float = 10.0,
@@ -300,10 +301,10 @@ class Cluster:
     def service(self, name: str, *, front: str = "sync", types: str = "*", concurrency: int = 2,
                 prefetch: int = 0, vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5,
                 block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None,
-                skew: float = 0.0, durability: str = "primary") -> Child:
+                skew: float = 0.0, durability: str = "primary", ordered: bool = False) -> Child:
         """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
         AsyncMicroservice); instances of one service share its subscription, whatever
-        their front."""
+        their front. ``ordered``: ``ordered=True``, and its runs recorded (ledger.runs)."""
         assert front in FRONTS, front
         self.dead.watch(sub_dlq_key(self.prefix, name))
         child = self.spawn("service", f"svc-{name}-{front}", "--service", name, "--front", front,
@@ -311,7 +312,8 @@ class Cluster:
                            "--prefetch", str(prefetch), "--vt", str(vt), "--delay", str(delay),
                            "--max-attempts", str(max_attempts), "--block", str(block),
                            "--retry-timeout", str(retry_timeout),
-                           "--durability", durability, url=url, skew=skew)
+                           "--durability", durability, *(["--ordered"] if ordered else []),
+                           url=url, skew=skew)
         child.front = front
         return child
 

@@ -129,6 +129,8 @@ class Ledger:
         self.duplicate_fronts: Counter[str] = Counter()
         #: front -> completions in the named-service host.
         self.named_fronts: Counter[str] = Counter()
+        #: An ordered service's completed runs: service -> [(key, n, started, ended, front)]
+        self.runs: dict[str, list[tuple[str, int, float, float, str]]] = {}
 
     def _rows(self, pattern: str) -> Iterable[tuple[Path, list[Any]]]:
         for path in sorted(self.root.glob(pattern)):
@@ -162,10 +164,32 @@ class Ledger:
             if row[1]:
                 self.probes[row[1]] += 1
                 self.service_probes.setdefault(service, Counter())[row[1]] += 1
+        for path, row in self._rows("runs/*/*.log"):
+            self.runs.setdefault(path.parent.name, []).append(
+                (str(row[0]), int(row[1]), float(row[2]), float(row[3]), str(row[4])))
         for _, row in self._rows("named/*.log"):
             self.named[(row[0], row[1])] += 1
             self.named_fronts[str(row[3]) if len(row) > 3 else "sync"] += 1
         return self
+
+    def order_faults(self, service: str) -> list[str]:
+        """Where an ordered service broke its promise, per partition key: a run that
+        started before the previous completed run of its key ended (two at once), or
+        an event that ran after a later one of its key (out of publish order, which is
+        ``n`` order for one producer's key). Empty when it kept it."""
+        faults: list[str] = []
+        by_key: dict[str, list[tuple[str, int, float, float, str]]] = {}
+        for run in self.runs.get(service, []):
+            by_key.setdefault(run[0], []).append(run)
+        for key, runs in by_key.items():
+            runs.sort(key=lambda r: r[2])
+            for before, after in zip(runs, runs[1:], strict=False):
+                if after[2] < before[3]:
+                    faults.append(f"{key}: n={after[1]} ({after[4]}) started before n="
+                                  f"{before[1]} ({before[4]}) ended")
+                if after[1] < before[1]:
+                    faults.append(f"{key}: n={after[1]} ran after n={before[1]}")
+        return faults
 
     def handled_count(self, service: str) -> int:
         return len(self.completed.get(service, ()))

@@ -213,6 +213,8 @@ def producer(argv: list[str]) -> None:
                                                  "sequence number (producers that share a "
                                                  "seed publish the same events)")
     p.add_argument("--durability", choices=["primary", "replicated"], default="primary")
+    p.add_argument("--keys", type=int, default=0, help="> 0: event n gets the partition key "
+                                                      "LABEL-k(n mod KEYS)")
     args = p.parse_args(argv)
     _logging()
 
@@ -236,9 +238,10 @@ def producer(argv: list[str]) -> None:
         if args.count:
             size = min(size, args.count - n)
         single = not single
-        events = [types[(n + i) % len(types)](n=n + i, producer=args.label, pad=pad,
-                                               **_event_id(args.id_seed, n + i))
-                  for i in range(size)]
+        events = [types[(n + i) % len(types)](
+            n=n + i, producer=args.label, pad=pad, **_event_id(args.id_seed, n + i),
+            partition_key=f"{args.label}-k{(n + i) % args.keys}" if args.keys else None)
+            for i in range(size)]
         t0 = time.monotonic()
         while True:
             try:
@@ -363,7 +366,7 @@ def _service_options(args: argparse.Namespace) -> dict[str, Any]:
                 block_for_seconds=args.block, shutdown_timeout=5.0,
                 max_attempts=args.max_attempts, retry_backoff=0.01,
                 retry_backoff_max=0.05, retry_timeout=args.retry_timeout,
-                durability=args.durability)
+                durability=args.durability, ordered=args.ordered)
 
 
 def service(argv: list[str]) -> None:
@@ -383,17 +386,29 @@ def service(argv: list[str]) -> None:
     p.add_argument("--block", type=float, default=0.5)
     p.add_argument("--retry-timeout", type=float, default=10.0)
     p.add_argument("--durability", choices=["primary", "replicated"], default="primary")
+    p.add_argument("--ordered", action="store_true", help="ordered=True; each completed run "
+                   "is also recorded in runs/SERVICE/LABEL.log")
     args = p.parse_args(argv)
     _logging()
     done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")
+    global _RUNS
+    if args.ordered:
+        _RUNS = LineLog(args.ledger / "runs" / args.service / f"{args.label}.log")
     if args.front == "async":
         _async_service(args, done)
     else:
         _sync_service(args, done)
 
 
-def _record(done: LineLog, event: Event, front: str) -> None:
-    done.write(event.event_id, getattr(event, "probe", ""), time.time(), front)
+#: An ordered service's record of completed runs: [partition key, n, started, ended, front].
+_RUNS: LineLog | None = None
+
+
+def _record(done: LineLog, event: Event, front: str, started: float) -> None:
+    ended = time.time()
+    done.write(event.event_id, getattr(event, "probe", ""), ended, front)
+    if _RUNS is not None:
+        _RUNS.write(event.partition_key, getattr(event, "n", 0), started, ended, front)
 
 
 class _Running:
@@ -435,6 +450,7 @@ def _sync_service(args: argparse.Namespace, done: LineLog) -> None:
 
     @svc.on("*")
     def handle(event: Event) -> bool:
+        started = time.time()
         worker = svc._worker
         if worker is not None:
             max_in_flight[0] = max(max_in_flight[0], worker.in_flight)
@@ -444,7 +460,7 @@ def _sync_service(args: argparse.Namespace, done: LineLog) -> None:
         _poison_behaviour(event)
         if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
             return False
-        _record(done, event, "sync")
+        _record(done, event, "sync", started)
         return True
 
     status = Status(args.ledger, args.label, "service",
@@ -482,6 +498,7 @@ def _async_service(args: argparse.Namespace, done: LineLog) -> None:
 
     @svc.on("*")
     async def handle(event: Event) -> bool:
+        started = time.time()
         worker = svc._worker
         if worker is not None:
             max_in_flight[0] = max(max_in_flight[0], worker.in_flight)
@@ -491,7 +508,7 @@ def _async_service(args: argparse.Namespace, done: LineLog) -> None:
         _poison_behaviour(event)
         if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
             return False
-        _record(done, event, "async")
+        _record(done, event, "async", started)
         return True
 
     status = Status(args.ledger, args.label, "service",

@@ -290,7 +290,7 @@ def bench_fanout(ctx: _Ctx) -> None:
 
 
 def bench_e2e(ctx: _Ctx) -> None:
-    """End to end at saturation, one service, ~245-byte events."""
+    """End to end at saturation, one service, ~265-byte events."""
     n = ctx.n(20_000, 2_000)
     rates = _saturation(ctx, "e2e", 1, n, DEFAULT_PAYLOAD, PUBLISH_BATCH, "e2e")
     for front in FRONTS:

@@ -159,10 +159,11 @@ class MessageQueueBase(Generic[C, D]):
 
     def _encode(self, data: Mapping[str, Any], *, ttl: float | None = None,
                 headers: Mapping[str, str] | None = None, dedup_key: str | None = None,
-                routing_key: str | None = None) -> dict[str, str | int]:
+                routing_key: str | None = None, partition_key: str | None = None
+                ) -> dict[str, str | int]:
         return codec.encode_entry(data, now=time.time(), headers=headers, ttl=ttl,
                                   dedup_key=dedup_key, routing_key=routing_key,
-                                  max_size=self.max_message_size)
+                                  partition_key=partition_key, max_size=self.max_message_size)
 
     def _ref(self, name: str, *, is_dlq: bool = False, visibility_timeout: float | None = None,
              delete_on_ack: bool = True) -> QueueRef:
@@ -349,8 +350,10 @@ class EventBusBase(Generic[MQ]):
 
     def _raw_fields(self, event_type: str, data: Mapping[str, Any]) -> dict[str, str | int]:
         payload = bus.raw_event(event_type, data)
+        key = payload.get("partition_key")
         return self.mq._encode(payload, dedup_key=str(payload["event_id"]),
-                               routing_key=event_type)
+                               routing_key=event_type,
+                               partition_key=key if isinstance(key, str) else None)
 
     def _trim(self) -> Step[tuple[int, str]]:
         max_len = self.retention_max_len

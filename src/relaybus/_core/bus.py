@@ -139,7 +139,8 @@ def event_fields(encode: Any, event: Event) -> dict[str, str | int]:
     if not isinstance(event, Event):
         raise TypeError(f"publish takes an Event, not {type(event).__name__}")
     fields: dict[str, str | int] = encode(serialize_event(event), dedup_key=event.event_id,
-                                          routing_key=event.event_type)
+                                          routing_key=event.event_type,
+                                          partition_key=event.partition_key)
     return fields
 
 
@@ -203,18 +204,22 @@ def open_log(log: QueueRef, now: float) -> Flow[float]:
 
 
 def subscribe(sub: QueueRef, service: str, types: list[str], visibility_timeout: float | None,
-              now: float) -> Flow[float]:
+              now: float, ordered: bool | None = None) -> Flow[float]:
     """Subscribe ``service`` (queue ``sub``) to ``types``; the value: its visibility timeout.
 
-    ``visibility_timeout`` replaces the stored one when given. The subscription's group
-    on the log starts at the log's end: it receives every event published after this
-    returns (a repeat keeps the group where it is).
+    ``visibility_timeout`` replaces the stored one when given, ``ordered`` (handle the
+    events of one partition key one at a time, in order) the stored setting. The
+    subscription's group on the log starts at the log's end: it receives every event
+    published after this returns (a repeat keeps the group where it is).
     """
     vt = yield from ensure_pair(sub, visibility_timeout, now=now)
     log = sub.keys.log
     assert log is not None
     encoded = json.dumps(types)
-    yield Step((Call("HSET", sub.keys.meta, "types", encoded),
+    settings = ["types", encoded]
+    if ordered is not None:
+        settings += ["ordered", "1" if ordered else "0"]
+    yield Step((Call("HSET", sub.keys.meta, *settings),
                 Call("XGROUP", "CREATE", log.stream, sub.pair_name, "$", "MKSTREAM"),
                 Call("HSET", subscriptions_key(sub.settings.prefix), service, encoded)),
                lambda r: r, tolerate=True)  # BUSYGROUP: subscribed before

@@ -361,7 +361,7 @@ class Consumer:
 
     def settle_flow_for(self, settlement: q.Settlement) -> Flow[q.Settled]:
         """The settle call of ``settlement`` (the hand-back at the end, say)."""
-        return q.settle(self.ref, self.consumer_id, settlement)
+        return q.settle(self.ref, self.consumer_id, settlement, ordered=self.read.ordered)
 
     def settled(self, batch: SettleBatch, result: q.Settled | BaseException, now: float
                 ) -> float | None:

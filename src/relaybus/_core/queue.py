@@ -129,7 +129,8 @@ class QueueInfo:
     ``message_count`` counts the entries in the stream; ``pending_messages`` those
     delivered but not yet acknowledged; ``waiting_messages`` those not yet delivered
     (the lag; for a subscription, the event-log entries its group has not read yet,
-    of every type, plus its own stream's); ``oldest_waiting_age`` is the age in
+    of every type, plus its own stream's, plus, ordered, the events held back behind
+    their key); ``oldest_waiting_age`` is the age in
     seconds of the oldest of those, by the server's clock.
     """
 
@@ -167,6 +168,9 @@ class ReadState:
     types: frozenset[str] = frozenset()
     #: When the next periodic fetch also prunes consumers long gone.
     next_prune: float = 0.0
+    #: The subscription is ordered (the last fetch script said so): its new log entries
+    #: are read by the fetch script, which holds back those whose key is in use.
+    ordered: bool = False
 
     def earliest_due(self) -> float | None:
         dues = [d for d in (self.next_due, self.local_due) if d is not None]
@@ -200,6 +204,8 @@ class Fetched:
     skipped: int = 0
     #: Consumers that held nothing and were long unseen, removed from the group(s).
     pruned: int = 0
+    #: An ordered subscription (see :attr:`ReadState.ordered`).
+    ordered: bool = False
 
     def remember(self, state: ReadState, fetched_at: float) -> None:
         """Carry what the next fetch needs into ``state`` (``fetched_at``: monotonic)."""
@@ -207,6 +213,7 @@ class Fetched:
         if self.wake:
             state.wake = self.wake
         state.types = frozenset(self.types)
+        state.ordered = self.ordered
         state.next_due = None if self.next_due_in is None else fetched_at + self.next_due_in
         if state.local_due is not None and state.local_due <= fetched_at:
             state.local_due = None  # that fetch promoted it
@@ -292,12 +299,12 @@ def fetch(ref: QueueRef, consumer: str, count: int, state: ReadState, periodic: 
                        1 if periodic else 0, int(PRUNE_IDLE * 1000) if prune else 0]
     log = ref.log
     if log is not None:
-        keys += [log.stream, k.meta]
+        keys += [log.stream, k.meta, k.order, k.held]
         args += [ref.pair_name, state.log_cursor, ref.log_prefix]
 
     def parse(reply: list[Any]) -> Fetched:
         (entries, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types, skipped,
-         pruned) = reply
+         pruned, ordered) = reply
         try:
             stored = json.loads(types)
         except ValueError:
@@ -307,7 +314,7 @@ def fetch(ref: QueueRef, consumer: str, count: int, state: ReadState, periodic: 
                        text(cursor), text(log_cursor), bool(int(more)),
                        [text(w) for w in wake],
                        [str(t) for t in stored] if isinstance(stored, list) else [],
-                       int(skipped), int(pruned))
+                       int(skipped), int(pruned), bool(int(ordered)))
 
     return Step.one(ScriptCall(script("fetch"), keys, args), parse)
 
@@ -346,8 +353,8 @@ def split_log(ref: QueueRef, rows: list[Any], types: frozenset[str], parse: bool
     others: list[tuple[str, Any, int]] = []
     skip: list[str] = []
     for entry_id, f in rows:
-        if type(f) is list and len(f) == 8 and f[0] == b"d" and f[2] == b"t" and \
-                f[4] == b"k" and f[6] == b"e":
+        if type(f) is list and (len(f) == 8 or (len(f) == 10 and f[8] == b"p")) and \
+                f[0] == b"d" and f[2] == b"t" and f[4] == b"k" and f[6] == b"e":
             if not every and f[7] not in wanted:
                 skip.append(prefix + entry_id.decode())
                 continue
@@ -361,10 +368,11 @@ def split_log(ref: QueueRef, rows: list[Any], types: frozenset[str], parse: bool
             if not isinstance(data, dict):  # decode() dead-letters it with the reason
                 others.append((prefix + text(entry_id), f, 1))
                 continue
+            raw = {b"d": payload, b"t": sent, b"k": f[5], b"e": f[7]}
+            if len(f) == 10:
+                raw[b"p"] = f[9]
             messages.append(Message(prefix + entry_id.decode(), data, sent_ms / 1000, 1, {}, [],
-                                    None, key, 0, name,
-                                    {b"d": payload, b"t": sent, b"k": f[5], b"e": f[7]},
-                                    payload))
+                                    None, key, 0, name, raw, payload))
             continue
         if not every:
             found = _type_of(f)
@@ -390,15 +398,20 @@ def _type_of(fields: Any) -> str | None:
 
 
 def wait(ref: QueueRef, state: ReadState, seconds: float) -> Step[bool]:
-    """Block until something is added to the queue's own stream (consumes nothing).
+    """Block until something is added to the queue's own stream (consumes nothing), or,
+    for an ordered subscription, to its stream or the log.
 
-    The step's value is True when something came (then fetch). Waits on the id the
+    The step's value is True when something came (then fetch). Waits on the ids the
     last fetch reported as newest; with none known yet, it does not wait.
     """
     if not state.wake:
         return Step.one(Call("PING"), lambda _: True)  # nothing known to wait on: fetch
     ms = max(1, int(min(seconds, MAX_BLOCK) * 1000))
-    return Step.one(Call("XREAD", "COUNT", 1, "BLOCK", ms, "STREAMS", ref.key, state.wake[0]),
+    streams = [ref.key]
+    if len(state.wake) > 1 and ref.log is not None:
+        streams.append(ref.log.stream)
+    return Step.one(Call("XREAD", "COUNT", 1, "BLOCK", ms, "STREAMS", *streams,
+                         *state.wake[:len(streams)]),
                     lambda reply: bool(reply), block=ms / 1000)
 
 
@@ -452,7 +465,8 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
     A plain queue is read by the fetch script alone. A subscription's new log entries
     are read with a plain XREADGROUP (and, when waiting, a blocking one), its own
     stream and the periodic work by the fetch script every ``recheck_interval`` (or
-    when a retry is due). Log entries of other types are acknowledged: by ``skipped``
+    when a retry is due). An ordered subscription (the script says so) is read by the
+    script alone, like a plain queue, which holds back entries whose key is in use. Log entries of other types are acknowledged: by ``skipped``
     (the consumer's next settle batch), else here at once.
 
     When the consumer group is gone (the server was flushed), ``recover`` recreates what
@@ -470,7 +484,8 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
         periodic = state.periodic_due(now)
         entries: list[tuple[str, Any, int]] = []
         more = False
-        if rows is None and (periodic or not (sub or (blocking and state.idle))):
+        direct = sub and not state.ordered  # new log entries read here, not by the script
+        if rows is None and (periodic or not (direct or (blocking and state.idle))):
             periodic = periodic or not sub  # a plain queue reclaims on every fetch
             prune = periodic and now >= state.next_prune
             try:
@@ -499,9 +514,11 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             counts.add("skipped", got.skipped)
             counts.add("consumers_pruned", got.pruned)
             entries, more = got.entries, got.more
+            direct = sub and not state.ordered
         drained = False  # the log gave fewer than asked: the next read may block at once
-        if sub and state.types and (rows is not None or (
-                len(entries) < count and not (blocking and state.idle and not entries))):
+        if sub and state.types and (rows is not None or (direct and len(entries) < count and
+                                                         not (blocking and state.idle
+                                                              and not entries))):
             if rows is None:
                 room = count - len(entries)
                 try:
@@ -549,7 +566,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             if clock() >= deadline:
                 return []
             continue  # the periodic work (or a retry) is due: fetch
-        if sub and state.types:
+        if direct and state.types:
             try:
                 rows = yield read_log(ref, consumer, count, block=wait_for)
             except GroupMissing:
@@ -611,8 +628,8 @@ def follow(ref: QueueRef, after_id: str, count: int, block_for_seconds: float | 
 # -- settling -----------------------------------------------------------------------
 
 
-def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None = None
-           ) -> Flow[Settled]:
+def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None = None,
+           ordered: bool = False) -> Flow[Settled]:
     """One round trip settling ``batch``; dead letters go to ``dlq_key`` (default: the
     pair's own dead-letter queue).
 
@@ -622,10 +639,12 @@ def settle(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str | None 
     time: the server's clock). A server out of memory refuses the whole transaction
     (its ``ZADD`` of done records; on Redis 6.2 even its ``XACK``); the batch then goes
     through the script, which a full server runs since its first write, the ``XACK``,
-    frees memory: acknowledging keeps working while the server is full.
+    frees memory: acknowledging keeps working while the server is full. ``ordered`` (an
+    ordered subscription's batch) always goes through the script, which hands each
+    settled message's partition key on to the next event of that key.
     """
     fast = bool(batch.acks) and not (batch.retries or batch.dead or batch.extend
-                                     or batch.release or batch.forget)
+                                     or batch.release or batch.forget or ordered)
     done: Settled
     if fast:
         try:
@@ -652,7 +671,7 @@ def _settle_script(ref: QueueRef, consumer: str, batch: Settlement, dlq_key: str
     keys = [ref.key, k.delayed, k.done, dlq_key or k.dlq, ref.leases]
     log = ref.log
     if log is not None:
-        keys.append(log.stream)
+        keys += [log.stream, k.order, k.held]
     done = [codec.dedup_record(d) for d in batch.done]
     args: list[Any] = [GROUP, consumer, "1" if ref.delete_on_ack else "0",
                        int(ref.settings.dedup_window * 1000),
@@ -897,18 +916,19 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
         cmds += [Call("XLEN", r.key), Call("XINFO", "GROUPS", r.key), Call("HGETALL", r.keys.meta),
                  Call("ZCARD", r.keys.delayed), Call("XLEN", r.keys.dlq)]
         log = r.log
-        cmds.append(Call("XINFO", "GROUPS", log.stream) if log is not None else Call("PING"))
+        cmds += [Call("XINFO", "GROUPS", log.stream), Call("ZCARD", r.keys.held)] \
+            if log is not None else [Call("PING"), Call("PING")]
     res = yield Step(tuple(cmds), lambda x: x, tolerate=True)
     secs, micros = res[0]
     now_ms = int(secs) * 1000 + int(micros) // 1000
     rows = []
     for i, r in enumerate(refs):
-        xlen, groups, meta, delayed, dlq_len, log_groups = res[1 + 6 * i: 7 + 6 * i]
+        xlen, groups, meta, delayed, dlq_len, log_groups, held = res[1 + 7 * i: 8 + 7 * i]
         own = group_rows(groups).get(GROUP, {})
         on_log = group_rows(log_groups).get(r.pair_name, {}) if r.log is not None else {}
         rows.append((r, xlen if isinstance(xlen, int) else 0, own, on_log,
                      flat_to_dict(meta) if isinstance(meta, (dict, list)) else {},
-                     delayed, dlq_len))
+                     delayed, dlq_len, held if isinstance(held, int) else 0))
     # the first entry not yet delivered, per stream: its id's time is its age
     second: list[Command] = []
     for r, _, own, on_log, *_ in rows:
@@ -923,12 +943,12 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
             second.append(Call("PING"))
     oldest = yield Step(tuple(second), lambda x: x, tolerate=True)
     out = []
-    for i, (r, xlen, own, on_log, meta, delayed, dlq_len) in enumerate(rows):
+    for i, (r, xlen, own, on_log, meta, delayed, dlq_len, held) in enumerate(rows):
         pending = int(own.get("pending", 0)) if own else 0
         lag = own.get("lag") if own else None
         if lag is None:
             lag = max(0, xlen - pending) if r.delete_on_ack else 0
-        lag = int(lag)
+        lag = int(lag) + held  # an ordered subscription's events waiting for their key
         consumers = int(own.get("consumers", 0)) if own else 0
         firsts = [oldest[2 * i]]
         if on_log:

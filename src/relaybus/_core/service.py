@@ -48,9 +48,11 @@ from ..retry import (
     Decision,
     RetryPolicy,
 )
-from .bus import ALL_EVENTS, subscription_queue_name
+from .bus import ALL_EVENTS, subscribe, subscription_queue_name, subscription_types
 from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Counters, Outcome, default_prefetch
+from .queue import QueueRef
 from .replies import text
+from .steps import Flow
 
 __all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
            "DEFAULT_START_TIMEOUT", "returns_awaitable"]
@@ -130,6 +132,7 @@ class ServiceBase(Generic[B]):
         shutdown_timeout: float = 30.0,
         maintenance: bool = True,
         block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
+        ordered: bool = False,
         event_bus: B | None = None,
         **bus_options: Any,
     ) -> None:
@@ -168,6 +171,9 @@ class ServiceBase(Generic[B]):
         self.shutdown_timeout = float(shutdown_timeout)
         self.maintenance = bool(maintenance)
         self.block_for_seconds = float(block_for_seconds)
+        #: Events of one ``partition_key`` are handled one at a time, in publish order,
+        #: across every instance of the service (the subscription stores it).
+        self.ordered = bool(ordered)
         self.prefix: str = getattr(event_bus, "prefix", prefix)
         #: True between ``start`` and ``stop``.
         self.running = False
@@ -373,6 +379,12 @@ class ServiceBase(Generic[B]):
             return f"{qualname(type(self))}.handle_event"
         handler = self._handlers.get(event_type) or self._handlers.get(WILDCARD)
         return qualname(handler) if handler is not None else "<none>"
+
+    def _resubscribe(self, ref: QueueRef) -> Flow[Any]:
+        """After the server lost the subscription (flushed): subscribe again."""
+        types = subscription_types(self._subscription_types())
+        return subscribe(ref, self.service_name, types, self.visibility_timeout, time.time(),
+                         self.ordered)
 
     def _subscription_types(self) -> list[str] | None:
         if self.event_types is not None:

@@ -1,7 +1,8 @@
 -- Deliver up to COUNT messages to one consumer, in one round trip.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream,
 -- KEYS[5] leases hash (consumer -> its visibility timeout, ms); a subscription adds
--- KEYS[6] the event log, KEYS[7] its meta hash.
+-- KEYS[6] the event log, KEYS[7] its meta hash, KEYS[8] its order hash and KEYS[9] its
+-- held sorted set (an ordered subscription's, see lib.lua).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] this consumer's visibility
 -- timeout ms (its lease), ARGV[5] queue name (failure records), ARGV[6] max deliveries,
 -- ARGV[7] reclaim cursor, ARGV[8] '1' to screen entries (expired, over-delivered, done;
@@ -13,7 +14,12 @@
 -- entries ('all/').
 -- New entries are read from the queue's own stream. A subscription's new log entries
 -- are read by the client with a plain XREADGROUP (the hot path); here only its
--- reclaimed ones (periodic work) are screened.
+-- reclaimed ones (periodic work) are screened. An ordered subscription (meta 'ordered'
+-- '1') reads its new log entries here too: every entry with a partition key is
+-- delivered only while it holds its key, else held back (lib.lua); its periodic work
+-- also hands on keys whose holder was acknowledged without handing them on. A
+-- subscription that is not ordered (any more) gets its held entries back into its
+-- stream at its periodic work.
 -- Reclaim is decided by the lease the holder took, not by the caller's: every consumer
 -- records its visibility timeout in the leases hash at its periodic fetch, and an entry
 -- is taken over only once idle for its holder's (the caller's for a holder that has
@@ -23,11 +29,12 @@
 -- dead-letter queue with the reason; entries of the own stream whose dedup key is done
 -- are dropped (acknowledged).
 -- Returns {entries, gone, duplicates, dead, ms until the next retry is due (-1: none),
--- cursor, log cursor, more, wake ids, types, skipped, pruned}; entry = {id, fields,
--- deliveries}; more = 1 when all it read was dropped (call again before blocking); wake
--- ids = the newest id of the own stream, to block on (XREAD) when nothing was
--- delivered; types = the subscription's stored types (JSON) for the client's filter of
--- new log entries; pruned = consumers removed.
+-- cursor, log cursor, more, wake ids, types, skipped, pruned, ordered}; entry = {id,
+-- fields, deliveries}; more = 1 when all it read was dropped or held (call again before
+-- blocking); wake ids = the newest id of the own stream (and, ordered, of the log), to
+-- block on (XREAD) when nothing was delivered; types = the subscription's stored types
+-- (JSON) for the client's filter of new log entries; pruned = consumers removed;
+-- ordered = 1 for an ordered subscription (the client then reads the log only here).
 local own = {key = KEYS[1], group = ARGV[1], delete = true, prefix = ''}
 local delayed, done, dlq, leases_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local consumer = ARGV[2]
@@ -39,25 +46,28 @@ local cursor = ARGV[7]
 local screen = ARGV[8] == '1'
 local periodic = ARGV[9] == '1'
 local prune_ms = tonumber(ARGV[10]) or 0
-local log, meta = nil, nil
+local log, meta, ord = nil, nil, nil
 if #KEYS >= 7 then
   log = {key = KEYS[6], group = ARGV[11], delete = false, prefix = ARGV[13]}
   meta = KEYS[7]
 end
+if #KEYS >= 9 then ord = {order = KEYS[8], held = KEYS[9], own = KEYS[1], meta = KEYS[7]} end
 local log_cursor = ARGV[12] or '0-0'
 local now = now_ms()
 
--- a candidate: {src, id, fields, deliveries, e, k, x} (e, k, x: its routing, dedup and
--- expiry fields, read in one pass)
+-- a candidate: {src, id, fields, deliveries, e, k, x, p} (e, k, x, p: its routing,
+-- dedup, expiry and partition fields, read in one pass)
 local cands = {}
 local function add(src, id, f, deliveries)
-  local e, k, x, l
+  local e, k, x, l, p
   for i = 1, #f, 2 do
     local name = f[i]
     if name == 'e' then e = f[i + 1] elseif name == 'k' then k = f[i + 1]
-    elseif name == 'x' then x = f[i + 1] elseif name == 'l' then l = f[i + 1] end
+    elseif name == 'x' then x = f[i + 1] elseif name == 'l' then l = f[i + 1]
+    elseif name == 'p' then p = f[i + 1] end
   end
-  cands[#cands + 1] = {src, id, f, deliveries, e, k, x or expiry_of(id, l)}
+  if p and string.find(p, '\0', 1, true) then p = nil end  -- see lib.lua's partition_of
+  cands[#cands + 1] = {src, id, f, deliveries, e, k, x or expiry_of(id, l), p}
 end
 
 local gone, skipped = 0, 0
@@ -176,8 +186,11 @@ end
 -- reads nothing from it: its group there is gone)
 local types_json, reads_log = '[]', false
 local types, all = {}, false
+local ordered = false
 if log then
-  types_json = redis.call('HGET', meta, 'types') or '[]'
+  local stored = redis.call('HMGET', meta, 'types', 'ordered')
+  types_json = stored[1] or '[]'
+  ordered = ord ~= nil and stored[2] == '1'
   local ok, decoded = pcall(cjson.decode, types_json)
   if ok and type(decoded) == 'table' then
     for _, t in ipairs(decoded) do
@@ -201,6 +214,54 @@ local function kept_type(c)
   return etype == nil or types[etype] == true
 end
 
+-- log entries from cands[first] on that are of types the subscription does not keep:
+-- acknowledged and dropped from the candidates
+local function screen_types(first)
+  local kept, skip = {}, {}
+  for i = first, #cands do
+    if kept_type(cands[i]) then kept[#kept + 1] = cands[i] else skip[#skip + 1] = cands[i][2] end
+  end
+  for i = #cands, first, -1 do cands[i] = nil end
+  for _, c in ipairs(kept) do cands[#cands + 1] = c end
+  if #skip > 0 then
+    chunked('XACK', log.key, {log.group}, skip)
+    skipped = skipped + #skip
+  end
+end
+
+-- a candidate's dedup record as hex (lib.lua)
+local function identity_hex(c)
+  return identity_hex_of(c[3], c[5], c[6])
+end
+
+if periodic and ord then
+  if ordered then
+    -- keys whose holder was acknowledged (its done record exists) without handing the
+    -- key on (settled by an instance that did not know the subscription was ordered)
+    local seen = {}
+    for _, member in ipairs(redis.call('ZRANGE', ord.held, 0, 99)) do
+      local pk = string.match(member, '^(.-)%z')
+      if pk and not seen[pk] then
+        seen[pk] = true
+        local holder = redis.call('HGET', ord.order, pk)
+        if not holder or redis.call('ZSCORE', done, from_hex(holder)) then
+          if not holder then redis.call('HSET', ord.order, pk, '') end
+          release(ord, pk, holder or '')
+        end
+      end
+    end
+  elseif redis.call('EXISTS', ord.held, ord.order) > 0 then
+    -- not ordered (any more): what was held goes back into the stream, keys are freed
+    local members = redis.call('ZRANGE', ord.held, 0, 999)
+    for _, member in ipairs(members) do
+      local rest = string.sub(member, #string.match(member, '^(.-)%z') + 23)
+      redis.call('XADD', own.key, '*', unpack(cjson.decode(string.sub(rest, 33))))
+      redis.call('ZREM', ord.held, member)
+    end
+    if #members < 1000 then redis.call('DEL', ord.order) end
+  end
+end
+
 if periodic then
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
   for _, member in ipairs(due) do
@@ -212,16 +273,7 @@ if periodic then
   if reads_log then
     local first = #cands + 1
     log_cursor = reclaim(log, log_cursor, count - #cands)
-    local kept, skip = {}, {}
-    for i = first, #cands do
-      if kept_type(cands[i]) then kept[#kept + 1] = cands[i] else skip[#skip + 1] = cands[i][2] end
-    end
-    for i = #cands, first, -1 do cands[i] = nil end
-    for _, c in ipairs(kept) do cands[#cands + 1] = c end
-    if #skip > 0 then
-      chunked('XACK', log.key, {log.group}, skip)
-      skipped = #skip
-    end
+    screen_types(first)
   end
 end
 
@@ -234,23 +286,17 @@ local function read_new(src, limit)
   return #r[1][2]
 end
 read_new(own, count - #cands)
+if ordered and reads_log then  -- an ordered subscription's new log entries: read here
+  local first = #cands + 1
+  read_new(log, count - #cands)
+  screen_types(first)
+end
 
 local more, dups = 0, 0
 
--- a candidate's dedup record (codec.dedup_record of codec.dedup_identity): of its event
--- type and its key; the type from the routing field, else from the payload (a copy
--- written without one), and the key alone for an entry that is no event
+-- a candidate's dedup record (codec.dedup_record of codec.dedup_identity)
 local function identity(c)
-  local e = c[5]
-  local payload = not e and field_of(c[3], 'd')
-  -- only a payload that may name a type is decoded (plain messages, the common case, not)
-  if payload and string.find(payload, '"event_type"', 1, true) then
-    local ok, data = pcall(cjson.decode, payload)
-    if ok and type(data) == 'table' and type(data['event_type']) == 'string' then
-      e = data['event_type']
-    end
-  end
-  return record_of(e and (e .. '\031' .. c[6]) or c[6])
+  return from_hex(identity_hex(c))
 end
 
 -- expired, over-delivered, and (own stream) already handled entries
@@ -267,8 +313,23 @@ if screen then
     for j = 1, #part do if scores[j] then done_hit[idx[c + j - 1]] = true end end
   end
 end
-local out, dead = {}, 0
-local drop_own = {}
+local out, dead, held = {}, 0, 0
+local drop_own, ack_log = {}, {}
+
+-- whether candidate `c` (partition key pk, identity ident) may be delivered: it holds its
+-- key, or takes it (free, or its holder done); else it is held back
+local function takes_key(pk, ident)
+  local holder = redis.call('HGET', ord.order, pk)
+  if holder == ident then return true end
+  if holder and redis.call('ZSCORE', done, from_hex(holder)) then
+    release(ord, pk, holder)  -- acknowledged without handing the key on (see above)
+    holder = redis.call('HGET', ord.order, pk)
+  end
+  if holder then return holder == ident end
+  redis.call('HSET', ord.order, pk, ident)
+  return true
+end
+
 for i, c in ipairs(cands) do
   local src, id, deliveries = c[1], c[2], c[4]
   local reason = nil
@@ -281,19 +342,27 @@ for i, c in ipairs(cands) do
       reason = 'expired'
     end
   end
+  local pk = ordered and c[6] and c[8]
   if reason then
     park(c[3], src.prefix .. id, deliveries, cjson.encode({reason = reason, queue = qname}),
          dlq, nil, now)
     if src == own then drop_own[#drop_own + 1] = id else
       redis.call('XACK', src.key, src.group, id) end
     dead = dead + 1
+    if pk then release(ord, pk, identity_hex(c)) end
   elseif done_hit[i] then
     drop_own[#drop_own + 1] = id
     dups = dups + 1
+    if pk then release(ord, pk, identity_hex(c)) end
+  elseif pk and not takes_key(pk, identity_hex(c)) then
+    hold(ord, pk, identity_hex(c), c[3], id)
+    if src == own then drop_own[#drop_own + 1] = id else ack_log[#ack_log + 1] = id end
+    held = held + 1
   else
     out[#out + 1] = {src.prefix .. id, c[3], deliveries}
   end
 end
+if #ack_log > 0 then chunked('XACK', log.key, {log.group}, ack_log) end
 if #drop_own > 0 then
   chunked('XACK', own.key, {own.group}, drop_own)
   chunked('XDEL', own.key, {}, drop_own)
@@ -303,11 +372,17 @@ local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local next_due = -1
 if nxt[2] then next_due = math.max(0, tonumber(nxt[2]) - now) end
 -- everything read was dropped: there may be more behind it
-if #out == 0 and (dead > 0 or dups > 0 or gone > 0 or skipped > 0) then more = 1 end
+if #out == 0 and (dead > 0 or dups > 0 or gone > 0 or skipped > 0 or held > 0) then
+  more = 1
+end
 local wake = {}
 if #out == 0 and more == 0 then
   local last = redis.call('XREVRANGE', own.key, '+', '-', 'COUNT', 1)
   wake[1] = last[1] and last[1][1] or '0-0'
+  if ordered and reads_log then
+    last = redis.call('XREVRANGE', log.key, '+', '-', 'COUNT', 1)
+    wake[2] = last[1] and last[1][1] or '0-0'
+  end
 end
 local pruned = 0
 if periodic and prune_ms > 0 then
@@ -316,4 +391,4 @@ if periodic and prune_ms > 0 then
   pruned = prune(srcs)
 end
 return {out, gone, dups, dead, next_due, cursor, log_cursor, more, wake, types_json, skipped,
-        pruned}
+        pruned, ordered and 1 or 0}

@@ -19,7 +19,7 @@ end
 -- relaybus writes: an entry too wide to write back as it is keeps only these.
 local MAX_UNPACK = 7000
 local OWN_FIELDS = {d = true, t = true, h = true, k = true, e = true, l = true, x = true,
-                    n = true, f = true}
+                    n = true, f = true, p = true}
 
 -- Flat fields `f` as XADD can write them back: as they are, or, too wide for one
 -- unpack(), only the fields relaybus writes; and how many fields were dropped.
@@ -37,12 +37,20 @@ local function writable(f)
   return kept, dropped
 end
 
+-- Dedup identity `s` as 32 hex digits: the first 16 bytes of its SHA-1.
+local function hex_record_of(s)
+  return string.sub(redis.sha1hex(s), 1, 32)
+end
+
+-- Hex digits `h` as the bytes they spell.
+local function from_hex(h)
+  return (string.gsub(h, '..', function(x) return string.char(tonumber(x, 16)) end))
+end
+
 -- What is stored for dedup identity `s` (codec.dedup_record): the first 16 bytes of
 -- its SHA-1.
 local function record_of(s)
-  return (string.gsub(string.sub(redis.sha1hex(s), 1, 32), '..', function(x)
-    return string.char(tonumber(x, 16))
-  end))
+  return from_hex(hex_record_of(s))
 end
 
 -- The value of field `name` in a flat {k1, v1, k2, v2, ...} list, or nil.
@@ -152,4 +160,87 @@ local function locate(id, own, log)
     return log, string.sub(id, #log.prefix + 1)
   end
   return own, id
+end
+
+-- The dedup record, as hex, of an entry with flat fields `f`, routing field `e` and dedup
+-- key `k` (codec.dedup_identity): of its event type and its key; the type from the
+-- routing field, else from the payload (a copy written without one), and the key alone
+-- for an entry that is no event.
+local function identity_hex_of(f, e, k)
+  local payload = not e and field_of(f, 'd')
+  -- only a payload that may name a type is decoded (plain messages, the common case, not)
+  if payload and string.find(payload, '"event_type"', 1, true) then
+    local ok, data = pcall(cjson.decode, payload)
+    if ok and type(data) == 'table' and type(data['event_type']) == 'string' then
+      e = data['event_type']
+    end
+  end
+  return hex_record_of(e and (e .. '\031' .. k) or k)
+end
+
+-- Ordered subscriptions. An entry with a partition key (field 'p') and a dedup key ('k')
+-- is handled only while it holds its key: the order hash maps each key in use to its
+-- holder (the hex dedup record of the entry being handled, retried or about to be).
+-- Entries that find their key held wait, in arrival order, in the held sorted set
+-- (score 0, members `key NUL sequence(20 digits) NUL holder(32 hex) fields(JSON)`, so
+-- ZRANGEBYLEX finds a key's first); settling the holder (acknowledged or dead-lettered,
+-- not retried) hands the key to the next one, appended to the subscription's stream.
+-- `ord` = {order = key, held = key, own = own stream key, meta = meta key or nil}.
+
+-- The partition key of flat fields `f` (nil: none, or one with a NUL, which no event can
+-- have and the member format could not hold).
+local function partition_of(f)
+  local p = field_of(f, 'p')
+  if p and not string.find(p, '\0', 1, true) then return p end
+  return nil
+end
+
+-- Flat fields `f` of entry `id` as they may be appended under a new id: a time to live
+-- from the old id ('l') becomes an absolute expiry ('x'); too wide ones trimmed.
+local function moved_fields(f, id)
+  local out, l = {}, nil
+  for i = 1, #f, 2 do
+    if f[i] == 'l' then l = f[i + 1] else
+      out[#out + 1] = f[i]
+      out[#out + 1] = f[i + 1]
+    end
+  end
+  local expiry = expiry_of(id, l)
+  if expiry and field_of(out, 'x') == nil then
+    out[#out + 1] = 'x'
+    out[#out + 1] = string.format('%d', expiry)
+  end
+  return (writable(out))
+end
+
+-- Hold entry `id` (fields `f`, holder `ident`) until key `pk` is free.
+local function hold(ord, pk, ident, f, id)
+  local seq = redis.call('HINCRBY', ord.meta, 'held_seq', 1)
+  redis.call('ZADD', ord.held, 0, pk .. '\0' .. string.format('%020d', seq) .. '\0' ..
+             ident .. cjson.encode(moved_fields(f, id)))
+end
+
+-- The partition key and holder identity of flat fields `f` (nil: not ordered by a key).
+local function key_of(f)
+  local pk, k = partition_of(f), field_of(f, 'k')
+  if pk and k then return pk, identity_hex_of(f, field_of(f, 'e'), k) end
+  return nil, nil
+end
+
+-- Hand key `pk` on from holder `ident` (nothing when it is not the holder): to the first
+-- entry held for it, appended to the own stream, else to no one. Returns 1 when an entry
+-- was handed the key.
+local function release(ord, pk, ident)
+  if redis.call('HGET', ord.order, pk) ~= ident then return 0 end
+  local nxt = redis.call('ZRANGEBYLEX', ord.held, '[' .. pk .. '\0', '(' .. pk .. '\1',
+                         'LIMIT', 0, 1)
+  if nxt[1] then
+    redis.call('ZREM', ord.held, nxt[1])
+    local rest = string.sub(nxt[1], #pk + 23)
+    redis.call('HSET', ord.order, pk, string.sub(rest, 1, 32))
+    redis.call('XADD', ord.own, '*', unpack(cjson.decode(string.sub(rest, 33))))
+    return 1
+  end
+  redis.call('HDEL', ord.order, pk)
+  return 0
 end

@@ -1,7 +1,9 @@
 -- Settle a batch of messages of one consumer atomically: acknowledge, record as done,
 -- schedule retries, dead-letter, extend leases, hand back; one round trip per batch.
 -- KEYS[1] stream, KEYS[2] delayed zset, KEYS[3] done zset, KEYS[4] dead-letter stream,
--- KEYS[5] leases hash (see fetch.lua); a subscription adds KEYS[6] the event log.
+-- KEYS[5] leases hash (see fetch.lua); a subscription adds KEYS[6] the event log,
+-- KEYS[7] its order hash and KEYS[8] its held sorted set (lib.lua): acknowledging or
+-- dead-lettering the holder of a partition key hands the key on.
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] '1' to delete acknowledged entries,
 -- ARGV[4] done window ms, ARGV[5] idle ms to give handed-back entries (at least the
 -- visibility timeout, so any consumer's next fetch reclaims them), ARGV[6] the
@@ -25,6 +27,17 @@ local window = tonumber(ARGV[4])
 local idle = ARGV[5]
 local log = nil
 if #KEYS >= 6 then log = {key = KEYS[6], group = ARGV[6], delete = false, prefix = ARGV[7]} end
+local ord = nil  -- an ordered subscription with keys in use
+if #KEYS >= 8 and redis.call('EXISTS', KEYS[7]) == 1 then
+  ord = {order = KEYS[7], held = KEYS[8], own = KEYS[1]}
+end
+local handed = {}  -- {partition key, holder} of what was settled, handed on at the end
+local function settling(f)
+  if ord then
+    local pk, ident = key_of(f)
+    if pk then handed[#handed + 1] = {pk, ident} end
+  end
+end
 local now = now_ms()
 local pos = 8
 
@@ -44,6 +57,10 @@ for k = first, first + n - 1 do
   local src, id = locate(ARGV[k], own, log)
   by_src[src] = by_src[src] or {}
   table.insert(by_src[src], id)
+  if ord then
+    local r = redis.call('XRANGE', src.key, id, id)
+    if r[1] then settling(r[1][2]) end
+  end
   local ms = tonumber(string.match(id, '^(%d+)')) or 0
   if ms > newest then newest = ms end
 end
@@ -82,6 +99,7 @@ local function move(wire_id, record_json, dst, due)
     local added = park(r[1][2], wire_id, p[1] and tonumber(p[1][4]) or 1, record_json,
                        dst, due, now)
     if added then parked[#parked + 1] = added end
+    if due == nil then settling(r[1][2]) end  -- dead-lettered (a retry keeps its key)
   else
     missing[#missing + 1] = wire_id
   end
@@ -149,4 +167,5 @@ if ARGV[pos] == '1' then
     removed = 1
   end
 end
+for _, h in ipairs(handed) do release(ord, h[1], h[2]) end
 return {acked, retried, dead, extended, released, removed, missing, parked}

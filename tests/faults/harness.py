@@ -301,10 +301,12 @@ class Cluster:
     def service(self, name: str, *, front: str = "sync", types: str = "*", concurrency: int = 2,
                 prefetch: int = 0, vt: float = 30.0, delay: float = 0.0, max_attempts: int = 5,
                 block: float = 0.5, retry_timeout: float = 10.0, url: str | None = None,
-                skew: float = 0.0, durability: str = "primary", ordered: bool = False) -> Child:
+                skew: float = 0.0, durability: str = "primary", ordered: bool = False,
+                fail_every: int = 0) -> Child:
         """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
         AsyncMicroservice); instances of one service share its subscription, whatever
-        their front. ``ordered``: ``ordered=True``, and its runs recorded (ledger.runs)."""
+        their front. ``ordered``: ``ordered=True``, and its runs recorded (ledger.runs);
+        ``fail_every`` N: events whose n is a multiple of N fail once per instance."""
         assert front in FRONTS, front
         self.dead.watch(sub_dlq_key(self.prefix, name))
         child = self.spawn("service", f"svc-{name}-{front}", "--service", name, "--front", front,
@@ -312,7 +314,8 @@ class Cluster:
                            "--prefetch", str(prefetch), "--vt", str(vt), "--delay", str(delay),
                            "--max-attempts", str(max_attempts), "--block", str(block),
                            "--retry-timeout", str(retry_timeout),
-                           "--durability", durability, *(["--ordered"] if ordered else []),
+                           "--durability", durability, "--fail-every", str(fail_every),
+                           *(["--ordered"] if ordered else []),
                            url=url, skew=skew)
         child.front = front
         return child

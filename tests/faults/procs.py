@@ -388,10 +388,13 @@ def service(argv: list[str]) -> None:
     p.add_argument("--durability", choices=["primary", "replicated"], default="primary")
     p.add_argument("--ordered", action="store_true", help="ordered=True; each completed run "
                    "is also recorded in runs/SERVICE/LABEL.log")
+    p.add_argument("--fail-every", type=int, default=0, help="> 0: an event whose n is a "
+                   "multiple of this fails the first time this process runs it (a retry)")
     args = p.parse_args(argv)
     _logging()
     done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")
-    global _RUNS
+    global _RUNS, _FAIL_EVERY
+    _FAIL_EVERY = args.fail_every
     if args.ordered:
         _RUNS = LineLog(args.ledger / "runs" / args.service / f"{args.label}.log")
     if args.front == "async":
@@ -402,6 +405,19 @@ def service(argv: list[str]) -> None:
 
 #: An ordered service's record of completed runs: [partition key, n, started, ended, front].
 _RUNS: LineLog | None = None
+#: ``--fail-every``, and the events that already failed once in this process.
+_FAIL_EVERY = 0
+_FAILED: set[str] = set()
+
+
+def _fail_once(event: Event) -> None:
+    """``--fail-every N``: the first run here of an event whose n is a multiple of N
+    fails (the service retries it)."""
+    n = getattr(event, "n", 0)
+    if _FAIL_EVERY and isinstance(n, int) and n % _FAIL_EVERY == 0 and \
+            event.event_id not in _FAILED:
+        _FAILED.add(event.event_id)
+        raise RuntimeError(f"first run of event n={n} fails (--fail-every)")
 
 
 def _record(done: LineLog, event: Event, front: str, started: float) -> None:
@@ -458,6 +474,7 @@ def _sync_service(args: argparse.Namespace, done: LineLog) -> None:
             if args.delay:
                 time.sleep(args.delay)  # the work this service does per event
         _poison_behaviour(event)
+        _fail_once(event)
         if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
             return False
         _record(done, event, "sync", started)
@@ -506,6 +523,7 @@ def _async_service(args: argparse.Namespace, done: LineLog) -> None:
             if args.delay:
                 await asyncio.sleep(args.delay)  # the work this service does per event
         _poison_behaviour(event)
+        _fail_once(event)
         if isinstance(event, Poisoned) and event.n == RETURN_FALSE:
             return False
         _record(done, event, "async", started)

@@ -3,6 +3,8 @@
 Three instances of one ``ordered=True`` service (both fronts, concurrency 4 each) share
 its subscription; two producers publish events over 20 partition keys each (event n of
 producer P has the key ``P-k(n mod 20)``, so each key's publish order is ``n`` order).
+Every event whose n is a multiple of 30 fails the first time an instance runs it, and
+is retried (10 ms later).
 Three times an instance is frozen at a moment it holds events, SIGKILLed and replaced
 (fronts alternating). Every completed handler run is recorded with its key, ``n``, and
 when it started and ended. Then, per key: no run started before the previous completed
@@ -27,6 +29,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 NAME = "ordered"
 KEYS_PER_PRODUCER = 20
 KILLS = 3
+FAIL_EVERY = 30
 
 
 def test_ordered_service_instances_sigkilled(cluster: Cluster, scale: Scale,
@@ -34,7 +37,8 @@ def test_ordered_service_instances_sigkilled(cluster: Cluster, scale: Scale,
     total = scale.n(20_000, ci=2_000)
     seconds = 20.0 if scale.full else 5.0
     prefetch = 16
-    options = dict(concurrency=4, prefetch=prefetch, vt=2.0, delay=0.002, ordered=True)
+    options = dict(concurrency=4, prefetch=prefetch, vt=2.0, delay=0.002, ordered=True,
+                   fail_every=FAIL_EVERY)
     instances = cluster.services(NAME, 3, **options)
     cluster.wait_ready(instances)
     t0 = time.time()
@@ -59,13 +63,16 @@ def test_ordered_service_instances_sigkilled(cluster: Cluster, scale: Scale,
     report = reconcile(cluster.ledger, cluster.dead, {NAME: ["*"]},
                        "14. SIGKILL ordered service instances", prefix=cluster.prefix,
                        faults=f"{KILLS} instances of an ordered service SIGKILLed (replaced) "
-                       f"among 3 of both fronts; concurrency 4, prefetch {prefetch}",
+                       f"among 3 of both fronts; concurrency 4, prefetch {prefetch}; events "
+                       f"n % {FAIL_EVERY} == 0 fail once per instance",
                        duplicate_bound=KILLS * prefetch, seconds=time.time() - t0)
     faults = cluster.ledger.order_faults(NAME)
     runs = cluster.ledger.runs.get(NAME, [])
     report.notes["partition keys"] = len({r[0] for r in runs})
     report.notes["completed runs checked for order"] = len(runs)
     report.notes["order faults"] = len(faults)
+    report.notes["handler failures (retried)"] = sum(
+        int(((c.status() or {}).get("stats") or {}).get("retried", 0)) for c in instances)
     report.notes["events held by the killed instances"] = held
     cluster.terminate(live)
     record.append(report)

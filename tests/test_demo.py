@@ -22,7 +22,6 @@ def _console() -> tuple[Console, io.StringIO]:
     return Console(file=out, width=120, force_terminal=False), out
 
 
-@pytest.mark.single_server
 @pytest.mark.parametrize("processes", [False, True], ids=["one-process", "processes"])
 def test_demo_settles_every_order(redis_url: str, prefix: str, processes: bool) -> None:
     console, out = _console()
@@ -38,7 +37,6 @@ def test_demo_settles_every_order(redis_url: str, prefix: str, processes: bool) 
     assert text.count("ORD-00") == 12
 
 
-@pytest.mark.single_server
 def test_demo_reports_stuck_orders_and_fails_on_timeout(redis_url: str, prefix: str) -> None:
     console, out = _console()
     code = run_demo(url=redis_url, orders=3, seed=7, timeout=0.0, console=console, prefix=prefix)
@@ -57,7 +55,6 @@ def test_default_demo_leaves_no_server_and_no_files(monkeypatch: pytest.MonkeyPa
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.single_server
 def test_the_demo_keeps_to_its_own_prefix_and_counts_its_own_run(redis_url: str) -> None:
     """Run twice on one server (as after ``--keep``): the second run's summary counts
     only its own dead letters, and an application's subscription of the same name under

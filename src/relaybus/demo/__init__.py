@@ -34,6 +34,7 @@ from relaybus.connection import redact
 from relaybus.embedded import EmbeddedServer
 from relaybus.keys import QueueKeys
 from relaybus.service import Microservice
+from relaybus.testing import plain_client
 
 from .services import (
     FINAL_STATES,
@@ -131,7 +132,7 @@ def run_demo(*, url: str | None = None, orders: int = 10, seed: int = 1, process
     result = DemoResult()
     run = uuid.uuid4().hex[:8]
     with _server(url, keep, console) as server_url:
-        client = redis.Redis.from_url(server_url)
+        client = plain_client(server_url)  # any URL relaybus takes, a cluster's too
         dlq_before = int(client.xlen(_bounce_dlq(prefix)))
         started = time.monotonic()
         services: list[Microservice] = []

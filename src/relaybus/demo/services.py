@@ -17,6 +17,7 @@ import redis
 from relaybus.errors import Reject
 from relaybus.events import Event
 from relaybus.service import Microservice
+from relaybus.testing import plain_client
 
 from .events import OrderCreated, OrderShipped, PaymentProcessed
 
@@ -60,6 +61,18 @@ def _rng(seed: int, *parts: str) -> random.Random:
 _RANK = {"created": 0, "paid": 1, "payment_failed": 2, "shipped": 2}
 
 
+_STORES: dict[str, redis.Redis] = {}
+
+
+def store(svc: Microservice) -> redis.Redis:
+    """A redis-py client for the demo's own records (orders, counters), on the service's
+    server: any URL relaybus takes (a ``RedisCluster`` on a cluster); one per URL."""
+    url = svc.mq.url
+    if url not in _STORES:
+        _STORES[url] = plain_client(url)
+    return _STORES[url]
+
+
 def _update(svc: Microservice, run: str, order_id: str, **changes: Any) -> None:
     """Merge ``changes`` into an order's record (WATCH/MULTI: handlers run concurrently).
 
@@ -67,7 +80,7 @@ def _update(svc: Microservice, run: str, order_id: str, **changes: Any) -> None:
     the merge is optimistic and atomic, and the status only moves forward.
     """
     key = orders_key(svc.mq.prefix, run)
-    with svc.mq.client.pipeline() as pipe:
+    with store(svc).pipeline(transaction=True) as pipe:  # a cluster pipeline too (redis-py 6+)
         while True:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
@@ -116,7 +129,7 @@ class NotificationService(Microservice):
         customer = getattr(event, "customer_id", None)
         if customer and _rng(self.seed, "mailbox", customer).random() < BOUNCE_RATE:
             raise Reject(f"mailbox of {customer} unavailable (550): confirmation not sent")
-        self.mq.client.incr(notifications_key(self.mq.prefix, self.run))
+        store(self).incr(notifications_key(self.mq.prefix, self.run))
         return True
 
 
@@ -169,7 +182,7 @@ def build_service(name: str, *, url: str, prefix: str, run: str, seed: int,
             if rng.random() < CARRIER_TIMEOUT_RATE and event.order_id not in timed_out:
                 # the carrier's API times out once: raising makes relaybus retry later
                 timed_out.add(event.order_id)
-                svc.mq.client.incr(retries_key(svc.mq.prefix, run))
+                store(svc).incr(retries_key(svc.mq.prefix, run))
                 raise TimeoutError(f"{carrier} API timed out booking {event.order_id}")
             svc.publish_event(OrderShipped(
                 order_id=event.order_id, carrier=carrier,

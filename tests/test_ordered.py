@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from helpers_aio import service_options
 from relaybus import AsyncMicroservice, Event, EventBus, Microservice, Reject, Retry
+from relaybus.codec import dedup_identity, dedup_record
 from relaybus.events import MAX_PARTITION_KEY_LENGTH
 from relaybus.keys import QueueKeys
 from waiting import wait_for
@@ -241,3 +242,32 @@ def test_a_service_that_is_not_ordered_frees_what_was_held(redis_url: str, prefi
             assert ordered_seen[0] == 0 and raw.zcard(held) == 0
     finally:
         release.set()
+
+
+def test_a_key_whose_holder_was_acknowledged_elsewhere_is_handed_on(
+        redis_url: str, prefix: str, raw: redis.Redis) -> None:
+    """A holder acknowledged without handing its key on (its done record exists) frees
+    its key: at the periodic fetch when an entry waits for it, and at once when a new
+    entry of its key arrives."""
+    name = "ord-repair"
+    keys = QueueKeys(prefix, f"sub:{name}")
+    seen: list[str] = []
+
+    def holder(event_id: str) -> tuple[str, bytes]:  # (hex in the order hash, done record)
+        record = dedup_record(dedup_identity(Step.type_name(), event_id))
+        return record.hex(), record
+
+    stale_a, stale_b = holder("gone-a"), holder("gone-b")
+    raw.hset(keys.order, mapping={"a": stale_a[0], "b": stale_b[0]})
+    raw.zadd(keys.done, {stale_b[1]: 1})  # b's holder is done, a's not yet
+    with running("sync", redis_url, prefix, name,
+                 lambda e: seen.append(f"{e.partition_key}{e.n}")):
+        with EventBus(redis_url, prefix=prefix) as bus:
+            bus.publish(Step(n=1, partition_key="a"))
+            wait_for(lambda: raw.zcard(keys.held) == 1, 10, "a1 to wait for its key")
+            bus.publish(Step(n=1, partition_key="b"))
+            wait_for(lambda: "b1" in seen, 10, "b1 (its key's holder was done)")
+            assert "a1" not in seen
+            raw.zadd(keys.done, {stale_a[1]: 1})  # now a's holder is done too
+            wait_for(lambda: "a1" in seen, 20, "a1, at the periodic fetch")
+    assert raw.zcard(keys.held) == 0

@@ -306,7 +306,7 @@ class Cluster:
         """An instance of service ``name`` on ``front`` (``sync``: Microservice, ``async``:
         AsyncMicroservice); instances of one service share its subscription, whatever
         their front. ``ordered``: ``ordered=True``, and its runs recorded (ledger.runs);
-        ``fail_every`` N: events whose n is a multiple of N fail once per instance."""
+        ``fail_every`` N: events whose n is a multiple of N fail once (on any instance)."""
         assert front in FRONTS, front
         self.dead.watch(sub_dlq_key(self.prefix, name))
         child = self.spawn("service", f"svc-{name}-{front}", "--service", name, "--front", front,

@@ -389,12 +389,14 @@ def service(argv: list[str]) -> None:
     p.add_argument("--ordered", action="store_true", help="ordered=True; each completed run "
                    "is also recorded in runs/SERVICE/LABEL.log")
     p.add_argument("--fail-every", type=int, default=0, help="> 0: an event whose n is a "
-                   "multiple of this fails the first time this process runs it (a retry)")
+                   "multiple of this fails the first time any instance runs it (a retry)")
     args = p.parse_args(argv)
     _logging()
     done = LineLog(args.ledger / "handled" / args.service / f"{args.label}.log")
-    global _RUNS, _FAIL_EVERY
+    global _RUNS, _FAIL_EVERY, _FAILED
     _FAIL_EVERY = args.fail_every
+    _FAILED = args.ledger / "failed"
+    _FAILED.mkdir(parents=True, exist_ok=True)
     if args.ordered:
         _RUNS = LineLog(args.ledger / "runs" / args.service / f"{args.label}.log")
     if args.front == "async":
@@ -405,19 +407,23 @@ def service(argv: list[str]) -> None:
 
 #: An ordered service's record of completed runs: [partition key, n, started, ended, front].
 _RUNS: LineLog | None = None
-#: ``--fail-every``, and the events that already failed once in this process.
+#: ``--fail-every``, and the folder of markers of the events that failed once (shared by
+#: every instance: a file per event, created exclusively).
 _FAIL_EVERY = 0
-_FAILED: set[str] = set()
+_FAILED = Path(".")
 
 
 def _fail_once(event: Event) -> None:
-    """``--fail-every N``: the first run here of an event whose n is a multiple of N
-    fails (the service retries it)."""
+    """``--fail-every N``: the first run, by any instance, of an event whose n is a
+    multiple of N fails (the service retries it)."""
     n = getattr(event, "n", 0)
-    if _FAIL_EVERY and isinstance(n, int) and n % _FAIL_EVERY == 0 and \
-            event.event_id not in _FAILED:
-        _FAILED.add(event.event_id)
-        raise RuntimeError(f"first run of event n={n} fails (--fail-every)")
+    if not (_FAIL_EVERY and isinstance(n, int) and n % _FAIL_EVERY == 0):
+        return
+    try:
+        os.close(os.open(_FAILED / event.event_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # it failed once already
+    raise RuntimeError(f"first run of event n={n} fails (--fail-every)")
 
 
 def _record(done: LineLog, event: Event, front: str, started: float) -> None:

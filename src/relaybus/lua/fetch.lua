@@ -237,9 +237,10 @@ end
 if periodic and ord then
   if ordered then
     -- keys whose holder was acknowledged (its done record exists) without handing the
-    -- key on (settled by an instance that did not know the subscription was ordered)
+    -- key on (settled by an instance that did not know the subscription was ordered),
+    -- looked for among up to 100 held entries picked at random (every key in turn)
     local seen = {}
-    for _, member in ipairs(redis.call('ZRANGE', ord.held, 0, 99)) do
+    for _, member in ipairs(redis.call('ZRANDMEMBER', ord.held, 100)) do
       local pk = string.match(member, '^(.-)%z')
       if pk and not seen[pk] then
         seen[pk] = true

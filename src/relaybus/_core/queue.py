@@ -466,8 +466,9 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
     are read with a plain XREADGROUP (and, when waiting, a blocking one), its own
     stream and the periodic work by the fetch script every ``recheck_interval`` (or
     when a retry is due). An ordered subscription (the script says so) is read by the
-    script alone, like a plain queue, which holds back entries whose key is in use. Log entries of other types are acknowledged: by ``skipped``
-    (the consumer's next settle batch), else here at once.
+    script alone, like a plain queue, which holds back entries whose key is in use.
+    Log entries of other types are acknowledged: by ``skipped`` (the consumer's next
+    settle batch), else here at once.
 
     When the consumer group is gone (the server was flushed), ``recover`` recreates what
     is needed (default: the pair, see :func:`ensure_pair`) and the fetch runs again.

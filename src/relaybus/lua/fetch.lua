@@ -241,7 +241,7 @@ if periodic and ord then
     -- looked for among up to 100 held entries picked at random (every key in turn)
     local seen = {}
     for _, member in ipairs(redis.call('ZRANDMEMBER', ord.held, 100)) do
-      local pk = string.match(member, '^(.-)%z')
+      local pk = held_key(member)
       if pk and not seen[pk] then
         seen[pk] = true
         local holder = redis.call('HGET', ord.order, pk)
@@ -255,8 +255,8 @@ if periodic and ord then
     -- not ordered (any more): what was held goes back into the stream, keys are freed
     local members = redis.call('ZRANGE', ord.held, 0, 999)
     for _, member in ipairs(members) do
-      local rest = string.sub(member, #string.match(member, '^(.-)%z') + 23)
-      redis.call('XADD', own.key, '*', unpack(cjson.decode(string.sub(rest, 33))))
+      local _, _, fields = held_parts(member)
+      redis.call('XADD', own.key, '*', unpack(fields))
       redis.call('ZREM', ord.held, member)
     end
     if #members < 1000 then redis.call('DEL', ord.order) end
@@ -344,19 +344,20 @@ for i, c in ipairs(cands) do
     end
   end
   local pk = ordered and c[6] and c[8]
+  local ident = pk and identity_hex(c)
   if reason then
     park(c[3], src.prefix .. id, deliveries, cjson.encode({reason = reason, queue = qname}),
          dlq, nil, now)
     if src == own then drop_own[#drop_own + 1] = id else
       redis.call('XACK', src.key, src.group, id) end
     dead = dead + 1
-    if pk then release(ord, pk, identity_hex(c)) end
+    if pk then release(ord, pk, ident) end
   elseif done_hit[i] then
     drop_own[#drop_own + 1] = id
     dups = dups + 1
-    if pk then release(ord, pk, identity_hex(c)) end
-  elseif pk and not takes_key(pk, identity_hex(c)) then
-    hold(ord, pk, identity_hex(c), c[3], id)
+    if pk then release(ord, pk, ident) end
+  elseif pk and not takes_key(pk, ident) then
+    hold(ord, pk, ident, c[3], id)
     if src == own then drop_own[#drop_own + 1] = id else ack_log[#ack_log + 1] = id end
     held = held + 1
   else

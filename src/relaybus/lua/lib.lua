@@ -89,6 +89,16 @@ local function chunked(cmd, key, extra, ids)
   return total
 end
 
+-- Flat `fields` (without 'l') of entry `id` gain 'x', the absolute expiry its time to
+-- live `ttl` ('l', from the id's time; nil: none) gives, unless they have one.
+local function with_expiry(fields, id, ttl)
+  local expiry = expiry_of(id, ttl)
+  if expiry and field_of(fields, 'x') == nil then
+    fields[#fields + 1] = 'x'
+    fields[#fields + 1] = string.format('%d', expiry)
+  end
+end
+
 -- Park an entry (flat fields `f`, delivered `deliveries` times) with failure `record`
 -- (a JSON object's text, kept as the client wrote it; it gains message_id, attempt and
 -- timestamp): appended to the stream `dst` (a dead-letter queue) when `due` is nil,
@@ -96,14 +106,14 @@ end
 -- v1, ...}. The entry keeps its fields; its failure list 'f' gains the record; a retry
 -- adds its deliveries to the attempt count 'n' (a non-numeric 'n' counts as 0).
 local function park(f, id, deliveries, record, dst, due, now)
-  local fields, items, invalid, attempts, expiry = {}, nil, nil, 0, nil
+  local fields, items, invalid, attempts, ttl = {}, nil, nil, 0, nil
   for i = 1, #f, 2 do
     if f[i] == 'f' then
       items, invalid = history_items(f[i + 1])
     elseif f[i] == 'n' then
       attempts = tonumber(f[i + 1]) or 0
     elseif f[i] == 'l' then  -- the entry gets a new id: its expiry becomes absolute
-      expiry = expiry_of(id, f[i + 1])
+      ttl = f[i + 1]
     else
       fields[#fields + 1] = f[i]
       fields[#fields + 1] = f[i + 1]
@@ -127,10 +137,7 @@ local function park(f, id, deliveries, record, dst, due, now)
   end
   fields[#fields + 1] = 'f'
   fields[#fields + 1] = '[' .. (items and (items .. ',') or '') .. record .. ']'
-  if expiry and field_of(fields, 'x') == nil then
-    fields[#fields + 1] = 'x'
-    fields[#fields + 1] = string.format('%d', expiry)
-  end
+  with_expiry(fields, id, ttl)
   if due == nil then
     if attempts > 0 then
       fields[#fields + 1] = 'n'
@@ -198,19 +205,27 @@ end
 -- Flat fields `f` of entry `id` as they may be appended under a new id: a time to live
 -- from the old id ('l') becomes an absolute expiry ('x'); too wide ones trimmed.
 local function moved_fields(f, id)
-  local out, l = {}, nil
+  local out, ttl = {}, nil
   for i = 1, #f, 2 do
-    if f[i] == 'l' then l = f[i + 1] else
+    if f[i] == 'l' then ttl = f[i + 1] else
       out[#out + 1] = f[i]
       out[#out + 1] = f[i + 1]
     end
   end
-  local expiry = expiry_of(id, l)
-  if expiry and field_of(out, 'x') == nil then
-    out[#out + 1] = 'x'
-    out[#out + 1] = string.format('%d', expiry)
-  end
+  with_expiry(out, id, ttl)
   return (writable(out))
+end
+
+-- The partition key of a held-set member.
+local function held_key(member)
+  return string.match(member, '^(.-)%z')
+end
+
+-- The partition key, holder and flat fields of a held-set member.
+local function held_parts(member)
+  local pk = held_key(member)
+  local rest = string.sub(member, #pk + 23)
+  return pk, string.sub(rest, 1, 32), cjson.decode(string.sub(rest, 33))
 end
 
 -- Hold entry `id` (fields `f`, holder `ident`) until key `pk` is free.
@@ -236,9 +251,9 @@ local function release(ord, pk, ident)
                          'LIMIT', 0, 1)
   if nxt[1] then
     redis.call('ZREM', ord.held, nxt[1])
-    local rest = string.sub(nxt[1], #pk + 23)
-    redis.call('HSET', ord.order, pk, string.sub(rest, 1, 32))
-    redis.call('XADD', ord.own, '*', unpack(cjson.decode(string.sub(rest, 33))))
+    local _, holder, fields = held_parts(nxt[1])
+    redis.call('HSET', ord.order, pk, holder)
+    redis.call('XADD', ord.own, '*', unpack(fields))
     return 1
   end
   redis.call('HDEL', ord.order, pk)

@@ -24,14 +24,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
 import redis.asyncio
 
 from helpers_service import Ping, SteadyPublisher
-from relaybus import AsyncMicroservice, Microservice
+from relaybus import AsyncMicroservice, Event, Microservice
 from relaybus.testing import plain_async_client
 from waiting import wait_for
 
@@ -255,3 +256,41 @@ def consume_across(url: str, prefix: str, name: str, switch: Callable[[], Any],
         svc.close()
     assert aio.error is None, aio.error
     return Failover(switched, publisher, sync_seen, aio.seen)
+
+
+@contextmanager
+def running_service(front: str, url: str, prefix: str, name: str, event_type: type[Event],
+                    handle: Callable[[Any], Any], **options: Any) -> Iterator[Any]:
+    """A started service of ``front`` with :func:`service_options` (and ``options``):
+    ``handle(event)`` runs in its handler threads (sync), or in an ``async def``
+    handler on its loop (async; a coroutine it returns is awaited), the loop running
+    in a thread of its own."""
+    opts = {**service_options(url, prefix), **options}
+    if front == "sync":
+        svc = Microservice(name, **opts)
+        svc.on(event_type)(handle)
+        svc.start()
+        try:
+            yield svc
+        finally:
+            svc.close()
+        return
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name=f"{name}-loop", daemon=True)
+    thread.start()
+    asvc = AsyncMicroservice(name, **opts)
+
+    @asvc.on(event_type)
+    async def on_event(event: Any) -> None:
+        result = handle(event)
+        if asyncio.iscoroutine(result):
+            await result
+
+    asyncio.run_coroutine_threadsafe(asvc.start(), loop).result(30)
+    try:
+        yield asvc
+    finally:
+        asyncio.run_coroutine_threadsafe(asvc.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -127,3 +127,26 @@ def test_round_trips_per_batch_do_not_grow_with_the_batch(
                 [m.id for m in got], record_done=[m.dedup_key or "" for m in got]) == size
             per_size[size] = sum(requests)
     assert per_size[10] == per_size[500] == 3, per_size  # publish, fetch, settle
+
+
+def test_a_partitioned_log_spreads_over_the_primaries(deployment: ClusterDeployment,
+                                                      cprefix: str) -> None:
+    """Six partitions: their logs sit on more than one primary, and publishing a batch
+    over all of them is one request per primary, written side by side (one round trip)."""
+    with EventBus(deployment.url, prefix=cprefix, partitions=6) as bus:
+        bus.subscribe("spread", [Ping])
+        bus.publish_many([Ping(n=i) for i in range(60)])  # warm: slot map, scripts
+        owners = {deployment.owner(QueueKeys(cprefix, "all" if i == 0 else f"all@{i}").stream)
+                  for i in range(6)}
+        driver: Any = bus.mq.driver
+        talk = driver._talk
+        requests: list[int] = []
+
+        def counted(batches: Any) -> Any:
+            requests.append(len(batches))
+            return talk(batches)
+
+        driver._talk = counted
+        bus.publish_many([Ping(n=i) for i in range(500)])
+    assert len(owners) > 1
+    assert requests == [len(owners)], requests  # one exchange, one request per primary

@@ -19,8 +19,8 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from helpers_aio import service_options
-from relaybus import AsyncMicroservice, Event, EventBus, Microservice, Reject, Retry
+from helpers_aio import running_service, service_options
+from relaybus import Event, EventBus, Microservice, Reject, Retry
 from relaybus.codec import dedup_identity, dedup_record
 from relaybus.events import MAX_PARTITION_KEY_LENGTH
 from relaybus.keys import QueueKeys
@@ -60,38 +60,10 @@ class Tracker:
 @contextmanager
 def running(front: str, url: str, prefix: str, name: str,
             handle: Callable[[Step], Any], **options: Any) -> Iterator[Any]:
-    """A started ordered service of ``front``: ``handle(event)`` runs in its handler
-    threads (sync), or in an ``async def`` handler on its loop (async; a coroutine it
-    returns is awaited), the loop running in a thread of its own."""
-    opts = dict(service_options(url, prefix), ordered=True, concurrency=4, **options)
-    if front == "sync":
-        svc = Microservice(name, **opts)
-        svc.on(Step)(handle)
-        svc.start()
-        try:
-            yield svc
-        finally:
-            svc.close()
-        return
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name=f"{name}-loop", daemon=True)
-    thread.start()
-    asvc = AsyncMicroservice(name, **opts)
-
-    @asvc.on(Step)
-    async def on_step(event: Step) -> None:
-        result = handle(event)
-        if asyncio.iscoroutine(result):
-            await result
-
-    asyncio.run_coroutine_threadsafe(asvc.start(), loop).result(30)
-    try:
-        yield asvc
-    finally:
-        asyncio.run_coroutine_threadsafe(asvc.close(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    """A started ordered service of ``front`` (concurrency 4; see :func:`running_service`)."""
+    with running_service(front, url, prefix, name, Step, handle,
+                         **{"ordered": True, "concurrency": 4, **options}) as svc:
+        yield svc
 
 
 FRONTS = ["sync", "async"]

@@ -38,7 +38,7 @@ from typing import Any
 import redis.asyncio
 
 from ._async.driver import AsyncDriver
-from ._async.worker import AsyncWorker, StillRunning
+from ._async.worker import AsyncWorker, AsyncWorkers, StillRunning
 from ._core import bus as core_bus
 from ._core import queue as core
 from ._core.bases import EventBusBase, MessageQueueBase, QueueBase, check_count
@@ -47,7 +47,7 @@ from ._core.bus import (
     EVENTS_QUEUE,
     subscription_queue_name,
 )
-from ._core.consumer import Consumer, Outcome
+from ._core.consumer import Outcome
 from ._core.incidents import Incident
 from ._core.queue import (
     QueueInfo,
@@ -332,17 +332,21 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         return AsyncMessageQueue(url, **options)
 
     async def _open(self) -> None:
-        if not self._opened:
-            await self.mq.driver.drive(core_bus.open_log(self._log_ref(), time.time()))
+        if not self._opened:  # also checked before each call: no coroutine per publish
+            await self.mq.driver.drive(self._open_flow())
             self._opened = True
 
     async def publish(self, event: Event) -> str:
         """Publish an event; return its id in the event log (see :meth:`relaybus.EventBus.publish`)."""
+        if not self._opened:
+            await self._open()
         [msg_id] = await self.mq.driver.run(self._publish([self._fields(event)]))
         return msg_id
 
     async def publish_many(self, events: Iterable[Event]) -> list[str]:
-        """Publish several events in one round trip, all or none."""
+        """Publish several events in one round trip, all or none (per partition)."""
+        if not self._opened:
+            await self._open()
         encoded = [self._fields(e) for e in events]
         if not encoded:
             return []
@@ -350,6 +354,8 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class."""
+        if not self._opened:
+            await self._open()
         [msg_id] = await self.mq.driver.run(self._publish([self._raw_fields(event_type, data)]))
         return msg_id
 
@@ -361,8 +367,11 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         (``ordered`` as in :meth:`relaybus.EventBus.subscribe`)."""
         types = core_bus.subscription_types(event_types)
         ref = self._sub_ref(service_name, visibility_timeout)
+        if not self._opened:
+            await self._open()
         await self.mq.driver.drive(core_bus.subscribe(ref, service_name, types,
-                                                      visibility_timeout, time.time(), ordered))
+                                                      visibility_timeout, time.time(), ordered,
+                                                      self.partitions))
         logger.info("service %r subscribed to %s", service_name,
                     "all events" if types == [ALL_EVENTS] else ", ".join(types))
         return ref.pair_name
@@ -370,8 +379,10 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
     async def unsubscribe(self, service_name: str) -> bool:
         """Stop delivering new events to a service; what was meant for it is kept."""
         validate_name(service_name, "service name")
+        if not self._opened:
+            await self._open()
         return await self.mq.driver.drive(core_bus.unsubscribe(
-            self._sub_ref(service_name, None), service_name))
+            self._sub_ref(service_name, None), service_name, self.partitions))
 
     async def remove_subscription(self, service_name: str) -> bool:
         """Delete a retired service's subscription and all that was kept for it."""
@@ -388,12 +399,15 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def trim(self) -> int:
         """Apply the log's retention now; return how many events were trimmed."""
+        if not self._opened:
+            await self._open()
         trimmed, _ = await self.mq.driver.run(self._trim())
         return trimmed
 
     async def start(self) -> None:
         """Open the log and start the maintenance task (idempotent)."""
-        await self._open()
+        if not self._opened:
+            await self._open()
         if self._task is None or self._task.done():
             self.running = True
             self._task = asyncio.create_task(self._maintain(), name="relaybus-maintenance")
@@ -426,7 +440,8 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
             await self.mq.close()
 
     async def __aenter__(self) -> AsyncEventBus:
-        await self._open()
+        if not self._opened:
+            await self._open()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -455,7 +470,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
     _awaits_handlers = True
 
     def _init_front(self) -> None:
-        self._worker: AsyncWorker | None = None
+        self._worker: AsyncWorkers | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._awaited: dict[Callable[..., Any], bool] = {}
         self._stopping: asyncio.Event | None = None
@@ -553,11 +568,17 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         self.consumer_id = self._new_consumer_id()
         self._executor = ThreadPoolExecutor(self.concurrency,
                                             thread_name_prefix=f"relaybus-{self.service_name}")
-        consumer = Consumer(queue.ref, self.consumer_id, prefetch=self.prefetch,
-                            block_for_seconds=self.block_for_seconds, counters=self._counters,
-                            name=self.service_name, queue_counts=self.mq._counts)
-        self._worker = AsyncWorker(self.mq.driver, consumer, self._process,
-                                   concurrency=self.concurrency, recover=self._resubscribe)
+        process = self._process
+        if bus.partitions > 1:  # one worker per partition, `concurrency` handlers in all
+            gate = asyncio.Semaphore(self.concurrency)
+
+            async def process(message: Message) -> Outcome:
+                async with gate:
+                    return await self._process(message)
+        self._worker = AsyncWorkers([
+            AsyncWorker(self.mq.driver, consumer, process, concurrency=self.concurrency,
+                        recover=self._resubscribe)
+            for consumer in self._consumers(queue.ref, bus.partitions, self.mq._counts)])
         self._worker.start()
         if self.maintenance and not bus.running:
             await bus.start()

@@ -64,7 +64,7 @@ class EventBus(EventBusBase[MessageQueue]):
         if self._before_open is not None:
             self._before_open(self.mq)  # a service waiting for its broker
         log = self._log_ref()
-        vt = self.mq.driver.drive(core.open_log(log, time.time()))
+        vt = self.mq.driver.drive(self._open_flow())
         #: The event log (``all``) and the bus's dead-letter queue (``all:dlq``).
         self.events_queue = Queue(self.mq, log.with_settings(vt))
         self.events_dlq = Queue(self.mq, self.mq._ref(EVENTS_QUEUE, is_dlq=True,
@@ -88,10 +88,11 @@ class EventBus(EventBusBase[MessageQueue]):
         return msg_id
 
     def publish_many(self, events: Iterable[Event]) -> list[str]:
-        """Publish several events in one round trip, all or none.
+        """Publish several events in one round trip, all or none (per partition).
 
-        All are encoded before any is sent, and written by one script call: when the
-        server refuses it (out of memory), none is written.
+        All are encoded before any is sent, and written by one script call per
+        partition: when the server refuses one (out of memory), none of that call is
+        written (publishing them again is safe: repeats are dropped by ``event_id``).
         """
         encoded = [self._fields(e) for e in events]
         return self.mq.driver.run(self._publish(encoded)) if encoded else []
@@ -126,7 +127,7 @@ class EventBus(EventBusBase[MessageQueue]):
         types = core.subscription_types(event_types)
         ref = self._sub_ref(service_name, visibility_timeout)
         self.mq.driver.drive(core.subscribe(ref, service_name, types, visibility_timeout,
-                                            time.time(), ordered))
+                                            time.time(), ordered, self.partitions))
         logger.info("service %r subscribed to %s", service_name,
                     "all events" if types == [ALL_EVENTS] else ", ".join(types))
         return ref.pair_name
@@ -139,7 +140,7 @@ class EventBus(EventBusBase[MessageQueue]):
         """
         validate_name(service_name, "service name")
         return self.mq.driver.drive(core.unsubscribe(self._sub_ref(service_name, None),
-                                                     service_name))
+                                                     service_name, self.partitions))
 
     def remove_subscription(self, service_name: str) -> bool:
         """Delete a retired service's subscription and all that was kept for it (its

@@ -20,6 +20,12 @@ messages) together. The log also has ``P{all}:published`` (sorted set: event ids
 published within the dedup window, score ms) and ``P{all}:published:ids`` (hash: event
 id -> its log id).
 
+A bus of N partitions (``EventBus(partitions=N)``) has N event logs: partition 0 is
+``P{all}`` as above, partition ``i`` is the queue pair ``all@i`` (``P{all@i}``), and
+each subscription has one pair per partition beside that partition's log:
+``sub:SERVICE@i`` is ``P{all@i}:sub:SERVICE``. A name ending in ``@`` and digits is
+therefore reserved for these partitions (see :func:`partition_name`).
+
 Every key of one pair carries one hash tag, so each atomic step (a Lua script touching
 a stream, its DLQ and its sorted sets) stays inside one Redis Cluster slot. Names are
 validated by :func:`validate_name`.
@@ -27,13 +33,16 @@ validated by :func:`validate_name`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from .errors import InvalidNameError
 
 __all__ = ["GROUP", "MAX_NAME_LENGTH", "QueueKeys", "DLQ_SUFFIX", "EVENTS_QUEUE", "SUB_PREFIX",
-           "validate_name", "registry_key", "subscriptions_key"]
+           "PARTITION_SEPARATOR", "validate_name", "partition_name", "split_partition",
+           "is_event_log", "log_of",
+           "registry_key", "subscriptions_key"]
 
 #: The consumer group every relaybus queue uses.
 GROUP = "relaybus"
@@ -45,7 +54,37 @@ DLQ_SUFFIX = ":dlq"
 EVENTS_QUEUE = "all"
 #: Start of a bus subscription's queue name (``sub:billing``).
 SUB_PREFIX = "sub:"
+#: Between a pair's name and its partition: ``sub:billing@2`` is partition 2 of ``sub:billing``.
+PARTITION_SEPARATOR = "@"
 _FORBIDDEN = set("{}*?[]")
+_PARTITION = re.compile(r"^(.+)@([1-9][0-9]*)$")
+
+
+def partition_name(name: str, partition: int) -> str:
+    """The pair name of ``partition`` of the event log or a subscription (``name`` for 0)."""
+    return name if partition == 0 else f"{name}{PARTITION_SEPARATOR}{partition}"
+
+
+def split_partition(name: str) -> tuple[str, int]:
+    """``("sub:billing", 2)`` for ``sub:billing@2``; ``(name, 0)`` for any other name."""
+    match = _PARTITION.match(name)
+    if match is None or not _partitioned(match.group(1)):
+        return name, 0
+    return match.group(1), int(match.group(2))
+
+
+def is_event_log(name: str) -> bool:
+    """True for the event log's pair name: ``all``, or a partition of it (``all@2``)."""
+    return split_partition(name)[0] == EVENTS_QUEUE
+
+
+def log_of(name: str) -> str:
+    """The log partition a subscription's pair name reads (``all@2`` for ``sub:x@2``)."""
+    return partition_name(EVENTS_QUEUE, split_partition(name)[1])
+
+
+def _partitioned(base: str) -> bool:
+    return base == EVENTS_QUEUE or base.startswith(SUB_PREFIX)
 
 
 def validate_name(name: object, what: str = "queue name") -> str:
@@ -68,6 +107,12 @@ def validate_name(name: object, what: str = "queue name") -> str:
             raise InvalidNameError(f"{what} {name!r} contains the forbidden character {ch!r}")
     if name.endswith(DLQ_SUFFIX):
         raise InvalidNameError(f"{what} {name!r} must not end with {DLQ_SUFFIX!r}")
+    base, at, digits = name.rpartition(PARTITION_SEPARATOR)
+    if at and re.fullmatch("[0-9]+", digits) and (
+            what != "queue name" or split_partition(name) == (name, 0)):
+        raise InvalidNameError(f"{what} {name!r} must not end with {PARTITION_SEPARATOR!r} and "
+                               f"digits: such names are kept for the partitions of the event "
+                               f"log and of subscriptions (all@2, sub:NAME@2)")
     return name
 
 
@@ -84,10 +129,17 @@ class QueueKeys:
 
     @cached_property
     def tag(self) -> str:
-        """The pair's base key: ``P{NAME}``, or ``P{all}:sub:SERVICE`` for a subscription."""
+        """The pair's base key: ``P{NAME}``, or ``P{all}:sub:SERVICE`` for a subscription
+        (``P{all@i}:sub:SERVICE`` for its partition ``i``)."""
         if self.is_subscription:
-            return f"{self.prefix}{{{EVENTS_QUEUE}}}:{self.name}"
+            base, partition = split_partition(self.name)
+            return f"{self.prefix}{{{partition_name(EVENTS_QUEUE, partition)}}}:{base}"
         return f"{self.prefix}{{{self.name}}}"
+
+    @cached_property
+    def partition(self) -> int:
+        """The partition this pair belongs to (0 unless it is ``all@i`` or ``sub:NAME@i``)."""
+        return split_partition(self.name)[1]
 
     @cached_property
     def is_subscription(self) -> bool:
@@ -96,7 +148,9 @@ class QueueKeys:
     @cached_property
     def log(self) -> QueueKeys | None:
         """The event log's keys for a subscription, else None."""
-        return QueueKeys(self.prefix, EVENTS_QUEUE) if self.is_subscription else None
+        if not self.is_subscription:
+            return None
+        return QueueKeys(self.prefix, partition_name(EVENTS_QUEUE, self.partition))
 
     @cached_property
     def stream(self) -> str:

@@ -59,9 +59,9 @@ import time
 from types import TracebackType
 from typing import Any
 
-from ._core.consumer import Consumer, Outcome
+from ._core.consumer import Outcome
 from ._core.service import DEFAULT_START_TIMEOUT, STAT_NAMES, WILDCARD, ServiceBase
-from ._sync.worker import Worker
+from ._sync.worker import Worker, Workers
 from .bus import EventBus
 from .codec import Message
 from .errors import Reject, RelaybusError
@@ -121,7 +121,7 @@ class Microservice(ServiceBase[EventBus]):
 
     def _init_front(self) -> None:
         self._pair: tuple[Queue, Queue] | None = None
-        self._worker: Worker | None = None
+        self._worker: Workers | None = None
         self._lifecycle = threading.RLock()
         self._stop_requested = threading.Event()
         # Plain flags: signal handlers may set them (they never take a lock).
@@ -234,12 +234,17 @@ class Microservice(ServiceBase[EventBus]):
             self._pair = None  # reopen with the stored settings
             queue = self.subscription_queue
             self.consumer_id = self._new_consumer_id()
-            consumer = Consumer(queue.ref, self.consumer_id, prefetch=self.prefetch,
-                                block_for_seconds=self.block_for_seconds,
-                                counters=self._counters, name=self.service_name,
-                                queue_counts=self.mq._counts)
-            worker = Worker(self.mq.driver, consumer, self._process,
-                            concurrency=self.concurrency, recover=self._resubscribe)
+            process = self._process
+            if bus.partitions > 1:  # one worker per partition, `concurrency` handlers in all
+                gate = threading.BoundedSemaphore(self.concurrency)
+
+                def process(message: Message) -> Outcome:
+                    with gate:
+                        return self._process(message)
+            worker = Workers([Worker(self.mq.driver, consumer, process,
+                                     concurrency=self.concurrency, recover=self._resubscribe)
+                              for consumer in self._consumers(queue.ref, bus.partitions,
+                                                              self.mq._counts)])
             worker.start()
             self._worker = worker
             if self.maintenance and not bus.running:
@@ -247,9 +252,10 @@ class Microservice(ServiceBase[EventBus]):
                 self._started_maintenance = True
             self.running = True
             logger.info("service %s started on %s: %s, %d handler thread(s), prefetch %d, "
-                        "consumer %s%s", self.service_name, self._where(),
+                        "consumer %s%s%s", self.service_name, self._where(),
                         "all events" if types is None else "events " + ", ".join(types),
                         self.concurrency, self.prefetch, self.consumer_id,
+                        f", {bus.partitions} partitions" if bus.partitions > 1 else "",
                         ", maintenance" if self._started_maintenance else "")
 
     def _reach(self, bound: float | None) -> EventBus | None:

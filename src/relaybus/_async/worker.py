@@ -30,7 +30,7 @@ from ..codec import Message
 from ..errors import BrokerError
 from .driver import AsyncDriver
 
-__all__ = ["AsyncWorker", "StillRunning", "YIELD_EVERY"]
+__all__ = ["AsyncWorker", "AsyncWorkers", "StillRunning", "YIELD_EVERY"]
 
 logger = logging.getLogger("relaybus.worker")
 
@@ -295,3 +295,35 @@ class AsyncWorker:
         await asyncio.gather(*self._io_tasks, return_exceptions=True)
         await self._hand_back(core.hand_back())
         return StopReport(finished=finished, abandoned=abandoned, left_pending=max(0, unstarted))
+
+
+class AsyncWorkers:
+    """Workers run as one: a service over the partitions of its subscription (one
+    worker each). Same calls as :class:`AsyncWorker`; they stop together."""
+
+    def __init__(self, workers: list[AsyncWorker]) -> None:
+        self.workers = workers
+
+    @property
+    def in_flight(self) -> int:
+        """Messages held by the workers: fetched and not yet settled."""
+        return sum(w.in_flight for w in self.workers)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    async def join(self, timeout: float, abandon: Callable[[], bool] | None = None
+                   ) -> StopReport:
+        """As :meth:`AsyncWorker.join`, for every worker at once."""
+        return _sum(await asyncio.gather(*(w.join(timeout, abandon) for w in self.workers)))
+
+    async def cancel(self) -> StopReport:
+        """As :meth:`AsyncWorker.cancel`, for every worker at once."""
+        return _sum(await asyncio.gather(*(w.cancel() for w in self.workers)))
+
+
+def _sum(reports: list[StopReport]) -> StopReport:
+    return StopReport(finished=sum(r.finished for r in reports),
+                      abandoned=sum(r.abandoned for r in reports),
+                      left_pending=sum(r.left_pending for r in reports))

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from .. import codec
 from ..connection import ConnectionSettings, host_url, is_host, redact
-from ..errors import InvalidNameError, QueueNotFoundError
+from ..errors import ConfigurationError, InvalidNameError, QueueNotFoundError
 from ..events import Event
 from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
 from . import bus
@@ -34,7 +34,7 @@ from .queue import (
     failure_record,
 )
 from .replies import ids
-from .steps import Step
+from .steps import Flow, Step
 
 __all__ = ["MessageQueueBase", "QueueBase", "EventBusBase", "validate_prefix", "check_count"]
 
@@ -278,7 +278,12 @@ class EventBusBase(Generic[MQ]):
     ``dedup_window``: seconds during which an event id is published at most once (a
     repeat reaches each subscriber once) and a handled one is not handled again.
     ``retention_max_len`` / ``retention_seconds``: how much history the log keeps for
-    inspection and replay; an event a subscription has not read yet is never trimmed.
+    inspection and replay (``retention_max_len`` per partition); an event a
+    subscription has not read yet is never trimmed. ``partitions``: how many event
+    logs the bus spreads events over (by partition key, see ``docs/design.md``);
+    stored with the bus, so None (the default) takes the stored number (1 for a new
+    bus); a larger number grows the bus, losing nothing; a smaller one raises
+    :class:`~relaybus.errors.ConfigurationError`.
     Other keyword arguments go to the message queue (``retry_timeout``,
     ``consumer_id``, ``client``); or pass ``mq`` to share one. (``_before_open`` is
     internal: the sync bus, which opens its log when built, calls it with the message
@@ -298,6 +303,7 @@ class EventBusBase(Generic[MQ]):
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         retention_max_len: int = bus.DEFAULT_RETENTION_MAX_LEN,
         retention_seconds: float | None = bus.DEFAULT_RETENTION_SECONDS,
+        partitions: int | None = None,
         mq: MQ | None = None,
         _before_open: Callable[[MQ], object] | None = None,
         **mq_options: Any,
@@ -309,6 +315,13 @@ class EventBusBase(Generic[MQ]):
         self.dedup_window = float(dedup_window)
         self.retention_max_len = int(retention_max_len)
         self.retention_seconds = retention_seconds
+        if partitions is not None and (not isinstance(partitions, int) or isinstance(
+                partitions, bool) or not 1 <= partitions <= bus.MAX_PARTITIONS):
+            raise ConfigurationError(f"partitions must be an int from 1 to "
+                                     f"{bus.MAX_PARTITIONS} (or None), not {partitions!r}")
+        self._wanted_partitions = partitions
+        #: How many partitions the bus has (read from the server when it is opened).
+        self.partitions: int = partitions or 1
         #: Seconds between two rounds of this bus's maintenance (the log's retention).
         self.maintenance_interval = bus.MAINTENANCE_INTERVAL
         self.running = False
@@ -343,7 +356,8 @@ class EventBusBase(Generic[MQ]):
 
     def _publish(self, encoded: list[dict[str, str | int]]) -> Step[list[str]]:
         """The publish call of ``encoded`` events (repeats counted in ``mq.stats``)."""
-        return bus.publish(self.prefix, encoded, self.dedup_window, self.mq._counts)
+        return bus.publish(self.prefix, encoded, self.dedup_window, self.mq._counts,
+                           self.partitions)
 
     def _fields(self, event: Event) -> dict[str, str | int]:
         return bus.event_fields(self.mq._encode, event)
@@ -357,4 +371,11 @@ class EventBusBase(Generic[MQ]):
 
     def _trim(self) -> Step[tuple[int, str]]:
         max_len = self.retention_max_len
-        return bus.trim(self.prefix, max_len, self.retention_seconds)
+        return bus.trim(self.prefix, max_len, self.retention_seconds, self.partitions)
+
+    def _open_flow(self) -> Flow[float]:
+        """Open the log and its partitions (``self.partitions`` set); the value: the
+        log's visibility timeout."""
+        vt, self.partitions = yield from bus.open_partitions(
+            self._log_ref(), self._wanted_partitions, time.time())
+        return vt

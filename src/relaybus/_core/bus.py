@@ -28,11 +28,13 @@ import json
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..codec import dedup_identity, dedup_record
-from ..errors import EventValidationError, InvalidNameError
+from ..errors import ConfigurationError, EventValidationError, InvalidNameError
 from ..events import Event, event_type_name, serialize_event
 from ..keys import (
     EVENTS_QUEUE,
@@ -40,21 +42,23 @@ from ..keys import (
     MAX_NAME_LENGTH,
     SUB_PREFIX,
     QueueKeys,
+    partition_name,
     subscriptions_key,
     validate_name,
 )
 from ..scripts import script
 from .queue import Counts, QueueRef, QueueSettings, delete_pair, ensure_pair
 from .replies import text
-from .steps import Call, Flow, ScriptCall, Step
+from .steps import Call, Command, Flow, ScriptCall, Step
 
 logger = logging.getLogger("relaybus.bus")
 
 __all__ = ["ALL_EVENTS", "EVENTS_QUEUE", "DEFAULT_RETENTION_MAX_LEN", "DEFAULT_RETENTION_SECONDS",
-           "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "subscription_queue_name",
+           "MAINTENANCE_INTERVAL", "DRAIN_BATCH", "MAX_PARTITIONS", "subscription_queue_name",
+           "partition_of", "partition_refs", "open_partitions",
            "parse_subscriptions", "subscription_types", "event_fields", "raw_event", "publish",
            "open_log", "subscribe", "unsubscribe", "remove_subscription", "read_subscriptions",
-           "read_subscription_table", "split_subscriptions", "trim"]
+           "read_subscription_table", "split_subscriptions", "stored_partitions", "trim"]
 
 #: Marker stored for a subscription to every event type.
 ALL_EVENTS = "*"
@@ -66,6 +70,23 @@ DEFAULT_RETENTION_SECONDS: float | None = 24 * 3600.0
 MAINTENANCE_INTERVAL = 5.0
 #: Log entries one drain call (unsubscribe) moves at most.
 DRAIN_BATCH = 1000
+#: Most partitions a bus may have.
+MAX_PARTITIONS = 256
+
+
+def partition_of(fields: Mapping[str, str | int], partitions: int) -> int:
+    """The partition of a log entry: CRC-32 of its partition key (field ``p``), else of
+    its event id (``k``), modulo ``partitions``. Every process computes the same."""
+    if partitions == 1:
+        return 0
+    key = fields.get("p") or fields.get("k") or ""
+    return zlib.crc32(str(key).encode("utf-8")) % partitions
+
+
+def partition_refs(ref: QueueRef, partitions: int) -> list[QueueRef]:
+    """``ref`` (the log's or a subscription's, partition 0) and its other partitions."""
+    return [ref] + [replace(ref, pair_name=partition_name(ref.pair_name, i))
+                    for i in range(1, partitions)]
 
 
 def subscription_queue_name(service_name: str) -> str:
@@ -159,36 +180,49 @@ def raw_event(event_type: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def _log(prefix: str) -> QueueKeys:
-    return QueueKeys(prefix, EVENTS_QUEUE)
+def _log(prefix: str, partition: int = 0) -> QueueKeys:
+    return QueueKeys(prefix, partition_name(EVENTS_QUEUE, partition))
 
 
 def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: float,
-            counts: Counts) -> Step[list[str]]:
-    """Append events to the log in one script call, all or none, each event (type and
-    id) once per ``dedup_window``; the value: their log ids. A repeat (published within
+            counts: Counts, partitions: int = 1) -> Step[list[str]]:
+    """Append events to the log in one round trip, each event (type and id) once per
+    ``dedup_window``; the value: their log ids (``all@2/...`` on partition 2). One
+    script call per partition they go to, each all or none. A repeat (published within
     the window, in this call or before) is not appended and gets its first log id; it
     is counted in ``counts`` (``publish_duplicates``) and logged."""
-    log = _log(prefix)
-    args: list[Any] = [int(dedup_window * 1000)]
-    for fields in encoded:
-        flat = [x for kv in fields.items() for x in kv]
-        key = fields.get("k")
-        routing = fields.get("e")
-        args += [dedup_record(dedup_identity(str(routing) if routing else None, str(key)))
-                 if key else "", len(flat), *flat]
+    groups: dict[int, list[int]] = {}
+    for i, fields in enumerate(encoded):
+        groups.setdefault(partition_of(fields, partitions), []).append(i)
+    calls = []
+    for partition, members in groups.items():
+        log = _log(prefix, partition)
+        args: list[Any] = [int(dedup_window * 1000)]
+        for i in members:
+            fields = encoded[i]
+            flat = [x for kv in fields.items() for x in kv]
+            key = fields.get("k")
+            routing = fields.get("e")
+            args += [dedup_record(dedup_identity(str(routing) if routing else None, str(key)))
+                     if key else "", len(flat), *flat]
+        calls.append(ScriptCall(script("publish"), [log.stream, log.published,
+                                                    log.published_ids], args))
 
-    def parse(reply: Any) -> list[str]:
-        ids, repeats = [text(i) for i in reply[0]], [int(i) - 1 for i in reply[1]]
-        counts.add("publish_duplicates", len(repeats))
-        for i in repeats:
-            logger.info("event %s of type %s was published again within the dedup window: "
-                        "not appended (its log id is %s)", encoded[i].get("k"),
-                        encoded[i].get("e"), ids[i])
+    def parse(replies: list[Any]) -> list[str]:
+        ids = [""] * len(encoded)
+        for (partition, members), reply in zip(groups.items(), replies, strict=True):
+            shown = "" if partition == 0 else _log(prefix, partition).name + "/"
+            for i, log_id in zip(members, reply[0], strict=True):
+                ids[i] = shown + text(log_id)
+            for n in reply[1]:
+                i = members[int(n) - 1]
+                counts.add("publish_duplicates", 1)
+                logger.info("event %s of type %s was published again within the dedup "
+                            "window: not appended (its log id is %s)", encoded[i].get("k"),
+                            encoded[i].get("e"), ids[i])
         return ids
 
-    return Step.one(ScriptCall(script("publish"), [log.stream, log.published, log.published_ids],
-                               args), parse, durable=True)
+    return Step(tuple(calls), parse, durable=True)
 
 
 def open_log(log: QueueRef, now: float) -> Flow[float]:
@@ -203,58 +237,129 @@ def open_log(log: QueueRef, now: float) -> Flow[float]:
     return vt
 
 
+def stored_partitions(prefix: str) -> Step[int]:
+    """How many partitions the bus under ``prefix`` has (1 for a bus that never said)."""
+    return Step.one(Call("HGET", _log(prefix).meta, "partitions"),
+                    lambda raw: int(raw) if raw is not None else 1)
+
+
+def open_partitions(log: QueueRef, wanted: int | None, now: float) -> Flow[tuple[float, int]]:
+    """Open the event log and its partitions; the value: ``(visibility timeout, N)``.
+
+    ``wanted`` None takes the stored number of partitions (1 for a new bus). More than
+    stored grows the bus, losing nothing: the new partitions' logs are made, every
+    subscription gets its pair and its group (at the start: nothing published there
+    is missed) on each new partition, and only then is N stored, so a publisher never
+    writes to a partition some subscription does not read. Fewer than stored raises
+    :class:`~relaybus.errors.ConfigurationError` (their events would be stranded).
+    """
+    vt = yield from open_log(log, now)
+    stored = yield stored_partitions(log.settings.prefix)
+    if wanted is None or wanted == stored:
+        return vt, stored
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or \
+            not 1 <= wanted <= MAX_PARTITIONS:
+        raise ConfigurationError(f"partitions must be an int from 1 to {MAX_PARTITIONS}, "
+                                 f"not {wanted!r}")
+    if wanted < stored:
+        raise ConfigurationError(
+            f"the bus under prefix {log.settings.prefix!r} has {stored} partitions; it "
+            f"cannot shrink to {wanted} (the events in the others would be stranded): "
+            f"pass partitions={stored} or None")
+    new = range(stored, wanted)
+    for ref in partition_refs(log, wanted)[stored:]:
+        yield from ensure_pair(ref, vt, now=now, consumed=False)
+    yield from _extend_subscriptions(log.settings, new, now)
+    yield Step.one(Call("HSET", log.keys.meta, "partitions", wanted))
+    # a service that subscribed meanwhile (it saw the old N) gets the new partitions too
+    yield from _extend_subscriptions(log.settings, new, now)
+    logger.info("event bus under prefix %r grown from %d to %d partitions",
+                log.settings.prefix, stored, wanted)
+    return vt, wanted
+
+
+def _extend_subscriptions(settings: QueueSettings, partitions: range, now: float
+                          ) -> Flow[None]:
+    """Give every subscription a pair and a group (at the start) on ``partitions``."""
+    table = yield read_subscriptions(settings.prefix)
+    for service in table:
+        sub = QueueRef(settings, subscription_queue_name(service))
+        meta = yield Step((Call("HGET", sub.keys.meta, "types"),
+                           Call("HGET", sub.keys.meta, "ordered"),
+                           Call("HGET", sub.keys.meta, "visibility_timeout")), lambda r: r)
+        types, ordered, vt = (text(x) if x is not None else None for x in meta)
+        settings_of = ["types", types or "[]"] + (["ordered", ordered] if ordered else [])
+        for ref in partition_refs(sub, partitions.stop)[partitions.start:]:
+            yield from ensure_pair(ref, float(vt) if vt else None, now=now)
+            log = ref.keys.log
+            assert log is not None
+            yield Step((Call("XGROUP", "CREATE", log.stream, ref.pair_name, "0", "MKSTREAM"),
+                        Call("HSET", ref.keys.meta, *settings_of)),
+                       lambda r: r, tolerate=True)  # BUSYGROUP: made before
+
+
 def subscribe(sub: QueueRef, service: str, types: list[str], visibility_timeout: float | None,
-              now: float, ordered: bool | None = None) -> Flow[float]:
+              now: float, ordered: bool | None = None, partitions: int = 1) -> Flow[float]:
     """Subscribe ``service`` (queue ``sub``) to ``types``; the value: its visibility timeout.
 
     ``visibility_timeout`` replaces the stored one when given, ``ordered`` (handle the
     events of one partition key one at a time, in order) the stored setting. The
     subscription's group on the log starts at the log's end: it receives every event
-    published after this returns (a repeat keeps the group where it is).
+    published after this returns (a repeat keeps the group where it is). With
+    ``partitions`` above 1, each partition of the subscription gets the same.
     """
-    vt = yield from ensure_pair(sub, visibility_timeout, now=now)
-    log = sub.keys.log
-    assert log is not None
+    refs = partition_refs(sub, partitions)
+    vt = 0.0
+    for ref in reversed(refs):
+        vt = yield from ensure_pair(ref, visibility_timeout, now=now)
     encoded = json.dumps(types)
     settings = ["types", encoded]
     if ordered is not None:
         settings += ["ordered", "1" if ordered else "0"]
-    yield Step((Call("HSET", sub.keys.meta, *settings),
-                Call("XGROUP", "CREATE", log.stream, sub.pair_name, "$", "MKSTREAM"),
-                Call("HSET", subscriptions_key(sub.settings.prefix), service, encoded)),
-               lambda r: r, tolerate=True)  # BUSYGROUP: subscribed before
+    cmds: list[Command] = []
+    for ref in refs:
+        log = ref.keys.log
+        assert log is not None
+        cmds += [Call("HSET", ref.keys.meta, *settings),
+                 Call("XGROUP", "CREATE", log.stream, ref.pair_name, "$", "MKSTREAM")]
+    cmds.append(Call("HSET", subscriptions_key(sub.settings.prefix), service, encoded))
+    yield Step(tuple(cmds), lambda r: r, tolerate=True)  # BUSYGROUP: subscribed before
     return vt
 
 
-def unsubscribe(sub: QueueRef, service: str) -> Flow[bool]:
+def unsubscribe(sub: QueueRef, service: str, partitions: int = 1) -> Flow[bool]:
     """Stop delivering new events to ``service``; what was meant for it is kept.
 
     The subscription leaves the table and its types are cleared (instances still
     running stop reading the log); then its backlog in the log (entries delivered but
     not acknowledged, and those not read yet of its types) is copied into its own
-    stream, page by page, and its group on the log is removed. The value: whether it
-    was subscribed.
+    stream, page by page, and its group on the log is removed; so for each partition.
+    The value: whether it was subscribed.
     """
-    log = sub.keys.log
-    assert log is not None
+    refs = partition_refs(sub, partitions)
     res = yield Step((Call("HGET", sub.keys.meta, "types"),
                       Call("HDEL", subscriptions_key(sub.settings.prefix), service),
-                      Call("HSET", sub.keys.meta, "types", "[]")), lambda r: r, tolerate=True)
+                      *(Call("HSET", ref.keys.meta, "types", "[]") for ref in refs)),
+                     lambda r: r, tolerate=True)
     old_types = text(res[0]) if isinstance(res[0], (bytes, str)) else "[]"
-    while True:
-        _, gone = yield Step.one(ScriptCall(script("drain"), [sub.keys.stream, log.stream],
-                                            [sub.pair_name, DRAIN_BATCH, old_types]))
-        if int(gone):
-            return bool(res[1]) and not isinstance(res[1], Exception)
+    for ref in refs:
+        log = ref.keys.log
+        assert log is not None
+        while True:
+            _, gone = yield Step.one(ScriptCall(script("drain"), [ref.keys.stream, log.stream],
+                                                [ref.pair_name, DRAIN_BATCH, old_types]))
+            if int(gone):
+                break
+    return bool(res[1]) and not isinstance(res[1], Exception)
 
 
 def remove_subscription(settings: QueueSettings, service: str) -> Flow[bool]:
     """Remove a retired service's subscription and everything kept for it: its entry in
     the table, its group on the log (what it had not read), and its queue pair (waiting
-    messages, retries, dead letters, done records). The value: whether any of it
-    existed. Instances of the service still running would subscribe again: stop them
-    first. A name the table holds but that is no valid service name (an unreadable
-    entry) is removed as it is stored."""
+    messages, retries, dead letters, done records), on every partition. The value:
+    whether any of it existed. Instances of the service still running would subscribe
+    again: stop them first. A name the table holds but that is no valid service name
+    (an unreadable entry) is removed as it is stored."""
     table = subscriptions_key(settings.prefix)
     try:
         name = subscription_queue_name(service)
@@ -266,7 +371,10 @@ def remove_subscription(settings: QueueSettings, service: str) -> Flow[bool]:
             raise
         name = SUB_PREFIX + service
     removed = yield Step.one(Call("HDEL", table, service), lambda r: bool(r))
-    existed = yield delete_pair(QueueRef(settings, name), keep_dlq=False)
+    partitions = yield stored_partitions(settings.prefix)
+    existed = False
+    for ref in partition_refs(QueueRef(settings, name), partitions):
+        existed = bool((yield delete_pair(ref, keep_dlq=False))) or existed
     return bool(removed or existed)
 
 
@@ -300,8 +408,15 @@ def read_subscription_table(prefix: str) -> Step[tuple[dict[str, list[str]], dic
 _reported: set[tuple[str, str]] = set()
 
 
-def trim(prefix: str, max_len: int, max_age: float | None) -> Step[tuple[int, str]]:
-    """Apply the log's retention; the value: ``(entries trimmed, group it was held at)``."""
+def trim(prefix: str, max_len: int, max_age: float | None, partitions: int = 1
+         ) -> Step[tuple[int, str]]:
+    """Apply the log's retention to each partition; the value: ``(entries trimmed, a
+    group one was held at)``."""
     age = "" if max_age is None else int(max_age * 1000)
-    return Step.one(ScriptCall(script("trim"), [_log(prefix).stream], [max_len, age]),
-                    lambda r: (int(r[0]), text(r[1])))
+
+    def parse(replies: list[Any]) -> tuple[int, str]:
+        held = next((text(r[1]) for r in replies if text(r[1])), "")
+        return sum(int(r[0]) for r in replies), held
+
+    return Step(tuple(ScriptCall(script("trim"), [_log(prefix, i).stream], [max_len, age])
+                      for i in range(partitions)), parse)

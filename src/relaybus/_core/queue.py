@@ -446,13 +446,17 @@ def recheck_interval(ref: QueueRef) -> float:
 
 @dataclass
 class Counts:
-    """What the queue layer handled on its own, for ``MessageQueue.stats``."""
+    """What the queue layer handled on its own, for ``MessageQueue.stats``; ``parent``
+    (one consumer's counts in a service over several partitions) gets every count too."""
 
     values: dict[str, int] = field(default_factory=dict)
+    parent: Counts | None = None
 
     def add(self, name: str, n: int) -> None:
         if n:
             self.values[name] = self.values.get(name, 0) + n
+            if self.parent is not None:
+                self.parent.add(name, n)
 
 
 def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,

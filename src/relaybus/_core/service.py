@@ -48,9 +48,9 @@ from ..retry import (
     Decision,
     RetryPolicy,
 )
-from .bus import ALL_EVENTS, subscribe, subscription_queue_name, subscription_types
-from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Counters, Outcome, default_prefetch
-from .queue import QueueRef
+from .bus import ALL_EVENTS, partition_refs, subscribe, subscription_queue_name, subscription_types
+from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Consumer, Counters, Outcome, default_prefetch
+from .queue import Counts, QueueRef
 from .replies import text
 from .steps import Flow
 
@@ -379,6 +379,19 @@ class ServiceBase(Generic[B]):
             return f"{qualname(type(self))}.handle_event"
         handler = self._handlers.get(event_type) or self._handlers.get(WILDCARD)
         return qualname(handler) if handler is not None else "<none>"
+
+    def _consumers(self, ref: QueueRef, partitions: int, counts: Counts) -> list[Consumer]:
+        """One consumer per partition of the subscription ``ref`` (partition 0), sharing
+        the prefetch (each at least 1) and the service's counters; ``counts``: the queue
+        layer's (``mq.stats``)."""
+        refs = partition_refs(ref, partitions)
+        prefetch = max(1, -(-self.prefetch // len(refs)))
+        assert self.consumer_id is not None
+        return [Consumer(r, self.consumer_id, prefetch=prefetch,
+                         block_for_seconds=self.block_for_seconds, counters=self._counters,
+                         name=self.service_name if i == 0 else f"{self.service_name}@{i}",
+                         queue_counts=Counts(parent=counts))
+                for i, r in enumerate(refs)]
 
     def _resubscribe(self, ref: QueueRef) -> Flow[Any]:
         """After the server lost the subscription (flushed): subscribe again."""

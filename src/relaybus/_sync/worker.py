@@ -35,7 +35,7 @@ from ..codec import Message
 from ..errors import BrokerError
 from .driver import Driver
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "Workers"]
 
 logger = logging.getLogger("relaybus.worker")
 
@@ -328,3 +328,41 @@ class Worker:
                     self._to_settle.wait_for(lambda: self.core.abandoned, wait)
             elif not isinstance(result, Exception):
                 incident.succeeded(time.monotonic())
+
+
+class Workers:
+    """Workers run as one: a service over the partitions of its subscription (one
+    worker each). Same calls as :class:`Worker`; a stop halts them all first, then
+    waits for each within one shared timeout."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+
+    @property
+    def in_flight(self) -> int:
+        """Messages held by the workers: fetched and not yet settled."""
+        return sum(w.in_flight for w in self.workers)
+
+    def owns_current_thread(self) -> bool:
+        """True when called from one of the workers' threads."""
+        return any(w.owns_current_thread() for w in self.workers)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def halt(self) -> None:
+        """As :meth:`Worker.halt`, for every worker (safe in a signal handler)."""
+        for w in self.workers:
+            w.halt()
+
+    def join(self, timeout: float, abandon: Callable[[], bool] | None = None) -> StopReport:
+        """As :meth:`Worker.join`: every worker halts at once, then each is joined
+        within what is left of ``timeout``."""
+        self.halt()
+        deadline = time.monotonic() + max(0.0, timeout)
+        reports = [w.join(max(0.0, deadline - time.monotonic()), abandon)
+                   for w in self.workers]
+        return StopReport(finished=sum(r.finished for r in reports),
+                          abandoned=sum(r.abandoned for r in reports),
+                          left_pending=sum(r.left_pending for r in reports))

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import keys
 from .._core.bus import read_subscription_table
-from ..bus import ALL_EVENTS, EVENTS_QUEUE, EventBus, subscription_queue_name
+from ..bus import ALL_EVENTS, EventBus, subscription_queue_name
 from ..queue import QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
@@ -46,9 +47,9 @@ SUBSCRIPTION_COLUMNS = [
 
 
 def is_event_log(info: QueueInfo) -> bool:
-    """True for the event log (``all``), which no one consumes as a queue: each
-    subscription reads it through a group of its own."""
-    return info.name == EVENTS_QUEUE
+    """True for the event log (``all``, and its partitions ``all@N``), which no one
+    consumes as a queue: each subscription reads it through a group of its own."""
+    return keys.is_event_log(info.name)
 
 
 def queue_row(info: QueueInfo) -> dict[str, Any]:

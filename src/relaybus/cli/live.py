@@ -22,9 +22,10 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
+from .._core.bus import stored_partitions
 from ..bus import EVENTS_QUEUE
 from ..codec import Message
-from ..keys import SUB_PREFIX
+from ..keys import SUB_PREFIX, is_event_log, log_of, partition_name
 from ..queue import MessageQueue, Queue, QueueInfo
 from ._common import (
     DEFAULT_PREFIX,
@@ -94,15 +95,22 @@ def tail(
     shown = 0
     type_width = max([16, *(len(t) for t in wanted)])
     with open_mq(url, prefix, timeout, read_only=True) as mq, contextlib.suppress(KeyboardInterrupt):
-        log = Queue(mq, EVENTS_QUEUE)
-        cursor = "0-0" if from_start else "$"
+        partitions = mq.driver.run(stored_partitions(prefix))
+        logs = [Queue(mq, partition_name(EVENTS_QUEUE, i)) for i in range(partitions)]
+        cursors = ["0-0" if from_start else "$"] * partitions
         while True:
             wait = _TAIL_POLL
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     return
-            cursor, messages = log.follow(cursor, count=100, block_for_seconds=wait)
+            messages = []
+            for i, log in enumerate(logs):  # a partitioned log: each in turn, a share of the wait
+                cursors[i], got = log.follow(cursors[i], count=100,
+                                             block_for_seconds=wait / partitions)
+                for msg in got:  # ids as publish gives them: all@2/ID on partition 2
+                    msg.id = f"{log.name}/{msg.id}" if i else msg.id
+                messages += got
             for msg in messages:
                 if wanted and event_type_of(msg) not in wanted:
                     continue
@@ -177,9 +185,9 @@ def rates(prev: Sample | None, cur: Sample, name: str) -> tuple[float | None, fl
     if inflow is None:
         return None, None
     if name.startswith(SUB_PREFIX):
-        inflow += _added(prev, cur, EVENTS_QUEUE) or 0
+        inflow += _added(prev, cur, log_of(name)) or 0
     dt = cur.at - prev.at
-    if name == EVENTS_QUEUE:
+    if is_event_log(name):
         return inflow / dt, None
     outflow = max(0, inflow - (_backlog(cur.infos[name]) - _backlog(prev.infos[name])))
     return inflow / dt, outflow / dt
@@ -191,7 +199,7 @@ def top_rows(prev: Sample | None, cur: Sample) -> list[dict[str, Any]]:
     rows = []
     for name, info in cur.infos.items():
         rate_in, rate_out = rates(prev, cur, name)
-        log = name == EVENTS_QUEUE
+        log = is_event_log(name)
         rows.append({
             "name": name, "rate_in": rate_in, "rate_out": rate_out,
             "waiting": None if log else info.waiting_messages,

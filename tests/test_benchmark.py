@@ -116,3 +116,16 @@ def test_unknown_scenario_is_a_usage_error() -> None:
     console, out = _console()
     assert run_bench(["nope"], url="redis://127.0.0.1:1/0", quick=True, console=console) == 2
     assert "unknown scenario nope" in out.getvalue()
+
+
+def test_partitions_scenario_compares_one_and_six(redis_url: str, tmp_path: Path) -> None:
+    console, out = _console()
+    json_file = tmp_path / "partitions.json"
+    assert run_bench(["partitions"], url=redis_url, quick=True, json_file=str(json_file),
+                     console=console, rounds=1) == 0, out.getvalue()
+    figures = {(f["figure"], f["unit"]): f["median"]
+               for f in json.loads(json_file.read_text())["figures"]}
+    for n in ("1 partition", "6 partitions"):
+        assert figures[f"{n}: publish_many 100", "events/s"] > 0
+        assert figures[f"{n}: consume, sync", "events/s"] > 0
+        assert figures[f"{n}: one batch's publish", "round trips"] == 1  # a step is one exchange

@@ -99,6 +99,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("memory", "Redis bytes per waiting event (log entry, publish-dedup records) "
                        "vs raw XADD; what is left after the acks"),
     Scenario("idle", "an idle sync and an idle async service: commands per second, CPU"),
+    Scenario("partitions", "publish_many 100 and consume (sync) with 1 and 6 partitions; "
+                           "round trips and requests per batch"),
 ]
 
 #: Batch of ``publish_many`` in the saturation scenarios (fanout, e2e, payload 2 KiB).
@@ -181,23 +183,25 @@ def bench_publish(ctx: _Ctx) -> None:
 # -- consume ---------------------------------------------------------------------------
 
 
-def preload(url: str, prefix: str, service: str, events: Sequence[Event]) -> None:
+def preload(url: str, prefix: str, service: str, events: Sequence[Event],
+            partitions: int | None = None) -> None:
     """Subscribe ``service`` to :class:`BenchEvent`, then publish ``events`` (so its
-    subscription holds them all, waiting)."""
-    with EventBus(url, prefix=prefix) as bus:
+    subscription holds them all, waiting), on a bus of ``partitions``."""
+    with EventBus(url, prefix=prefix, partitions=partitions) as bus:
         bus.subscribe(service, [BenchEvent])
         publish_all(bus, events, 1000)
 
 
 def consume_round(url: str, child: ServiceProcess, events: Sequence[Event], concurrency: int = 1,
-                  name: str = "bench-consume", front: str = "sync") -> float:
-    """Pre-load ``events`` into a fresh subscription, then have a new service of ``front``
-    in ``child`` handle them all; return events handled and acknowledged per second,
-    from its ``start()`` call to the last acknowledgement. The service runs no
-    maintenance (the log's trim), so only consuming is timed."""
+                  name: str = "bench-consume", front: str = "sync",
+                  partitions: int | None = None) -> float:
+    """Pre-load ``events`` into a fresh subscription (on a bus of ``partitions``), then
+    have a new service of ``front`` in ``child`` handle them all; return events handled
+    and acknowledged per second, from its ``start()`` call to the last acknowledgement.
+    The service runs no maintenance (the log's trim), so only consuming is timed."""
     n = len(events)
     with temp_prefix(url) as p:
-        preload(url, p, name, events)
+        preload(url, p, name, events, partitions)
         res = child.request("start", reply_within=wait_timeout(n) + 10, front=front, prefix=p,
                             services=[name], concurrency=concurrency, maintenance=False,
                             wait_n=n, timeout=wait_timeout(n))
@@ -487,6 +491,64 @@ def bench_idle(ctx: _Ctx) -> None:
         ctx.add("idle", f"{front}: CPU", "%", rows[front, "cpu"])
 
 
+# -- partitions ----------------------------------------------------------------------------
+
+#: The partition counts the ``partitions`` scenario compares.
+PARTITION_COUNTS = (1, 6)
+
+
+def _exchanges(bus: EventBus, events: Sequence[Event]) -> tuple[int, int]:
+    """Round trips and requests (one per node written) of one ``publish_many(events)``."""
+    driver: Any = bus.mq.driver
+    talk = driver._talk
+    counted: list[int] = []
+
+    def counting(batches: Any) -> Any:
+        counted.append(len(batches))
+        return talk(batches)
+
+    driver._talk = counting
+    try:
+        bus.publish_many(events)
+    finally:
+        driver._talk = talk
+    return len(counted), sum(counted)
+
+
+def bench_partitions(ctx: _Ctx) -> None:
+    """Publish (batches of 100) and consume (a fresh sync service, pre-loaded events)
+    on buses of 1 and 6 partitions; with the round trips of one batch's publish."""
+    n_pub = ctx.n(50_000, 5_000)
+    n_con = ctx.n(20_000, 2_000)
+    publish: dict[int, list[float]] = {n: [] for n in PARTITION_COUNTS}
+    consume: dict[int, list[float]] = {n: [] for n in PARTITION_COUNTS}
+    trips: dict[int, tuple[int, int]] = {}
+    with ServiceProcess(ctx.url) as child:
+        consume_round(ctx.url, child, make_events(200), name="bench-warm")  # untimed
+        for r in range(ctx.rounds):
+            for n in PARTITION_COUNTS:
+                ctx.say(f"partitions: {n}, round {r + 1}/{ctx.rounds}")
+                with temp_prefix(ctx.url) as p, EventBus(ctx.url, prefix=p, partitions=n) as bus:
+                    bus.subscribe("bench-partitions", [BenchEvent])
+                    trips[n] = _exchanges(bus, make_events(PUBLISH_BATCH))  # warm, counted
+                    events = make_events(n_pub)
+                    t = time.perf_counter()
+                    publish_all(bus, events, PUBLISH_BATCH)
+                    publish[n].append(n_pub / (time.perf_counter() - t))
+                consume[n].append(consume_round(ctx.url, child, make_events(n_con),
+                                                name="bench-partitions", partitions=n))
+    for n in PARTITION_COUNTS:
+        ctx.add("partitions", f"{n} partition{'s' if n > 1 else ''}: publish_many 100",
+                "events/s", publish[n])
+        ctx.add("partitions", f"{n} partition{'s' if n > 1 else ''}: consume, sync",
+                "events/s", consume[n])
+        exchanges, requests = trips[n]
+        ctx.add("partitions", f"{n} partition{'s' if n > 1 else ''}: one batch's publish",
+                "round trips", [exchanges])
+        ctx.add("partitions", f"{n} partition{'s' if n > 1 else ''}: one batch's publish",
+                "requests", [requests], "one per node written, side by side")
+
+
 RUNNERS: dict[str, Callable[[_Ctx], None]] = {
     "publish": bench_publish,
     "consume": bench_consume,
@@ -496,6 +558,7 @@ RUNNERS: dict[str, Callable[[_Ctx], None]] = {
     "payload": bench_payload,
     "memory": bench_memory,
     "idle": bench_idle,
+    "partitions": bench_partitions,
 }
 
 

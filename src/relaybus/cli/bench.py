@@ -14,7 +14,7 @@ def bench(
     scenarios: Annotated[list[str] | None, typer.Argument(
         metavar="[SCENARIO]...", show_default=False,
         help="Scenarios to run (default: all): publish, consume, fanout, e2e, latency, "
-             "payload, memory, idle.")] = None,
+             "payload, memory, idle, partitions.")] = None,
     url: Annotated[str | None, typer.Option(
         "--url", show_default=False,
         help="Server to measure (default: a private embedded server, so nothing else "

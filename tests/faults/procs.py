@@ -458,10 +458,14 @@ def _probe(svc: Microservice | AsyncMicroservice, max_in_flight: list[int],
                            "concurrency": svc.concurrency, "running": svc.running,
                            "max_in_flight": max_in_flight[0], "max_running": running.most,
                            "in_flight": worker.in_flight if worker is not None else 0}
+    queue_stats: dict[str, int] = {}
     try:  # read from another thread than the one updating them: best effort
-        out["queue_stats"] = dict(worker.core.queue_counts.values) if worker is not None else {}
+        for part in (worker.workers if worker is not None else []):  # one per partition
+            for key, value in part.core.queue_counts.values.items():
+                queue_stats[key] = queue_stats.get(key, 0) + value
     except RuntimeError:
-        out["queue_stats"] = {}
+        queue_stats = {}
+    out["queue_stats"] = queue_stats
     return out
 
 

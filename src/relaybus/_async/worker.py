@@ -316,14 +316,11 @@ class AsyncWorkers:
     async def join(self, timeout: float, abandon: Callable[[], bool] | None = None
                    ) -> StopReport:
         """As :meth:`AsyncWorker.join`, for every worker at once."""
-        return _sum(await asyncio.gather(*(w.join(timeout, abandon) for w in self.workers)))
+        joins = (w.join(timeout, abandon) for w in self.workers)
+        return StopReport.total(await asyncio.gather(*joins))
 
     async def cancel(self) -> StopReport:
         """As :meth:`AsyncWorker.cancel`, for every worker at once."""
-        return _sum(await asyncio.gather(*(w.cancel() for w in self.workers)))
+        return StopReport.total(await asyncio.gather(*(w.cancel() for w in self.workers)))
 
 
-def _sum(reports: list[StopReport]) -> StopReport:
-    return StopReport(finished=sum(r.finished for r in reports),
-                      abandoned=sum(r.abandoned for r in reports),
-                      left_pending=sum(r.left_pending for r in reports))

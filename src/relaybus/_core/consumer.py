@@ -38,7 +38,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,14 @@ class StopReport:
     finished: int
     abandoned: int
     left_pending: int
+
+    @classmethod
+    def total(cls, reports: Iterable[StopReport]) -> StopReport:
+        """The reports of several consumers (one per partition) as one."""
+        reports = list(reports)
+        return cls(finished=sum(r.finished for r in reports),
+                   abandoned=sum(r.abandoned for r in reports),
+                   left_pending=sum(r.left_pending for r in reports))
 
 
 @dataclass

@@ -363,6 +363,4 @@ class Workers:
         deadline = time.monotonic() + max(0.0, timeout)
         reports = [w.join(max(0.0, deadline - time.monotonic()), abandon)
                    for w in self.workers]
-        return StopReport(finished=sum(r.finished for r in reports),
-                          abandoned=sum(r.abandoned for r in reports),
-                          left_pending=sum(r.left_pending for r in reports))
+        return StopReport.total(reports)

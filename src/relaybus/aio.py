@@ -25,6 +25,8 @@ an unfinished event: it is handed back, as in a graceful stop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
 import logging
 import signal
@@ -340,17 +342,16 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         """Publish an event; return its id in the event log (see :meth:`relaybus.EventBus.publish`)."""
         if not self._opened:
             await self._open()
-        [msg_id] = await self.mq.driver.run(self._publish([self._fields(event)]))
+        with self._sending([event]) as encoded:
+            [msg_id] = await self.mq.driver.run(self._publish(encoded))
         return msg_id
 
     async def publish_many(self, events: Iterable[Event]) -> list[str]:
         """Publish several events in one round trip, all or none (per partition)."""
         if not self._opened:
             await self._open()
-        encoded = [self._fields(e) for e in events]
-        if not encoded:
-            return []
-        return await self.mq.driver.run(self._publish(encoded))
+        with self._sending(events) as encoded:
+            return await self.mq.driver.run(self._publish(encoded)) if encoded else []
 
     async def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class."""
@@ -514,8 +515,10 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             return await handler(event)
         assert self._executor is not None
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, handler,
-                                                                      event)
+            # in the caller's context: the handler's spans and publishes are the process
+            # span's children
+            run = functools.partial(contextvars.copy_context().run, handler, event)
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         except asyncio.CancelledError:
             raise StillRunning() from None  # its thread runs on: leave its message pending
         if inspect.isawaitable(result):  # a plain function that returned a coroutine
@@ -530,13 +533,14 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         started = time.time()
         result: object = None
         error: BaseException | None = None
-        try:
-            result = await self._call(handler, event)
-        except asyncio.CancelledError:
-            raise  # not an outcome: the message is handed back
-        except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front
-            error = exc
-        return self._conclude(message, event, result, error, started, time.time())
+        with self._processing(message, event):
+            try:
+                result = await self._call(handler, event)
+            except asyncio.CancelledError:
+                raise  # not an outcome: the message is handed back
+            except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front
+                error = exc
+            return self._conclude(message, event, result, error, started, time.time())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -585,6 +589,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             self._started_maintenance = True
         self.running = True
         self._force = False
+        self._serve_metrics()
         logger.info("service %s started on %s: %s, %d handler task(s), prefetch %d, "
                     "consumer %s%s", self.service_name, self._where(),
                     "all events" if types is None else "events " + ", ".join(types),
@@ -626,6 +631,7 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         if self._closed:
             return
         self._closed = True
+        self._close_metrics()
         bus, self._event_bus = self._event_bus, None
         if bus is not None and self._owns_bus:
             await bus.close()

@@ -83,7 +83,8 @@ class EventBus(EventBusBase[MessageQueue]):
         Validation happened when the event was built. Publishing the same event (same
         ``event_id``) again within ``dedup_window`` reaches each subscriber once.
         """
-        [msg_id] = self.mq.driver.run(self._publish([self._fields(event)]))
+        with self._sending([event]) as encoded:
+            [msg_id] = self.mq.driver.run(self._publish(encoded))
         logger.debug("published %s %s as %s", event.event_type, event.event_id, msg_id)
         return msg_id
 
@@ -94,8 +95,8 @@ class EventBus(EventBusBase[MessageQueue]):
         partition: when the server refuses one (out of memory), none of that call is
         written (publishing them again is safe: repeats are dropped by ``event_id``).
         """
-        encoded = [self._fields(e) for e in events]
-        return self.mq.driver.run(self._publish(encoded)) if encoded else []
+        with self._sending(events) as encoded:
+            return self.mq.driver.run(self._publish(encoded)) if encoded else []
 
     def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class; return its log id.

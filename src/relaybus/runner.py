@@ -77,7 +77,8 @@ def _resolve(target: str) -> object:
     return obj
 
 
-def load_service(target: str, *, url: str | None = None) -> AnyService:
+def load_service(target: str, *, url: str | None = None,
+                 metrics_port: int | None = None) -> AnyService:
     """The service named by ``target`` (``module:attribute``): a ``Microservice`` or an
     ``AsyncMicroservice``.
 
@@ -85,7 +86,8 @@ def load_service(target: str, *, url: str | None = None) -> AnyService:
     subclass of either (instantiated with no arguments) or a zero-argument factory
     returning an instance. The current directory is importable. ``url``, when
     given, points the service at that server (it wins over the service's own
-    settings); the service must not have connected yet.
+    settings); the service must not have connected yet. ``metrics_port``, when given,
+    serves its metrics there (as its ``metrics_port`` option does).
 
     Raises :class:`~relaybus.errors.ConfigurationError` (a ``ValueError``) saying
     what is wrong: a malformed target, a module that cannot be imported (the cause
@@ -117,6 +119,8 @@ def load_service(target: str, *, url: str | None = None) -> AnyService:
                                  "Microservice subclass or a factory of one")
     if url is not None:
         service._apply_url(url)
+    if metrics_port is not None:
+        service._apply_metrics(metrics_port, service.metrics_host)
     return service
 
 

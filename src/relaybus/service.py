@@ -107,6 +107,10 @@ class Microservice(ServiceBase[EventBus]):
     retry holds back the later events of its key, not those of other keys); events
     without a key are not held back. See docs/design.md, "Ordered delivery".
 
+    Metrics: with ``metrics_port`` (extra ``relaybus[metrics]``), :meth:`start` serves
+    Prometheus metrics on ``metrics_host:metrics_port`` at ``/metrics``, with
+    ``/healthz`` and ``/readyz`` (see :mod:`relaybus.metrics`); :meth:`close` closes it.
+
     Lifecycle: :meth:`start` subscribes, starts the worker threads and, with
     ``maintenance`` (default), the bus's maintenance thread (the event log's
     retention); :meth:`stop` shuts down gracefully within ``shutdown_timeout``;
@@ -188,11 +192,12 @@ class Microservice(ServiceBase[EventBus]):
         started = time.time()
         result: object = None
         error: BaseException | None = None
-        try:
-            result = handler(event)
-        except BaseException as exc:  # noqa: B036 - handlers run in worker threads
-            error = exc
-        return self._conclude(message, event, result, error, started, time.time())
+        with self._processing(message, event):
+            try:
+                result = handler(event)
+            except BaseException as exc:  # noqa: B036 - handlers run in worker threads
+                error = exc
+            return self._conclude(message, event, result, error, started, time.time())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -251,6 +256,7 @@ class Microservice(ServiceBase[EventBus]):
                 bus.start()
                 self._started_maintenance = True
             self.running = True
+            self._serve_metrics()
             logger.info("service %s started on %s: %s, %d handler thread(s), prefetch %d, "
                         "consumer %s%s%s", self.service_name, self._where(),
                         "all events" if types is None else "events " + ", ".join(types),
@@ -346,6 +352,7 @@ class Microservice(ServiceBase[EventBus]):
             if self._closed:
                 return
             self._closed = True
+            self._close_metrics()
             with self._connect_lock:
                 bus, self._event_bus = self._event_bus, None
             if bus is not None and self._owns_bus:

@@ -162,7 +162,8 @@ def publish_all(bus: EventBus, events: Sequence[Event], batch: int) -> None:
 
 def raw_fields(bus: EventBus, events: Sequence[Event]) -> list[dict[Any, Any]]:
     """The stream fields relaybus writes for ``events`` (what raw XADD sends as is)."""
-    return [dict(bus._fields(e)) for e in events]
+    with bus._sending(events) as encoded:
+        return [dict(fields) for fields in encoded]
 
 
 def used_memory(client: redis.Redis) -> int:

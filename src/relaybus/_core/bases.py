@@ -8,11 +8,12 @@ one line over a core step or flow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
@@ -21,7 +22,7 @@ from ..connection import ConnectionSettings, host_url, is_host, redact
 from ..errors import ConfigurationError, InvalidNameError, QueueNotFoundError
 from ..events import Event
 from ..keys import DLQ_SUFFIX, EVENTS_QUEUE, QueueKeys, validate_name
-from . import bus
+from . import bus, tracing
 from .queue import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_DELIVERIES,
@@ -35,6 +36,7 @@ from .queue import (
 )
 from .replies import ids
 from .steps import Flow, Step
+from .telemetry import Telemetry
 
 __all__ = ["MessageQueueBase", "QueueBase", "EventBusBase", "validate_prefix", "check_count"]
 
@@ -283,7 +285,9 @@ class EventBusBase(Generic[MQ]):
     logs the bus spreads events over (by partition key, see ``docs/design.md``);
     stored with the bus, so None (the default) takes the stored number (1 for a new
     bus); a larger number grows the bus, losing nothing; a smaller one raises
-    :class:`~relaybus.errors.ConfigurationError`.
+    :class:`~relaybus.errors.ConfigurationError`. ``tracing=False``: no
+    OpenTelemetry spans for publishes (otherwise there are when the application has
+    set a tracer provider; see docs/operating.md).
     Other keyword arguments go to the message queue (``retry_timeout``,
     ``consumer_id``, ``client``); or pass ``mq`` to share one. (``_before_open`` is
     internal: the sync bus, which opens its log when built, calls it with the message
@@ -304,6 +308,7 @@ class EventBusBase(Generic[MQ]):
         retention_max_len: int = bus.DEFAULT_RETENTION_MAX_LEN,
         retention_seconds: float | None = bus.DEFAULT_RETENTION_SECONDS,
         partitions: int | None = None,
+        tracing: bool = True,
         mq: MQ | None = None,
         _before_open: Callable[[MQ], object] | None = None,
         **mq_options: Any,
@@ -325,6 +330,10 @@ class EventBusBase(Generic[MQ]):
         #: Seconds between two rounds of this bus's maintenance (the log's retention).
         self.maintenance_interval = bus.MAINTENANCE_INTERVAL
         self.running = False
+        #: Spans for publishes when the application traces (see :mod:`._core.tracing`).
+        self.tracing = bool(tracing)
+        #: Labelled counts for the metrics (:mod:`relaybus.metrics`): events published.
+        self._telemetry = Telemetry()
         if url is not None and is_host(url):  # EventBus(host, port, db, prefix)
             url = host_url(url, redis_port, redis_db, redis_password)
         self.mq: MQ = mq or self._new_mq(
@@ -357,10 +366,16 @@ class EventBusBase(Generic[MQ]):
     def _publish(self, encoded: list[dict[str, str | int]]) -> Step[list[str]]:
         """The publish call of ``encoded`` events (repeats counted in ``mq.stats``)."""
         return bus.publish(self.prefix, encoded, self.dedup_window, self.mq._counts,
-                           self.partitions)
+                           self.partitions, self._telemetry)
 
-    def _fields(self, event: Event) -> dict[str, str | int]:
-        return bus.event_fields(self.mq._encode, event)
+    @contextlib.contextmanager
+    def _sending(self, events: Iterable[Event]) -> Iterator[list[dict[str, str | int]]]:
+        """The log entries of ``events``; when tracing, each carries the context of its
+        producer span, which ends with the block (see :mod:`._core.tracing`)."""
+        events = list(events)
+        with tracing.sending(self.tracing, events, EVENTS_QUEUE) as carriers:
+            yield [bus.event_fields(self.mq._encode, e, carriers[i] if carriers else None)
+                   for i, e in enumerate(events)]
 
     def _raw_fields(self, event_type: str, data: Mapping[str, Any]) -> dict[str, str | int]:
         payload = bus.raw_event(event_type, data)

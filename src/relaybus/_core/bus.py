@@ -24,6 +24,7 @@ slot. The log is trimmed by retention, never past what a group has not acknowled
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ from ..scripts import script
 from .queue import Counts, QueueRef, QueueSettings, delete_pair, ensure_pair
 from .replies import text
 from .steps import Call, Command, Flow, ScriptCall, Step
+from .telemetry import Telemetry, type_label
 
 logger = logging.getLogger("relaybus.bus")
 
@@ -155,11 +157,16 @@ def subscription_types(event_types: Iterable[str | type[Event]] | str | type[Eve
     return types
 
 
-def event_fields(encode: Any, event: Event) -> dict[str, str | int]:
-    """The log entry of ``event``; ``encode`` is the queue layer's ``_encode``."""
+def event_fields(encode: Any, event: Event, headers: Mapping[str, str] | None = None
+                 ) -> dict[str, str | int]:
+    """The log entry of ``event``; ``encode`` is the queue layer's ``_encode``;
+    ``headers`` are added to the event's own (a trace context), not to ``event``."""
     if not isinstance(event, Event):
         raise TypeError(f"publish takes an Event, not {type(event).__name__}")
-    fields: dict[str, str | int] = encode(serialize_event(event), dedup_key=event.event_id,
+    data = serialize_event(event)
+    if headers:
+        data["headers"] = {**data.get("headers", {}), **headers}
+    fields: dict[str, str | int] = encode(data, dedup_key=event.event_id,
                                           routing_key=event.event_type,
                                           partition_key=event.partition_key)
     return fields
@@ -185,12 +192,14 @@ def _log(prefix: str, partition: int = 0) -> QueueKeys:
 
 
 def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: float,
-            counts: Counts, partitions: int = 1) -> Step[list[str]]:
+            counts: Counts, partitions: int = 1, telemetry: Telemetry | None = None
+            ) -> Step[list[str]]:
     """Append events to the log in one round trip, each event (type and id) once per
     ``dedup_window``; the value: their log ids (``all@2/...`` on partition 2). One
     script call per partition they go to, each all or none. A repeat (published within
     the window, in this call or before) is not appended and gets its first log id; it
-    is counted in ``counts`` (``publish_duplicates``) and logged."""
+    is counted in ``counts`` (``publish_duplicates``) and logged; ``telemetry`` counts
+    the appended ones by type (``published``)."""
     groups: dict[int, list[int]] = {}
     for i, fields in enumerate(encoded):
         groups.setdefault(partition_of(fields, partitions), []).append(i)
@@ -210,16 +219,22 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
 
     def parse(replies: list[Any]) -> list[str]:
         ids = [""] * len(encoded)
+        repeats: set[int] = set()
         for (partition, members), reply in zip(groups.items(), replies, strict=True):
             shown = "" if partition == 0 else _log(prefix, partition).name + "/"
             for i, log_id in zip(members, reply[0], strict=True):
                 ids[i] = shown + text(log_id)
             for n in reply[1]:
                 i = members[int(n) - 1]
+                repeats.add(i)
                 counts.add("publish_duplicates", 1)
                 logger.info("event %s of type %s was published again within the dedup "
                             "window: not appended (its log id is %s)", encoded[i].get("k"),
                             encoded[i].get("e"), ids[i])
+        if telemetry is not None:
+            telemetry.add("published", collections.Counter(
+                (type_label(str(f.get("e", ""))),) for i, f in enumerate(encoded)
+                if i not in repeats))
         return ids
 
     return Step(tuple(calls), parse, durable=True)

@@ -47,6 +47,7 @@ from ..errors import BrokerCommandError, BrokerError, SerializationError
 from ..retry import Action, Decision
 from . import queue as q
 from .steps import Flow
+from .telemetry import OTHER, Labels, Telemetry, type_label
 
 __all__ = ["Outcome", "Counters", "Consumer", "StopReport", "SettleBatch",
            "DEFAULT_BLOCK_FOR_SECONDS", "BUSY_BLOCK_FOR_SECONDS", "DEFAULT_PREFETCH_PER_HANDLER"]
@@ -92,6 +93,9 @@ class Outcome:
     decision: Decision
     done_key: str | None = None
     details: Mapping[str, Any] | None = None
+    #: The message could not be read as an event (counted as ``invalid``, not as
+    #: ``dead_lettered``, in the metrics).
+    invalid: bool = False
 
 
 class Counters:
@@ -150,7 +154,8 @@ class Consumer:
     def __init__(self, ref: q.QueueRef, consumer_id: str, *, prefetch: int,
                  block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
                  counters: Counters | None = None, name: str = "worker",
-                 queue_counts: q.Counts | None = None) -> None:
+                 queue_counts: q.Counts | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be >= 1")
         self.ref = ref
@@ -158,6 +163,8 @@ class Consumer:
         self.prefetch = prefetch
         self.block_for_seconds = block_for_seconds
         self.counters = counters or Counters()
+        #: Labelled counts for the metrics (by event type and outcome).
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.name = name
         #: Seconds between two lease extensions (a third of the visibility timeout).
         self.lease_interval = max(0.05, ref.visibility_timeout / 3)
@@ -208,6 +215,7 @@ class Consumer:
     def fetched(self, messages: list[Message], now: float) -> int:
         """Take fetched messages in; return how many are new here."""
         new = 0
+        types: collections.Counter[Labels] = collections.Counter()
         if self._next_lease is None:
             self._next_lease = now + self.lease_interval
         for m in messages:
@@ -217,15 +225,18 @@ class Consumer:
             self.held[m.id] = m
             self.leased[m.id] = now
             self.buffer.append(m)
+            types[(type_label(m.fields.get(b"e")),)] += 1
             new += 1
         if self._skip_inbox:
             self.skipped += self._skip_inbox
             self._skip_inbox.clear()
         if new:
             self.counters.incr("received", new)
+            self.telemetry.add("received", types)
         dups = self.queue_counts.values.get("duplicates", 0)
         if dups != self._duplicates_seen:  # copies of handled events the fetch dropped
             self.counters.incr("duplicates", dups - self._duplicates_seen)
+            self.telemetry.count("outcomes", (OTHER, "duplicate"), dups - self._duplicates_seen)
             self._duplicates_seen = dups
         return new
 
@@ -416,18 +427,25 @@ class Consumer:
             if mid in leased:
                 leased[mid] = batch.built_at
         handled = 0
+        outcomes: collections.Counter[Labels] = collections.Counter()
         for m, o in batch.items:
             held.pop(m.id, None)
             leased.pop(m.id, None)
             action = o.decision.action
+            label = type_label(m.fields.get(b"e"))
             if action is Action.ACK:
                 handled += 1
+                outcomes[(label, "handled")] += 1
             elif m.id in missing:
                 logger.warning("%s: message %s was no longer in the queue (taken over and "
                                "settled elsewhere?); not %s", self.name, m.id,
                                "retried" if action is Action.RETRY else "dead-lettered")
             else:
-                self.counters.incr("retried" if action is Action.RETRY else "dead_lettered")
+                outcome = "retried" if action is Action.RETRY else "dead_lettered"
+                self.counters.incr(outcome)
+                outcomes[(label, "invalid" if o.invalid else outcome)] += 1
+        self.telemetry.add("outcomes", outcomes)
+        self.telemetry.count("settles")
         if handled:
             self.counters.incr("handled", handled)
         if self.stopping:

@@ -25,6 +25,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Generic, TypeVar
 
 from ..codec import Message, dedup_identity, payload_data
@@ -48,11 +49,13 @@ from ..retry import (
     Decision,
     RetryPolicy,
 )
+from . import tracing
 from .bus import ALL_EVENTS, partition_refs, subscribe, subscription_queue_name, subscription_types
 from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Consumer, Counters, Outcome, default_prefetch
 from .queue import Counts, QueueRef
 from .replies import text
 from .steps import Flow
+from .telemetry import Telemetry, type_label
 
 __all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
            "DEFAULT_START_TIMEOUT", "returns_awaitable"]
@@ -80,6 +83,7 @@ AWAITABLE_REASON = ("handler returned an awaitable, which a Microservice never a
 
 
 _ACK = Decision(Action.ACK)
+_UNTRACED: AbstractContextManager[None] = nullcontext()
 
 
 def _clip(value: str, limit: int, keep_end: bool = False) -> str:
@@ -134,6 +138,9 @@ class ServiceBase(Generic[B]):
         block_for_seconds: float = DEFAULT_BLOCK_FOR_SECONDS,
         ordered: bool = False,
         event_bus: B | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
+        tracing: bool = True,
         **bus_options: Any,
     ) -> None:
         self.service_name = validate_name(service_name, "service name")
@@ -162,6 +169,11 @@ class ServiceBase(Generic[B]):
         if not isinstance(shutdown_timeout, (int, float)) or not shutdown_timeout >= 0:
             raise ConfigurationError(f"shutdown_timeout must be a number of seconds >= 0, "
                                      f"not {shutdown_timeout!r}")
+        self._metrics_server: Any = None
+        self._apply_metrics(metrics_port, metrics_host)
+        #: A ``process`` span per handler run when the application traces (its own bus
+        #: gets the same setting; see docs/operating.md).
+        self.tracing = bool(tracing)
         self.concurrency = concurrency
         self.prefetch = prefetch
         self.retry_policy = RetryPolicy(max_attempts, float(retry_backoff),
@@ -185,6 +197,8 @@ class ServiceBase(Generic[B]):
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._dispatch: dict[str, Callable[[Any], Any] | None] = {}
         self._counters = Counters(STAT_NAMES)
+        #: Labelled counts for the metrics (:mod:`relaybus.metrics`).
+        self._telemetry = Telemetry()
         self._closed = False
         self._event_bus = event_bus
         self._owns_bus = event_bus is None
@@ -218,7 +232,8 @@ class ServiceBase(Generic[B]):
                 if before_open is not None:
                     options["_before_open"] = before_open
                 self._event_bus = self._new_bus(self._url, redis_host=host, redis_port=port,
-                                                redis_db=db, prefix=self.prefix, **options)
+                                                redis_db=db, prefix=self.prefix,
+                                                tracing=self.tracing, **options)
             return self._event_bus
 
     @staticmethod
@@ -263,6 +278,33 @@ class ServiceBase(Generic[B]):
                            "until it answers" if start_timeout is None
                            else f"for up to {start_timeout:g}s")
         return waiting
+
+    def _apply_metrics(self, port: int | None, host: str = "0.0.0.0") -> None:
+        """Serve metrics on ``host:port`` from the next ``start`` (the runner's
+        ``--metrics-port``); None: nowhere."""
+        if port is not None:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigurationError(f"metrics_port must be a port number (0 to 65535), "
+                                         f"not {port!r}")
+            try:
+                import prometheus_client  # noqa: F401 - the extra is there
+            except ImportError:
+                raise ConfigurationError("metrics_port needs prometheus-client: pip install "
+                                         "'relaybus[metrics]'") from None
+        #: Where ``start`` serves ``/metrics``, ``/healthz`` and ``/readyz`` (None: nowhere).
+        self.metrics_port = port
+        self.metrics_host = host
+
+    def _serve_metrics(self) -> None:
+        """Open the metrics port (once; ``close`` closes it), when one was asked for."""
+        if self.metrics_port is not None and self._metrics_server is None:
+            from ..metrics import serve
+            self._metrics_server = serve(self, port=self.metrics_port, host=self.metrics_host)
+
+    def _close_metrics(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.close()
 
     def _not_started(self, driver: Any) -> None:
         """Log that a stop requested while waiting for the broker ended the start."""
@@ -390,7 +432,7 @@ class ServiceBase(Generic[B]):
         return [Consumer(r, self.consumer_id, prefetch=prefetch,
                          block_for_seconds=self.block_for_seconds, counters=self._counters,
                          name=self.service_name if i == 0 else f"{self.service_name}@{i}",
-                         queue_counts=Counts(parent=counts))
+                         queue_counts=Counts(parent=counts), telemetry=self._telemetry)
                 for i, r in enumerate(refs)]
 
     def _resubscribe(self, ref: QueueRef) -> Flow[Any]:
@@ -429,7 +471,8 @@ class ServiceBase(Generic[B]):
                                      for e in exc.errors]
             logger.error("service %s: dead-lettering message %s: %s", self.service_name,
                          message.id, exc)
-            return Outcome(Decision(Action.DEAD_LETTER, reason=str(exc)), details=details)
+            return Outcome(Decision(Action.DEAD_LETTER, reason=str(exc)), details=details,
+                           invalid=True)
         attempt = message.attempts
         if attempt > self.max_attempts:
             # earlier deliveries were never settled: their instances died (a poison event?)
@@ -448,6 +491,15 @@ class ServiceBase(Generic[B]):
             return self._conclude(message, event, None, Reject(reason), time.time(), time.time())
         return event, handler
 
+    def _processing(self, message: Message, event: Event) -> AbstractContextManager[None]:
+        """The ``process`` span of a handler run (see :mod:`._core.tracing`)."""
+        if not tracing.active(self.tracing):
+            return _UNTRACED  # the hot path when not tracing: no generator per event
+        return tracing.processing(self.tracing, event.headers, event_id=event.event_id,
+                                  event_type=event.event_type,
+                                  subscription=self.subscription_queue_name,
+                                  service=self.service_name, attempt=message.attempts)
+
     def _base_details(self, message: Message) -> dict[str, Any]:
         return {"service": self.service_name, "consumer": self.consumer_id,
                 "enqueued_at": message.timestamp}
@@ -455,8 +507,11 @@ class ServiceBase(Generic[B]):
     def _conclude(self, message: Message, event: Event, result: object,
                   error: BaseException | None, started: float, finished: float) -> Outcome:
         """The outcome of a handler run that returned ``result`` or raised ``error``."""
+        self._telemetry.observe("handler_seconds", (type_label(event.event_type),),
+                                max(0.0, finished - started))
         if error is None and result is not False and (result is None or
                                                       not inspect.isawaitable(result)):
+            tracing.record_outcome(self.tracing, "handled", None)
             routing = message.fields.get(b"e")  # its dedup identity: type and id
             return Outcome(_ACK, done_key=dedup_identity(
                 text(routing) if routing else event.event_type,
@@ -468,6 +523,8 @@ class ServiceBase(Generic[B]):
                 close()  # a never-awaited coroutine: no "never awaited" warning
             error = Reject(AWAITABLE_REASON)
         decision = self.retry_policy.decide(attempt, result=result, error=error)
+        tracing.record_outcome(self.tracing, "retried" if decision.action is Action.RETRY
+                               else "dead_lettered", error)
         label = f"{event.event_type} {event.event_id} (attempt {attempt}/{self.max_attempts})"
         details = dict(self._base_details(message), handler=self._handler_name(event.event_type),
                        event_type=event.event_type, event_id=event.event_id,

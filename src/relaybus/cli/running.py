@@ -88,6 +88,11 @@ def run(
         show_default=False,
         help="Seconds to wait at start for a broker that does not answer, then exit 1 "
              "(default: wait until it answers).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", envvar="RELAYBUS_METRICS_PORT", min=0, max=65535, metavar="PORT",
+        show_default=False,
+        help="Serve Prometheus metrics, /healthz and /readyz on this port (needs "
+             "relaybus[metrics]).")] = None,
     log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Run one service until SIGTERM or Ctrl-C (in-flight events finish first).
@@ -101,7 +106,8 @@ def run(
     from ..runner import load_service, run_service  # imported late: it pulls in the worker
 
     setup_logging(log_level)
-    run_service(load_service(target, url=url), start_timeout=timeout)
+    run_service(load_service(target, url=url, metrics_port=metrics_port),
+                start_timeout=timeout)
 
 
 @guarded

@@ -723,8 +723,9 @@ def test_run_passes_target_and_url_to_the_runner(cli: Invoke, redis_url: str,
 
     calls: list[Any] = []
 
-    def load_service(target: str, url: str | None = None) -> str:
-        calls.append((target, url))
+    def load_service(target: str, url: str | None = None,
+                     metrics_port: int | None = None) -> str:
+        calls.append((target, url, metrics_port))
         return "svc"
 
     def run_service(service: str, *, start_timeout: float | None) -> None:
@@ -733,11 +734,13 @@ def test_run_passes_target_and_url_to_the_runner(cli: Invoke, redis_url: str,
     monkeypatch.setattr(relaybus.runner, "load_service", load_service)
     monkeypatch.setattr(relaybus.runner, "run_service", run_service)
     ok(cli("run", "pkg.mod:svc", connect=False))
-    ok(cli("run", "pkg.mod:svc", "--url", redis_url, "--timeout", "2.5", connect=False))
+    ok(cli("run", "pkg.mod:svc", "--url", redis_url, "--timeout", "2.5", "--metrics-port",
+           "9464", connect=False))
     # without --url (or RELAYBUS_URL) the service keeps the URL its code gives it; without
-    # --timeout it waits for its broker until it answers
-    assert calls == [("pkg.mod:svc", None), ("svc", None), ("pkg.mod:svc", redis_url),
-                     ("svc", 2.5)]
+    # --timeout it waits for its broker until it answers; without --metrics-port it
+    # serves no metrics
+    assert calls == [("pkg.mod:svc", None, None), ("svc", None),
+                     ("pkg.mod:svc", redis_url, 9464), ("svc", 2.5)]
 
 
 def test_run_with_a_bad_target_is_a_usage_error(cli: Invoke, redis_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from helpers_service import Ping
 from relaybus import EventBus, MessageQueue, Microservice, Reject
 from relaybus.cli import app
 from relaybus.errors import ConfigurationError
-from relaybus.metrics import RelaybusCollector
+from relaybus.metrics import RelaybusCollector, serve
 from relaybus.runner import load_service
 from waiting import wait_for
 
@@ -91,27 +92,60 @@ def test_a_service_serves_its_counts_by_type_and_outcome_and_its_queues(
     assert value(got, "relaybus_queue_dlq_messages", queue=queue) == 3
     assert value(got, "relaybus_queue_waiting_messages", queue=queue) == 0
     assert value(got, "relaybus_queue_consumers", queue=queue) == 1
-    assert value(got, "relaybus_event_log_entries", queue="all") == 6
+    # a service's port reports its own queues only: every instance of every service
+    # would report the same figures for the others
+    assert {dict(labels).get("queue") for name, labels in got
+            if name.startswith("relaybus_queue_")} == {queue}
 
 
 def test_the_metrics_port_answers_healthz_and_readyz_within_bounds(
         redis_url: str, prefix: str, bus: EventBus) -> None:
-    bus.subscribe("idle", None)  # a subscription no one reads: its lag grows
-    with running_service("sync", redis_url, prefix, "probed", Ping, handle,
-                         metrics_port=0) as svc:
+    release = threading.Event()
+    with running_service("sync", redis_url, prefix, "probed", Ping,
+                         lambda event: release.wait(30), metrics_port=0, prefetch=1) as svc:
         port = svc._metrics_server.port
-        bus.publish_many([Ping(n=0) for _ in range(3)])
-        wait_for(lambda: svc.stats["handled"] == 3, 15, "the service's events handled")
+        bus.publish_many([Ping(n=0) for _ in range(4)])
+        wait_for(lambda: svc.stats["received"] == 1, 15, "the first event delivered")
         assert get(port, "/healthz") == (200, "ok: running\n")
         status, body = get(port, "/readyz")
-        assert status == 200 and body.startswith("ok: ") and "2 queues" in body
+        assert status == 200 and body.startswith("ok: ") and "1 queue" in body
+        # one event runs (prefetch 1): three wait
         status, body = get(port, "/readyz?max_lag=2")
-        assert status == 503 and "sub:idle has 3 messages waiting (more than 2)" in body
+        assert status == 503 and "sub:probed has 3 messages waiting (more than 2)" in body
         assert get(port, "/readyz?max_lag=3")[0] == 200
         assert get(port, "/readyz?max_lag=many")[0] == 503
+        release.set()
+        wait_for(lambda: svc.stats["handled"] == 4, 15, "every event handled")
+        assert get(port, "/readyz?max_lag=0&max_oldest=60")[0] == 200
         svc.stop()
         assert get(port, "/healthz") == (503, "unhealthy: not running\n")
         assert get(port, "/readyz")[0] == 503
+
+
+def test_the_exporter_serves_every_queue_of_the_bus(redis_url: str, prefix: str,
+                                                    bus: EventBus) -> None:
+    bus.subscribe("idle", None)  # a subscription no one reads: its lag grows
+    bus.subscribe("other", [PING])
+    bus.publish_many([Ping(n=0) for _ in range(3)])
+    mq = MessageQueue(redis_url, prefix=prefix)
+    server = serve(port=0, host="127.0.0.1", queues=mq)  # what `relaybus metrics` runs
+    try:
+        status, text = get(server.port, "/metrics")
+        assert get(server.port, "/healthz")[0] == 200
+        assert "sub:idle has 3" in get(server.port, "/readyz?max_lag=1")[1]
+    finally:
+        server.close()
+        mq.close()
+    assert status == 200
+    got = samples(text)
+    assert value(got, "relaybus_queue_waiting_messages", queue="sub:idle") == 3
+    assert value(got, "relaybus_queue_waiting_messages", queue="sub:other") == 3
+    assert value(got, "relaybus_queue_consumers", queue="sub:idle") == 0
+    assert value(got, "relaybus_event_log_entries", queue="all") == 3
+    assert value(got, "relaybus_queue_dlq_messages", queue="all") == 0
+    assert value(got, "relaybus_queue_waiting_messages", queue="all") is None
+    result = CliRunner().invoke(app, ["metrics", "--help"])
+    assert result.exit_code == 0 and "--port" in result.output
 
 
 def test_a_collector_in_the_applications_registry_counts_publishes(

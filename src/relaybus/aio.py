@@ -275,11 +275,12 @@ class AsyncMessageQueue(MessageQueueBase[redis.asyncio.Redis, AsyncDriver]):
         """Names of every queue pair under this prefix, sorted."""
         return await self.driver.run(core.queue_names(self.prefix))
 
-    async def list_queues(self) -> list[QueueInfo]:
-        """Info on every queue under this prefix, main queues and DLQs."""
-        refs = [r for n in await self.queue_names()
-                for r in (self._ref(n), self._ref(n, is_dlq=True))]
-        return await self.driver.drive(core.infos(refs))
+    async def list_queues(self, names: Iterable[str] | None = None) -> list[QueueInfo]:
+        """Info on every queue under this prefix (or the pairs ``names``), main queues
+        and DLQs."""
+        return await self.driver.drive(core.infos(
+            self._pair_refs(names, given=True) if names is not None
+            else self._pair_refs(await self.queue_names(), given=False)))
 
     async def entries_added(self, names: Iterable[str]) -> dict[str, int | None]:
         """How many entries each named queue ever received (one round trip)."""

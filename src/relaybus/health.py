@@ -9,7 +9,7 @@ server's clock. The event log itself and the DLQs have no backlog to bound.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from . import keys
@@ -48,12 +48,13 @@ def check_queues(infos: Sequence[QueueInfo], *, max_lag: int | None = None,
                         + (f" within {shown}" if shown else ""))
 
 
-def check(mq: MessageQueue, *, max_lag: int | None = None,
-          max_oldest: float | None = None) -> Health:
-    """Read every queue under ``mq``'s prefix (two round trips) and judge them; a broker
-    that does not answer (or refuses) is unhealthy, with its error as the reason."""
+def check(mq: MessageQueue, *, max_lag: int | None = None, max_oldest: float | None = None,
+          names: Iterable[str] | None = None) -> Health:
+    """Read every queue under ``mq``'s prefix (or the pairs ``names``; two round trips)
+    and judge them; a broker that does not answer (or refuses) is unhealthy, with its
+    error as the reason."""
     try:
-        infos = mq.list_queues()
+        infos = mq.list_queues(names)
     except BrokerError as exc:
         return Health(False, f"the broker at {redact(mq.url)} does not answer: {exc}")
     verdict = check_queues(infos, max_lag=max_lag, max_oldest=max_oldest)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from . import keys
 from .errors import BrokerError, ConfigurationError
 from .health import Health, check, check_queues
 
@@ -53,6 +54,7 @@ logger = logging.getLogger("relaybus.metrics")
 
 class _Service(Protocol):
     service_name: str
+    subscription_queue_name: str
     prefix: str
     running: bool
     _telemetry: Telemetry
@@ -76,7 +78,8 @@ def _bus_of(source: object) -> Any:
 
 class RelaybusCollector(Collector):
     """The metrics of ``sources`` (services and event buses, of either front) and of
-    every queue under their prefix.
+    their queues: a collector of services only reads their subscriptions (every
+    partition), any other every queue under the prefix (``queue_names`` overrides).
 
     The queues are read with a sync :class:`~relaybus.MessageQueue`: ``queues`` when
     given (``None``: one made from the first source's URL and prefix once it has
@@ -84,9 +87,11 @@ class RelaybusCollector(Collector):
     time costs only the queue metrics (``relaybus_broker_up`` says 0).
     """
 
-    def __init__(self, *sources: object, queues: MessageQueue | bool | None = None) -> None:
+    def __init__(self, *sources: object, queues: MessageQueue | bool | None = None,
+                 queue_names: Iterable[str] | None = None) -> None:
         self.sources = list(sources)
         self._queues = queues
+        self._names = list(queue_names) if queue_names is not None else None
         self._own_mq: MessageQueue | None = None
         self._lock = threading.Lock()
 
@@ -115,6 +120,20 @@ class RelaybusCollector(Collector):
                 return MessageQueue(url, prefix=bus.prefix)
         return None
 
+    def queue_names(self) -> list[str] | None:
+        """The queue pairs the queue metrics read (None: every one under the prefix)."""
+        if self._names is not None:
+            return self._names
+        services = [s for s in map(_service_of, self.sources) if s is not None]
+        if not services or len(services) != len(self.sources):
+            return None
+        names = []
+        for svc in services:
+            bus = svc._event_bus
+            for i in range(bus.partitions if bus is not None else 1):
+                names.append(keys.partition_name(svc.subscription_queue_name, i))
+        return names
+
     def close(self) -> None:
         """Release the queue layer this collector made (not one it was given)."""
         with self._lock:
@@ -135,7 +154,7 @@ class RelaybusCollector(Collector):
         yield from _bus_metrics(buses)
         mq = self.queue_layer()
         if mq is not None:
-            yield from _queue_metrics(mq)
+            yield from _queue_metrics(mq, self.queue_names())
 
 
 def _service_metrics(services: list[_Service]) -> Iterator[Metric]:
@@ -211,11 +230,11 @@ _QUEUE_GAUGES = (
 )
 
 
-def _queue_metrics(mq: MessageQueue) -> Iterator[Metric]:
+def _queue_metrics(mq: MessageQueue, names: list[str] | None) -> Iterator[Metric]:
     up = GaugeMetricFamily("relaybus_broker_up",
                            "1 when the broker answered this scrape's queue reads.")
     try:
-        infos = mq.list_queues()
+        infos = mq.list_queues(names)
     except BrokerError as exc:
         logger.warning("metrics: the queues could not be read: %s", exc)
         up.add_metric([], 0)
@@ -223,7 +242,6 @@ def _queue_metrics(mq: MessageQueue) -> Iterator[Metric]:
         return
     up.add_metric([], 1)
     yield up
-    from . import keys
     families = [(GaugeMetricFamily(name, doc, labels=["queue"]), field)
                 for name, field, doc in _QUEUE_GAUGES]
     oldest = GaugeMetricFamily("relaybus_queue_oldest_waiting_age_seconds",
@@ -310,7 +328,7 @@ class MetricsServer:
         mq = self.collector.queue_layer()
         if mq is None:
             return check_queues([], max_lag=lag, max_oldest=oldest)
-        return check(mq, max_lag=lag, max_oldest=oldest)
+        return check(mq, max_lag=lag, max_oldest=oldest, names=self.collector.queue_names())
 
     def _app(self, environ: WSGIEnvironment, start_response: StartResponse
              ) -> Iterable[bytes]:
@@ -328,6 +346,6 @@ class MetricsServer:
 
 def serve(*sources: object, port: int, host: str = "0.0.0.0",
           queues: MessageQueue | bool | None = None) -> MetricsServer:
-    """Serve the metrics of ``sources`` (see :class:`RelaybusCollector`) on ``port``;
-    ``close()`` the result to stop."""
+    """Serve the metrics of ``sources`` (see :class:`RelaybusCollector`; none: only
+    the queues of ``queues``) on ``port``; ``close()`` the result to stop."""
     return MetricsServer(RelaybusCollector(*sources, queues=queues), port, host).start()

@@ -331,10 +331,12 @@ class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
         """Names of every queue pair under this prefix, sorted."""
         return self.driver.run(core.queue_names(self.prefix))
 
-    def list_queues(self) -> list[QueueInfo]:
-        """Info on every queue under this prefix, main queues and DLQs (constant round trips)."""
-        refs = [r for n in self.queue_names() for r in (self._ref(n), self._ref(n, is_dlq=True))]
-        return self.driver.drive(core.infos(refs))
+    def list_queues(self, names: Iterable[str] | None = None) -> list[QueueInfo]:
+        """Info on every queue under this prefix (or the pairs ``names``), main queues and
+        DLQs (constant round trips)."""
+        return self.driver.drive(core.infos(
+            self._pair_refs(names, given=True) if names is not None
+            else self._pair_refs(self.queue_names(), given=False)))
 
     def entries_added(self, names: Iterable[str]) -> dict[str, int | None]:
         """How many entries each named queue (``NAME`` or ``NAME:dlq``) ever received.

@@ -172,6 +172,12 @@ class MessageQueueBase(Generic[C, D]):
         vt = DEFAULT_VISIBILITY_TIMEOUT if visibility_timeout is None else visibility_timeout
         return QueueRef(self.settings, name, is_dlq, float(vt), delete_on_ack)
 
+    def _pair_refs(self, names: Iterable[str], *, given: bool) -> list[QueueRef]:
+        """The main queue's and the DLQ's ref of each pair name (validated when
+        ``given`` by a caller; names the server listed are taken as they are)."""
+        names = [validate_name(n) for n in names] if given else list(names)
+        return [r for n in names for r in (self._ref(n), self._ref(n, is_dlq=True))]
+
     @staticmethod
     def _split_dlq(name: str) -> tuple[str, bool]:
         """``("orders", True)`` for ``orders:dlq``; validates the pair name."""

@@ -150,8 +150,10 @@ class RelaybusCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         services = [s for s in map(_service_of, self.sources) if s is not None]
         buses = [b for b in map(_bus_of, self.sources) if b is not None]
-        yield from _service_metrics(services)
-        yield from _bus_metrics(buses)
+        if services:
+            yield from _service_metrics(services)
+        if buses:
+            yield from _bus_metrics(buses)
         mq = self.queue_layer()
         if mq is not None:
             yield from _queue_metrics(mq, self.queue_names())

@@ -96,6 +96,8 @@ class Outcome:
     #: The message could not be read as an event (counted as ``invalid``, not as
     #: ``dead_lettered``, in the metrics).
     invalid: bool = False
+    #: Seconds the handler ran (None: it did not run), for the metrics' histogram.
+    took: float | None = None
 
 
 class Counters:
@@ -428,11 +430,14 @@ class Consumer:
                 leased[mid] = batch.built_at
         handled = 0
         outcomes: collections.Counter[Labels] = collections.Counter()
+        durations: list[tuple[Labels, float]] = []
         for m, o in batch.items:
             held.pop(m.id, None)
             leased.pop(m.id, None)
             action = o.decision.action
             label = type_label(m.fields.get(b"e"))
+            if o.took is not None:
+                durations.append(((label,), o.took))
             if action is Action.ACK:
                 handled += 1
                 outcomes[(label, "handled")] += 1
@@ -445,6 +450,7 @@ class Consumer:
                 self.counters.incr(outcome)
                 outcomes[(label, "invalid" if o.invalid else outcome)] += 1
         self.telemetry.add("outcomes", outcomes)
+        self.telemetry.observe_many("handler_seconds", durations)
         self.telemetry.count("settles")
         if handled:
             self.counters.incr("handled", handled)

@@ -55,7 +55,7 @@ from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Consumer, Counters, Outcome, de
 from .queue import Counts, QueueRef
 from .replies import text
 from .steps import Flow
-from .telemetry import Telemetry, type_label
+from .telemetry import Telemetry
 
 __all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
            "DEFAULT_START_TIMEOUT", "returns_awaitable"]
@@ -507,15 +507,14 @@ class ServiceBase(Generic[B]):
     def _conclude(self, message: Message, event: Event, result: object,
                   error: BaseException | None, started: float, finished: float) -> Outcome:
         """The outcome of a handler run that returned ``result`` or raised ``error``."""
-        self._telemetry.observe("handler_seconds", (type_label(event.event_type),),
-                                max(0.0, finished - started))
+        took = max(0.0, finished - started)
         if error is None and result is not False and (result is None or
                                                       not inspect.isawaitable(result)):
             tracing.record_outcome(self.tracing, "handled", None)
             routing = message.fields.get(b"e")  # its dedup identity: type and id
             return Outcome(_ACK, done_key=dedup_identity(
                 text(routing) if routing else event.event_type,
-                message.dedup_key or event.event_id))
+                message.dedup_key or event.event_id), took=took)
         attempt = message.attempts
         if error is None and inspect.isawaitable(result):
             close = getattr(result, "close", None)
@@ -545,4 +544,4 @@ class ServiceBase(Generic[B]):
         else:
             logger.error("service %s: dead-lettering %s: %s", self.service_name, label,
                          decision.reason)
-        return Outcome(decision, details=details)
+        return Outcome(decision, details=details, took=took)

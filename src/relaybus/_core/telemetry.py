@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..events import EVENT_TYPES
@@ -29,12 +29,22 @@ OTHER = "other"
 OUTCOMES = ("handled", "retried", "dead_lettered", "duplicate", "invalid")
 
 
+#: Labels of registered types by their wire form (only registered ones: bounded).
+_LABELS: dict[str | bytes, str] = {}
+
+
 def type_label(event_type: str | bytes | None) -> str:
     """``event_type`` when an event class of that name is registered, else ``other``."""
     if event_type is None:
         return OTHER
+    label = _LABELS.get(event_type)
+    if label is not None:
+        return label
     name = text(event_type) if isinstance(event_type, bytes) else event_type
-    return name if name in EVENT_TYPES else OTHER
+    if name not in EVENT_TYPES:
+        return OTHER
+    _LABELS[event_type] = name
+    return name
 
 
 @dataclass
@@ -96,12 +106,19 @@ class Telemetry:
 
     def observe(self, name: str, labels: Labels, value: float) -> None:
         """Record ``value`` in histogram ``name`` at ``labels``."""
+        self.observe_many(name, [(labels, value)])
+
+    def observe_many(self, name: str, values: Sequence[tuple[Labels, float]]) -> None:
+        """Record each ``(labels, value)`` in histogram ``name``, under one lock."""
+        if not values:
+            return
         with self._lock:
             histograms = self._histograms.setdefault(name, {})
-            histogram = histograms.get(labels)
-            if histogram is None:
-                histogram = histograms[labels] = Histogram()
-            histogram.observe(value)
+            for labels, value in values:
+                histogram = histograms.get(labels)
+                if histogram is None:
+                    histogram = histograms[labels] = Histogram()
+                histogram.observe(value)
 
     def counters(self, name: str) -> dict[Labels, int]:
         """A copy of counter ``name``'s values by labels."""

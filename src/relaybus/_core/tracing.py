@@ -15,6 +15,7 @@ here does IO.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,10 +31,26 @@ __all__ = ["active", "sending", "processing", "record_outcome", "SYSTEM"]
 SYSTEM = "redis"
 
 
+#: Seconds a "no provider set" answer is kept: a provider the application sets later
+#: is noticed within this time, and the hot path does not ask for every event.
+RECHECK_SECONDS = 1.0
+_provider_set = False
+_unset_until = 0.0
+
+
 def active(enabled: bool) -> bool:
     """True when spans are to be made: enabled, the API installed, a provider set."""
-    return enabled and trace is not None and \
-        not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    global _provider_set, _unset_until
+    if not enabled or trace is None:
+        return False
+    if _provider_set:
+        return True  # a provider, once set, stays set
+    now = time.monotonic()
+    if now < _unset_until:
+        return False
+    _provider_set = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    _unset_until = now + RECHECK_SECONDS
+    return _provider_set
 
 
 def _tracer() -> Any:

@@ -107,7 +107,7 @@ def test_help_groups_commands_in_panels() -> None:
     assert positions["Running"] < positions["Inspecting"] < positions["Repairing"]
     panels = {
         "Running": ["demo", "run", "maintain", "server"],
-        "Inspecting": ["queues", "subscriptions", "tail", "top"],
+        "Inspecting": ["queues", "subscriptions", "tail", "top", "dashboard"],
         "Repairing": ["dlq", "publish"],
     }
     bounds = sorted(positions.values()) + [len(out)]

@@ -30,6 +30,7 @@ from ._core.queue import (
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_VISIBILITY_TIMEOUT,
     IDLE_RECHECK_MAX,
+    ConsumerInfo,
     QueueInfo,
     Settlement,
 )
@@ -40,9 +41,9 @@ from .codec import Message
 from .connection import ConnectionSettings
 from .keys import validate_name
 
-__all__ = ["MessageQueue", "LeanMQ", "Queue", "QueueInfo", "Transaction", "Message",
-           "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES", "DEFAULT_DEDUP_WINDOW",
-           "IDLE_RECHECK_MAX"]
+__all__ = ["MessageQueue", "LeanMQ", "Queue", "QueueInfo", "ConsumerInfo", "Transaction",
+           "Message", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES",
+           "DEFAULT_DEDUP_WINDOW", "IDLE_RECHECK_MAX"]
 
 logger = logging.getLogger("relaybus.queue")
 
@@ -347,6 +348,17 @@ class MessageQueue(MessageQueueBase[redis.Redis, Driver]):
         """
         names = list(names)
         return self.driver.run(core.entries_added(self.prefix, names)) if names else {}
+
+    def consumers(self, names: Iterable[str]) -> dict[str, list[ConsumerInfo]]:
+        """The consumers of each named main queue (XINFO CONSUMERS), in one round trip.
+
+        A subscription's consumers read both its own stream and the event log (through
+        its group there): each is listed once, holding the messages of both, idle since
+        it last touched either. A queue without consumers (or that does not exist, or
+        the event log, read by no group of its own) has an empty list.
+        """
+        refs = [self._ref(validate_name(n)) for n in names]
+        return self.driver.run(core.consumers(refs)) if refs else {}
 
     def delete_queue(self, name: str, delete_dlq: bool = True) -> bool:
         """Delete the queue pair ``name`` (and its DLQ unless ``delete_dlq`` is False)."""

@@ -983,6 +983,44 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
     return out
 
 
+@dataclass(frozen=True)
+class ConsumerInfo:
+    """One consumer of a queue: its name, how many messages it holds (delivered, not
+    yet settled) and the seconds since it last read or settled (XINFO CONSUMERS)."""
+
+    name: str
+    pending: int
+    idle: float
+
+
+def consumers(refs: Sequence[QueueRef]) -> Step[dict[str, list[ConsumerInfo]]]:
+    """XINFO CONSUMERS of each queue's group, and, for a subscription, of its group on
+    the event log; errors (no such stream or group) read as no consumers."""
+    calls: list[Call] = []
+    for ref in refs:
+        calls.append(Call("XINFO", "CONSUMERS", ref.key, GROUP))
+        log = ref.log
+        calls.append(Call("XINFO", "CONSUMERS", log.stream, ref.pair_name) if log is not None
+                     else Call("PING"))
+
+    def parse(replies: list[object]) -> dict[str, list[ConsumerInfo]]:
+        out: dict[str, list[ConsumerInfo]] = {}
+        for i, ref in enumerate(refs):
+            seen: dict[str, ConsumerInfo] = {}
+            for reply in replies[2 * i: 2 * i + 2]:
+                for name, f in group_rows(reply).items():
+                    pending, idle = int(f.get("pending", 0)), int(f.get("idle", 0)) / 1000
+                    if name in seen:
+                        old = seen[name]
+                        pending, idle = old.pending + pending, min(old.idle, idle)
+                    seen[name] = ConsumerInfo(name, pending, idle)
+            out[ref.name] = sorted(seen.values(), key=lambda c: c.name)
+        return out
+
+    return Step(tuple(calls), parse, tolerate=True)
+
+
+
 def ping() -> Step[bool]:
     """PING."""
     return Step.one(Call("PING"), bool)
@@ -992,4 +1030,5 @@ __all__ += ["failure_record", "send", "send_many", "fetch", "wait", "decode", "g
             "peek", "decode_rows", "follow", "read_log", "split_log", "settle", "requeue",
             "requeue_where", "delete",
             "purge", "ensure_pair", "visibility", "queue_names", "delete_pair",
-            "entries_added", "infos", "ping", "recheck_interval", "Counts"]
+            "entries_added", "infos", "consumers", "ConsumerInfo", "ping", "recheck_interval",
+            "Counts"]

@@ -3,7 +3,7 @@
 Commands, by help panel::
 
     Running     demo, run, maintain, server {start,stop,status}, bench
-    Inspecting  queues, subscriptions, tail, top, health, metrics
+    Inspecting  queues, subscriptions, tail, top, health, metrics, dashboard
     Repairing   dlq {list,show,requeue,purge}, publish
 
 Each command lives in the module of its concern and stays thin: it parses options,
@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import bench, dlq, inspect, live, observe, publish, running, server
+from . import bench, dashboard, dlq, inspect, live, observe, publish, running, server
 from ._common import PANEL_INSPECTING, PANEL_REPAIRING, PANEL_RUNNING
 
 __all__ = ["app", "main"]
@@ -65,6 +65,7 @@ app.command(rich_help_panel=PANEL_INSPECTING)(live.tail)
 app.command(rich_help_panel=PANEL_INSPECTING)(live.top)
 app.command(rich_help_panel=PANEL_INSPECTING)(observe.health)
 app.command(rich_help_panel=PANEL_INSPECTING)(observe.metrics)
+app.command(rich_help_panel=PANEL_INSPECTING)(dashboard.dashboard)
 app.add_typer(dlq.app, rich_help_panel=PANEL_REPAIRING)
 app.command(rich_help_panel=PANEL_REPAIRING)(publish.publish)
 

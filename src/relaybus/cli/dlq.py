@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.json import JSON
 from rich.text import Text
 
-from ..bus import subscription_queue_name
 from ..codec import Message
 from ..errors import QueueNotFoundError
-from ..keys import DLQ_SUFFIX
-from ..queue import MessageQueue, Queue
+from ..inspection import dead_letter_queue, event_type_of, failure_details, list_row
+from ..queue import Queue
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -58,53 +57,8 @@ LIST_COLUMNS = [
 ]
 
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
-#: Keys of a failure record shown in its heading rather than as details.
-_RECORD_HEAD = ("reason", "timestamp", "queue", "attempt", "attempts", "message_id", "traceback")
 
-
-def dead_letter_queue(mq: MessageQueue, name: str) -> Queue:
-    """The DLQ for QUEUE as the commands accept it (see the module docstring)."""
-    base = name[: -len(DLQ_SUFFIX)] if name.endswith(DLQ_SUFFIX) else name
-    dlq = mq.get_dead_letter_queue(base)
-    if dlq is None and not base.startswith("sub:"):
-        dlq = mq.get_dead_letter_queue(subscription_queue_name(base))
-    if dlq is None:
-        raise QueueNotFoundError(f"no queue named {base!r} under prefix {mq.prefix!r} "
-                                 "(see `relaybus queues`)")
-    return dlq
-
-
-def event_type_of(message: Message) -> str | None:
-    """The event type of a message: the payload's, else the entry's routing key."""
-    etype = message.data.get("event_type")
-    if isinstance(etype, str) and etype:
-        return etype
-    raw = message.fields.get(b"e")
-    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-
-
-def _attempts(message: Message) -> int | None:
-    last = message.failures[-1] if message.failures else {}
-    for key in ("attempts", "attempt"):
-        if isinstance(last.get(key), int):
-            return int(last[key])
-    return None
-
-
-def _failure_time(message: Message, index: int) -> float | None:
-    if not message.failures:
-        return None
-    ts = message.failures[index].get("timestamp")
-    return float(ts) if isinstance(ts, (int, float)) else None
-
-
-def list_row(message: Message) -> dict[str, Any]:
-    """One ``dlq list`` row."""
-    return {
-        "id": message.id, "event_type": event_type_of(message), "reason": message.reason,
-        "attempts": _attempts(message), "first_failure": _failure_time(message, 0),
-        "last_failure": _failure_time(message, -1),
-    }
+__all__ = ["app", "dead_letter_queue", "event_type_of", "list_row"]
 
 
 @app.command("list")
@@ -184,10 +138,8 @@ def _render_message(dlq: Queue, msg: Message) -> None:
             head.append(f"in {record['queue']}")
         out.print(Text("  " + "  ".join(head), style="bold"))
         out.print(Text(f"    reason: {record.get('reason', '-')}"))
-        for key, value in record.items():
-            if key not in _RECORD_HEAD:
-                shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-                out.print(Text(f"    {key}: {shown}"))
+        for key, shown in failure_details(record):
+            out.print(Text(f"    {key}: {shown}"))
         if record.get("traceback"):
             out.print(Text("    traceback:"))
             for line in str(record["traceback"]).rstrip().splitlines():

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import keys
 from .._core.bus import read_subscription_table
 from ..bus import ALL_EVENTS, EventBus, subscription_queue_name
-from ..queue import QueueInfo
+from ..inspection import is_event_log, queue_row
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -44,24 +43,6 @@ SUBSCRIPTION_COLUMNS = [
     Column("event_types",
            fmt=lambda types: ", ".join("all" if t == ALL_EVENTS else t for t in types)),
 ]
-
-
-def is_event_log(info: QueueInfo) -> bool:
-    """True for the event log (``all``, and its partitions ``all@N``), which no one
-    consumes as a queue: each subscription reads it through a group of its own."""
-    return keys.is_event_log(info.name)
-
-
-def queue_row(info: QueueInfo) -> dict[str, Any]:
-    """One ``queues`` row. The event log has no backlog of its own (what waits in it for
-    a service is counted in that service's ``sub:NAME`` row): only its DLQ is shown."""
-    if is_event_log(info):
-        return {"name": info.name, "waiting": None, "pending": None, "delayed": None,
-                "consumers": None, "oldest_waiting": None, "dlq": info.dlq_messages}
-    return {"name": info.name, "waiting": info.waiting_messages,
-            "pending": info.pending_messages, "delayed": info.delayed_messages,
-            "consumers": info.consumers, "oldest_waiting": info.oldest_waiting_age,
-            "dlq": info.dlq_messages}
 
 
 @guarded

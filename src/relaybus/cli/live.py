@@ -14,7 +14,6 @@ import select
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,11 +21,17 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from .._core.bus import stored_partitions
-from ..bus import EVENTS_QUEUE
 from ..codec import Message
-from ..keys import SUB_PREFIX, is_event_log, log_of, partition_name
-from ..queue import MessageQueue, Queue, QueueInfo
+from ..inspection import (
+    SHORT_PAYLOAD,
+    Sample,
+    event_logs,
+    event_type_of,
+    follow_logs,
+    rates,
+    short_payload,
+)
+from ..keys import is_event_log
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -44,23 +49,11 @@ from ._common import (
     seconds_json,
     table,
 )
-from .dlq import event_type_of
 
-#: Envelope fields left out of tail's short payload (always, or when empty).
-_ENVELOPE = frozenset({"event_id", "timestamp", "event_type"})
-_ENVELOPE_IF_EMPTY = frozenset({"correlation_id", "causation_id", "headers"})
-#: Characters of payload a tail line shows.
-SHORT_PAYLOAD = 120
+__all__ = ["tail", "top", "top_rows", "Sample", "rates", "short_payload", "SHORT_PAYLOAD"]
+
 #: Longest single wait of tail for new events, in seconds (keeps Ctrl-C responsive).
 _TAIL_POLL = 1.0
-
-
-def short_payload(data: dict[str, Any], limit: int = SHORT_PAYLOAD) -> str:
-    """The payload's own fields as compact JSON, cut to ``limit`` characters."""
-    body = {k: v for k, v in data.items()
-            if k not in _ENVELOPE and not (k in _ENVELOPE_IF_EMPTY and not v)}
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _tail_line(msg: Message, type_width: int) -> Text:
@@ -95,22 +88,17 @@ def tail(
     shown = 0
     type_width = max([16, *(len(t) for t in wanted)])
     with open_mq(url, prefix, timeout, read_only=True) as mq, contextlib.suppress(KeyboardInterrupt):
-        partitions = mq.driver.run(stored_partitions(prefix))
-        logs = [Queue(mq, partition_name(EVENTS_QUEUE, i)) for i in range(partitions)]
-        cursors = ["0-0" if from_start else "$"] * partitions
+        logs = event_logs(mq)
+        cursors = ["0-0" if from_start else "$"] * len(logs)
         while True:
             wait = _TAIL_POLL
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     return
-            messages = []
-            for i, log in enumerate(logs):  # a partitioned log: each in turn, a share of the wait
-                cursors[i], got = log.follow(cursors[i], count=100,
-                                             block_for_seconds=wait / partitions)
-                for msg in got:  # ids as publish gives them: all@2/ID on partition 2
-                    msg.id = f"{log.name}/{msg.id}" if i else msg.id
-                messages += got
+            # a partitioned log: each in turn, a share of the wait; ids as publish gives
+            # them (all@2/ID on partition 2)
+            cursors, messages = follow_logs(logs, cursors, count=100, block_for_seconds=wait)
             for msg in messages:
                 if wanted and event_type_of(msg) not in wanted:
                     continue
@@ -138,59 +126,6 @@ TOP_COLUMNS = [
     Column("dlq", numeric=True),
     Column("consumers", numeric=True),
 ]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """Every main queue at one moment, with its streams' entries-added counters."""
-
-    at: float
-    infos: dict[str, QueueInfo]
-    added: dict[str, int | None]
-
-    @classmethod
-    def take(cls, mq: MessageQueue) -> Sample:
-        infos = {i.name: i for i in mq.list_queues() if not i.is_dlq}
-        return cls(time.monotonic(), infos, mq.entries_added(list(infos)))
-
-
-def _backlog(info: QueueInfo) -> int:
-    return info.waiting_messages + info.pending_messages + info.delayed_messages
-
-
-def _added(prev: Sample, cur: Sample, name: str) -> int | None:
-    """Entries added to queue ``name``'s stream between two samples (XINFO STREAM
-    entries-added; on servers without it, the growth of the stream); None if unknown."""
-    old, info = prev.infos.get(name), cur.infos.get(name)
-    if old is None or info is None:
-        return None
-    added_now, added_then = cur.added.get(name), prev.added.get(name)
-    if added_now is not None and added_then is not None:
-        return max(0, added_now - added_then)
-    return max(0, info.message_count - old.message_count)
-
-
-def rates(prev: Sample | None, cur: Sample, name: str) -> tuple[float | None, float | None]:
-    """Messages per second into and out of queue ``name`` between two samples.
-
-    In: entries added to the stream; a subscription (``sub:NAME``) also takes in every
-    entry added to the event log, which it reads through its group (its waiting count
-    includes them). Out: what came in minus the growth of the backlog (waiting +
-    pending + delayed): acknowledged (or skipped), dead-lettered or expired messages.
-    The event log itself has no rate out (entries leave it only by retention).
-    """
-    if prev is None or cur.at <= prev.at:
-        return None, None
-    inflow = _added(prev, cur, name)
-    if inflow is None:
-        return None, None
-    if name.startswith(SUB_PREFIX):
-        inflow += _added(prev, cur, log_of(name)) or 0
-    dt = cur.at - prev.at
-    if is_event_log(name):
-        return inflow / dt, None
-    outflow = max(0, inflow - (_backlog(cur.infos[name]) - _backlog(prev.infos[name])))
-    return inflow / dt, outflow / dt
 
 
 def top_rows(prev: Sample | None, cur: Sample) -> list[dict[str, Any]]:

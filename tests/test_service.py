@@ -790,3 +790,25 @@ def test_a_blocking_read_waiting_at_stop_hands_back_what_it_brings(
     publish(bus, Ping(n=7))
     second.start()
     wait_for(lambda: seen == [7], what="the event handled by the next instance")
+
+
+def test_a_fetch_still_waiting_at_stop_does_not_recreate_a_deleted_subscription(
+        make: Factory, redis_url: str, prefix: str) -> None:
+    from relaybus.testing import delete_prefix, plain_client
+
+    svc = make("lingering", block_for_seconds=2.0)  # its fetch outlives the stop's wait
+    svc.on(Ping)(lambda event: None)
+    svc.start()
+    fetchers = [t for t in threading.enumerate() if t.name.startswith("relaybus-lingering")
+                and t.name.endswith("-fetch")]
+    assert fetchers
+    svc.close()
+    delete_prefix(redis_url, prefix)  # a test's cleanup, or a removed subscription
+    for thread in fetchers:
+        thread.join(10)  # its blocking read returns: the log it waited on is gone
+        assert not thread.is_alive()
+    client = plain_client(redis_url)
+    try:
+        assert [k for k in client.scan_iter(match=prefix + "*")] == []
+    finally:
+        client.close()

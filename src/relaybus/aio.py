@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -47,6 +48,7 @@ from ._core.bases import EventBusBase, MessageQueueBase, QueueBase, check_count
 from ._core.bus import (
     ALL_EVENTS,
     EVENTS_QUEUE,
+    ScheduledEntry,
     subscription_queue_name,
 )
 from ._core.consumer import Outcome
@@ -339,20 +341,37 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
             await self.mq.driver.drive(self._open_flow())
             self._opened = True
 
-    async def publish(self, event: Event) -> str:
-        """Publish an event; return its id in the event log (see :meth:`relaybus.EventBus.publish`)."""
+    async def publish(self, event: Event, *, delay: float | timedelta | None = None,
+                      at: datetime | None = None) -> str:
+        """Publish an event; return its id in the event log, or (``delay``, ``at``) its
+        schedule id (see :meth:`relaybus.EventBus.publish`)."""
+        due = core_bus.due_of(delay, at)
         if not self._opened:
             await self._open()
         with self._sending([event]) as encoded:
-            [msg_id] = await self.mq.driver.run(self._publish(encoded))
+            [msg_id] = await self.mq.driver.run(self._publish_step(encoded, due))
         return msg_id
 
-    async def publish_many(self, events: Iterable[Event]) -> list[str]:
-        """Publish several events in one round trip, all or none (per partition)."""
+    async def publish_many(self, events: Iterable[Event], *,
+                           delay: float | timedelta | None = None,
+                           at: datetime | None = None) -> list[str]:
+        """Publish several events in one round trip, all or none (per partition);
+        ``delay`` / ``at`` schedule them all."""
+        due = core_bus.due_of(delay, at)
         if not self._opened:
             await self._open()
         with self._sending(events) as encoded:
-            return await self.mq.driver.run(self._publish(encoded)) if encoded else []
+            return await self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+
+    async def cancel_scheduled(self, schedule_id: str) -> bool:
+        """Cancel a scheduled event; True when it was still waiting."""
+        return await self.mq.driver.run(core_bus.cancel_scheduled(self.prefix, schedule_id))
+
+    async def scheduled(self, limit: int = 100) -> list[ScheduledEntry]:
+        """The scheduled events still waiting (up to ``limit`` per partition), soonest first."""
+        if not self._opened:
+            await self._open()
+        return await self.mq.driver.drive(core_bus.scheduled(self.prefix, self.partitions, limit))
 
     async def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class."""
@@ -416,16 +435,20 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def _maintain(self) -> None:
         incident = Incident("event bus maintenance", logger)
+        next_trim = 0.0
         while True:
+            now = time.monotonic()
             try:
-                await self.trim()
+                due_in = await self.mq.driver.drive(self._maintenance_round(now >= next_trim))
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))
                 await asyncio.sleep(pause)
                 continue
             incident.succeeded(time.monotonic())
-            await asyncio.sleep(self.maintenance_interval)
+            if now >= next_trim:
+                next_trim = now + self.maintenance_interval
+            await asyncio.sleep(core_bus.maintenance_pause(time.monotonic(), next_trim, due_in))
 
     async def stop(self) -> None:
         """Stop the maintenance task (idempotent)."""

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +28,7 @@ from ._core.bus import (
     DEFAULT_RETENTION_MAX_LEN,
     DEFAULT_RETENTION_SECONDS,
     EVENTS_QUEUE,
+    ScheduledEntry,
     subscription_queue_name,
 )
 from ._core.incidents import Incident
@@ -77,26 +79,48 @@ class EventBus(EventBusBase[MessageQueue]):
 
     # -- publishing ---------------------------------------------------------------
 
-    def publish(self, event: Event) -> str:
+    def publish(self, event: Event, *, delay: float | timedelta | None = None,
+                at: datetime | None = None) -> str:
         """Publish an event; return its id in the event log.
 
         Validation happened when the event was built. Publishing the same event (same
         ``event_id``) again within ``dedup_window`` reaches each subscriber once.
+
+        ``delay`` (seconds, or a timedelta, by the server's clock) or ``at`` (an aware
+        datetime) schedules it instead: it waits on the server (durably) and is
+        published, deduplicated as above, not before its time and normally within a
+        second after it, by the bus's maintenance (any service's, by default, or
+        ``relaybus maintain``). The value is then its schedule id, for
+        :meth:`cancel_scheduled`; scheduling an event id again replaces it.
         """
+        due = core.due_of(delay, at)
         with self._sending([event]) as encoded:
-            [msg_id] = self.mq.driver.run(self._publish(encoded))
+            [msg_id] = self.mq.driver.run(self._publish_step(encoded, due))
         logger.debug("published %s %s as %s", event.event_type, event.event_id, msg_id)
         return msg_id
 
-    def publish_many(self, events: Iterable[Event]) -> list[str]:
+    def publish_many(self, events: Iterable[Event], *, delay: float | timedelta | None = None,
+                     at: datetime | None = None) -> list[str]:
         """Publish several events in one round trip, all or none (per partition).
 
         All are encoded before any is sent, and written by one script call per
         partition: when the server refuses one (out of memory), none of that call is
         written (publishing them again is safe: repeats are dropped by ``event_id``).
+        ``delay`` / ``at`` schedule them all, as in :meth:`publish`.
         """
+        due = core.due_of(delay, at)
         with self._sending(events) as encoded:
-            return self.mq.driver.run(self._publish(encoded)) if encoded else []
+            return self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+
+    def cancel_scheduled(self, schedule_id: str) -> bool:
+        """Cancel a scheduled event; True when it was still waiting (False: published
+        already, cancelled before, or never scheduled)."""
+        return self.mq.driver.run(core.cancel_scheduled(self.prefix, schedule_id))
+
+    def scheduled(self, limit: int = 100) -> list[ScheduledEntry]:
+        """The scheduled events still waiting (up to ``limit`` per partition), soonest
+        first, with their due times by the server's clock."""
+        return self.mq.driver.drive(core.scheduled(self.prefix, self.partitions, limit))
 
     def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class; return its log id.
@@ -202,16 +226,19 @@ class EventBus(EventBusBase[MessageQueue]):
 
     def _maintain(self) -> None:
         incident = Incident("event bus maintenance", logger)
-        pause = 0.0
+        pause, next_trim = 0.0, 0.0
         while not self._stop.wait(pause):
+            now = time.monotonic()
             try:
-                self.trim()
+                due_in = self.mq.driver.drive(self._maintenance_round(now >= next_trim))
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))
                 continue
             incident.succeeded(time.monotonic())
-            pause = self.maintenance_interval
+            if now >= next_trim:
+                next_trim = now + self.maintenance_interval
+            pause = core.maintenance_pause(time.monotonic(), next_trim, due_in)
         logger.info("event bus maintenance stopped (prefix %r)", self.prefix)
 
     def close(self) -> None:

@@ -181,6 +181,16 @@ class QueueKeys:
         return self.tag + ":published:ids"
 
     @cached_property
+    def scheduled(self) -> str:
+        """The event log's sorted set of scheduled events (event id -> due ms)."""
+        return self.tag + ":scheduled"
+
+    @cached_property
+    def scheduled_events(self) -> str:
+        """The event log's hash of scheduled events (event id -> the packed entry)."""
+        return self.tag + ":scheduled:events"
+
+    @cached_property
     def leases(self) -> str:
         """The hash of each consumer's lease (its visibility timeout, ms) on the stream."""
         return self.tag + ":leases"

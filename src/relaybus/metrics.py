@@ -252,18 +252,22 @@ def _queue_metrics(mq: MessageQueue, names: list[str] | None) -> Iterator[Metric
     log = GaugeMetricFamily("relaybus_event_log_entries",
                             "Events the event log (a partition of it) keeps.",
                             labels=["queue"])
+    scheduled = GaugeMetricFamily("relaybus_scheduled_events",
+                                  "Events published for later, still waiting (per log "
+                                  "partition).", labels=["queue"])
     for info in infos:
         if info.is_dlq:
             continue
         if keys.is_event_log(info.name):
             log.add_metric([info.name], info.message_count)
+            scheduled.add_metric([info.name], info.scheduled_messages)
             families[3][0].add_metric([info.name], info.dlq_messages)
             continue
         for family, field in families:
             family.add_metric([info.name], getattr(info, field))
         oldest.add_metric([info.name], info.oldest_waiting_age or 0.0)
     yield from (f for f, _ in families)
-    yield from (oldest, log)
+    yield from (oldest, log, scheduled)
 
 
 # -- the metrics port --------------------------------------------------------------

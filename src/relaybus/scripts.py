@@ -19,7 +19,8 @@ from importlib import resources
 __all__ = ["SCRIPT_NAMES", "Script", "script", "source"]
 
 #: The scripts shipped in ``relaybus/lua`` (``lib.lua`` is the prelude of each).
-SCRIPT_NAMES = ("fetch", "settle", "publish", "requeue", "trim", "drain", "count")
+SCRIPT_NAMES = ("fetch", "settle", "publish", "requeue", "trim", "drain", "count", "schedule",
+                "promote")
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,25 @@ class EventBusBase(Generic[MQ]):
         return bus.publish(self.prefix, encoded, self.dedup_window, self.mq._counts,
                            self.partitions, self._telemetry)
 
+    def _publish_step(self, encoded: list[dict[str, str | int]],
+                      due: tuple[str, int] | None) -> Step[list[str]]:
+        """The publish call of ``encoded``, or (``due``) their scheduling."""
+        if due is None:
+            return self._publish(encoded)
+        return bus.schedule(self.prefix, encoded, due, self.partitions)
+
+    def _promote(self) -> Step[float | None]:
+        return bus.promote(self.prefix, self.dedup_window, self.partitions)
+
+    def _maintenance_round(self, trim: bool) -> Flow[float | None]:
+        """One round of the bus's maintenance: promote the scheduled events that are due
+        and, when ``trim``, apply the retention; the value: seconds until the next
+        scheduled event (None: none)."""
+        due_in: float | None = yield self._promote()
+        if trim:
+            yield self._trim()
+        return due_in
+
     @contextlib.contextmanager
     def _sending(self, events: Iterable[Event]) -> Iterator[list[dict[str, str | int]]]:
         """The log entries of ``events``; when tracing, each carries the context of its

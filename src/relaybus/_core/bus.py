@@ -27,11 +27,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import time
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..codec import dedup_identity, dedup_record
@@ -43,6 +45,7 @@ from ..keys import (
     MAX_NAME_LENGTH,
     SUB_PREFIX,
     QueueKeys,
+    is_event_log,
     partition_name,
     subscriptions_key,
     validate_name,
@@ -208,12 +211,7 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         log = _log(prefix, partition)
         args: list[Any] = [int(dedup_window * 1000)]
         for i in members:
-            fields = encoded[i]
-            flat = [x for kv in fields.items() for x in kv]
-            key = fields.get("k")
-            routing = fields.get("e")
-            args += [dedup_record(dedup_identity(str(routing) if routing else None, str(key)))
-                     if key else "", len(flat), *flat]
+            args += _entry_args(encoded[i])
         calls.append(ScriptCall(script("publish"), [log.stream, log.published,
                                                     log.published_ids], args))
 
@@ -238,6 +236,161 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         return ids
 
     return Step(tuple(calls), parse, durable=True)
+
+
+def _entry_args(fields: Mapping[str, str | int]) -> list[Any]:
+    """An entry as publish.lua and schedule.lua take it: its dedup record (of its type
+    and id; '' for none), the number of flat fields, the fields."""
+    flat = [x for kv in fields.items() for x in kv]
+    key, routing = fields.get("k"), fields.get("e")
+    record = dedup_record(dedup_identity(str(routing) if routing else None, str(key))) \
+        if key else ""
+    return [record, len(flat), *flat]
+
+
+# -- scheduled events ----------------------------------------------------------------------
+
+#: Most scheduled events one promote call appends per partition.
+PROMOTE_BATCH = 1000
+#: Longest pause of the maintenance loop: an event scheduled by another process is
+#: seen within this long, then promoted at its time (so at most about this late).
+PROMOTE_INTERVAL = 1.0
+
+
+def due_of(delay: float | timedelta | None, at: datetime | None) -> tuple[str, int] | None:
+    """What :func:`schedule` takes for ``publish(delay=...)`` / ``publish(at=...)``
+    (None: publish now). ``delay``: seconds (or a timedelta) from now by the server's
+    clock, >= 0; ``at``: an aware datetime (a naive one is refused)."""
+    if delay is None and at is None:
+        return None
+    if delay is not None and at is not None:
+        raise ConfigurationError("give delay or at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+                not math.isfinite(seconds) or seconds < 0:
+            raise ConfigurationError(f"delay must be a number of seconds >= 0 (or a "
+                                     f"timedelta), not {delay!r}")
+        return ("d", round(seconds * 1000))
+    if not isinstance(at, datetime):
+        raise ConfigurationError(f"at must be a datetime, not {type(at).__name__}")
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ConfigurationError(f"at={at!r} is a naive datetime: give an aware one, such as "
+                                 "datetime.now(timezone.utc) + timedelta(minutes=5)")
+    return ("a", round(at.timestamp() * 1000))
+
+
+def maintenance_pause(now: float, next_trim: float, due_in: float | None) -> float:
+    """How long the maintenance loop waits (``now``, ``next_trim``: monotonic): until
+    the next trim, the next scheduled event, or :data:`PROMOTE_INTERVAL`, soonest."""
+    pause = min(PROMOTE_INTERVAL, max(0.0, next_trim - now))
+    return pause if due_in is None else max(0.0, min(pause, due_in))
+
+
+def schedule(prefix: str, encoded: list[dict[str, str | int]], due: tuple[str, int],
+             partitions: int = 1) -> Step[list[str]]:
+    """Schedule events for later, in one round trip: ``due`` is ``("d", ms from now by
+    the server's clock)`` or ``("a", ms since the epoch)``. The value: each one's
+    schedule id, its event id (``all@2/ID`` on partition 2), which
+    :func:`cancel_scheduled` takes. Scheduling an event id again replaces it."""
+    groups: dict[int, list[int]] = {}
+    for i, fields in enumerate(encoded):
+        groups.setdefault(partition_of(fields, partitions), []).append(i)
+    calls = []
+    for partition, members in groups.items():
+        log = _log(prefix, partition)
+        args: list[Any] = []
+        for i in members:
+            fields = {k: str(v) for k, v in encoded[i].items()}  # stored as JSON text
+            record, *entry = _entry_args(fields)
+            args += [fields["k"], due[0], due[1], record.hex() if record else "", *entry]
+        calls.append(ScriptCall(script("schedule"), [log.scheduled, log.scheduled_events], args))
+
+    def parse(replies: list[Any]) -> list[str]:
+        ids = [""] * len(encoded)
+        for partition, members in groups.items():
+            shown = "" if partition == 0 else _log(prefix, partition).name + "/"
+            for i in members:
+                ids[i] = shown + str(encoded[i]["k"])
+        return ids
+
+    return Step(tuple(calls), parse, durable=True)
+
+
+def _scheduled_member(prefix: str, schedule_id: str) -> tuple[QueueKeys, str]:
+    """The log partition and member of a schedule id (``ID`` or ``all@2/ID``)."""
+    log, sep, member = schedule_id.rpartition("/")
+    if not sep:
+        return _log(prefix), member
+    if not is_event_log(log):
+        raise ConfigurationError(f"{schedule_id!r} is not a schedule id (ID or all@N/ID)")
+    return QueueKeys(prefix, log), member
+
+
+def cancel_scheduled(prefix: str, schedule_id: str) -> Step[bool]:
+    """Remove a scheduled event that is still waiting; the value: whether it was."""
+    log, member = _scheduled_member(prefix, schedule_id)
+    return Step((Call("ZREM", log.scheduled, member), Call("HDEL", log.scheduled_events, member)),
+                lambda replies: bool(replies[0]), durable=True)
+
+
+def promote(prefix: str, dedup_window: float, partitions: int = 1) -> Step[float | None]:
+    """Append the scheduled events that are due to the log (one script call per
+    partition, one round trip); the value: seconds until the next one is due (None:
+    none is scheduled)."""
+    calls = [ScriptCall(script("promote"), [log.stream, log.published, log.published_ids,
+                                            log.scheduled, log.scheduled_events],
+                        [int(dedup_window * 1000), PROMOTE_BATCH])
+             for log in (_log(prefix, i) for i in range(partitions))]
+
+    def parse(replies: list[Any]) -> float | None:
+        waits = [int(r[1]) / 1000 for r in replies if int(r[1]) >= 0]
+        if any(int(r[0]) >= PROMOTE_BATCH for r in replies):
+            return 0.0  # more are due: go on at once
+        return min(waits) if waits else None
+
+    return Step(tuple(calls), parse)
+
+
+def scheduled(prefix: str, partitions: int, limit: int) -> Flow[list[ScheduledEntry]]:
+    """The first ``limit`` scheduled events of each partition, soonest first."""
+    logs = [_log(prefix, i) for i in range(partitions)]
+    ranges = yield Step(tuple(Call("ZRANGE", log.scheduled, 0, limit - 1, "WITHSCORES")
+                              for log in logs), lambda replies: [_pairs(r) for r in replies])
+    wanted = [(log, pairs) for log, pairs in zip(logs, ranges, strict=True) if pairs]
+    if not wanted:
+        return []
+    packed = yield Step(tuple(Call("HMGET", log.scheduled_events, *[m for m, _ in pairs])
+                              for log, pairs in wanted), lambda replies: replies)
+    out = []
+    for (log, pairs), values in zip(wanted, packed, strict=True):
+        shown = "" if log.partition == 0 else log.name + "/"
+        for (member, score), raw in zip(pairs, values, strict=True):
+            if raw is None:
+                continue  # promoted or cancelled meanwhile
+            flat = json.loads(raw)[2:]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            out.append(ScheduledEntry(shown + text(member), int(float(score)),
+                                      str(fields.get("e", "")), str(fields.get("k", "")), fields))
+    return sorted(out, key=lambda e: e.due_ms)
+
+
+@dataclass(frozen=True)
+class ScheduledEntry:
+    """A scheduled event: its schedule id, when it is due (ms since the epoch, by the
+    server's clock), its type and id, and its log entry's fields."""
+
+    schedule_id: str
+    due_ms: int
+    event_type: str
+    event_id: str
+    fields: dict[str, str]
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    if reply and isinstance(reply[0], (list, tuple)):
+        return [(m, sc) for m, sc in reply]  # RESP3
+    return list(zip(reply[::2], reply[1::2], strict=True))
 
 
 def open_log(log: QueueRef, now: float) -> Flow[float]:

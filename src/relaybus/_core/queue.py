@@ -23,7 +23,7 @@ from typing import Any
 from .. import codec
 from ..codec import Message
 from ..errors import BrokerOutOfMemoryError, CrossSlotError, SerializationError
-from ..keys import DLQ_SUFFIX, GROUP, QueueKeys, registry_key
+from ..keys import DLQ_SUFFIX, GROUP, QueueKeys, is_event_log, registry_key
 from ..scripts import script
 from .outage import GroupMissing
 from .replies import flat_to_dict, group_rows, id_order, read_entries, stream_entries, text
@@ -146,6 +146,8 @@ class QueueInfo:
     visibility_timeout: float
     delayed_messages: int = 0
     dlq_messages: int = 0
+    #: Events scheduled for later (``publish(delay=...)``): the event log's only.
+    scheduled_messages: int = 0
 
 
 @dataclass
@@ -462,9 +464,10 @@ class Counts:
 def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
                  block_for_seconds: float | None, clock: Callable[[], float],
                  counts: Counts, recover: Callable[[QueueRef], Flow[Any]] | None = None,
-                 parse: bool = True, skipped: Callable[[list[str]], None] | None = None
-                 ) -> Flow[list[Message]]:
+                 parse: bool = True, skipped: Callable[[list[str]], None] | None = None,
+                 stopped: Callable[[], bool] | None = None) -> Flow[list[Message]]:
     """Deliver up to ``count`` messages (see ``Queue.get_messages``); ``clock`` is monotonic.
+    ``stopped`` (a consumer stopping) ends the flow, with nothing, before its next step.
 
     A plain queue is read by the fetch script alone. A subscription's new log entries
     are read with a plain XREADGROUP (and, when waiting, a blocking one), its own
@@ -478,13 +481,16 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
     is needed (default: the pair, see :func:`ensure_pair`) and the fetch runs again.
     ``parse=False`` leaves payloads undecoded (a consumer validating them from JSON).
     """
-    recover = recover or _recreate
+    recover = recover or recreate
     sub = ref.log is not None
     blocking = bool(block_for_seconds) and block_for_seconds is not None \
         and block_for_seconds > 0
     deadline = clock() + (block_for_seconds or 0.0)
     rows: list[tuple[Any, Any]] | None = None  # what a blocking read of the log brought
     while True:
+        if rows is None and stopped is not None and stopped():
+            return []  # its consumer stopped during a blocking wait: nothing more is sent
+            # (entries a blocking read brought, in ``rows``, are still delivered)
         now = clock()
         periodic = state.periodic_due(now)
         entries: list[tuple[str, Any, int]] = []
@@ -585,7 +591,8 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             return []
 
 
-def _recreate(ref: QueueRef) -> Flow[Any]:
+def recreate(ref: QueueRef) -> Flow[Any]:
+    """Recreate a queue pair the server lost (the default recovery of a fetch)."""
     import time  # created_at only: a label, not a decision
 
     return (yield from ensure_pair(ref, None, now=time.time()))
@@ -921,14 +928,19 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
         cmds += [Call("XLEN", r.key), Call("XINFO", "GROUPS", r.key), Call("HGETALL", r.keys.meta),
                  Call("ZCARD", r.keys.delayed), Call("XLEN", r.keys.dlq)]
         log = r.log
-        cmds += [Call("XINFO", "GROUPS", log.stream), Call("ZCARD", r.keys.held)] \
-            if log is not None else [Call("PING"), Call("PING")]
+        if log is not None:
+            cmds += [Call("XINFO", "GROUPS", log.stream), Call("ZCARD", r.keys.held)]
+        else:  # the event log's scheduled events, in the same slot
+            cmds += [Call("PING"), Call("ZCARD", r.keys.scheduled) if _is_log(r) else Call("PING")]
     res = yield Step(tuple(cmds), lambda x: x, tolerate=True)
     secs, micros = res[0]
     now_ms = int(secs) * 1000 + int(micros) // 1000
     rows = []
+    scheduled: dict[str, int] = {}
     for i, r in enumerate(refs):
         xlen, groups, meta, delayed, dlq_len, log_groups, held = res[1 + 7 * i: 8 + 7 * i]
+        scheduled[r.name] = held if _is_log(r) and isinstance(held, int) else 0
+        held = held if r.log is not None else 0
         own = group_rows(groups).get(GROUP, {})
         on_log = group_rows(log_groups).get(r.pair_name, {}) if r.log is not None else {}
         rows.append((r, xlen if isinstance(xlen, int) else 0, own, on_log,
@@ -979,8 +991,15 @@ def infos(refs: Sequence[QueueRef]) -> Flow[list[QueueInfo]]:
             if not isinstance(delayed, Exception) else 0,
             dlq_messages=0 if r.is_dlq else int(dlq_len or 0)
             if not isinstance(dlq_len, Exception) else 0,
+            scheduled_messages=scheduled[r.name],
         ))
     return out
+
+
+def _is_log(ref: QueueRef) -> bool:
+    """True for the event log's main stream (a partition of it), which holds the bus's
+    scheduled events."""
+    return not ref.is_dlq and is_event_log(ref.pair_name)
 
 
 @dataclass(frozen=True)
@@ -1031,4 +1050,4 @@ __all__ += ["failure_record", "send", "send_many", "fetch", "wait", "decode", "g
             "requeue_where", "delete",
             "purge", "ensure_pair", "visibility", "queue_names", "delete_pair",
             "entries_added", "infos", "consumers", "ConsumerInfo", "ping", "recheck_interval",
-            "Counts"]
+            "Counts", "recreate"]

@@ -4,7 +4,7 @@ Commands, by help panel::
 
     Running     demo, run, maintain, server {start,stop,status}, bench
     Inspecting  queues, subscriptions, tail, top, health, metrics, dashboard
-    Repairing   dlq {list,show,requeue,purge}, publish
+    Repairing   dlq {list,show,requeue,purge}, publish, scheduled {list,cancel}
 
 Each command lives in the module of its concern and stays thin: it parses options,
 calls one library function and renders the result (:mod:`._common` holds the shared
@@ -19,7 +19,18 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import bench, dashboard, dlq, inspect, live, observe, publish, running, server
+from . import (
+    bench,
+    dashboard,
+    dlq,
+    inspect,
+    live,
+    observe,
+    publish,
+    running,
+    scheduled,
+    server,
+)
 from ._common import PANEL_INSPECTING, PANEL_REPAIRING, PANEL_RUNNING
 
 __all__ = ["app", "main"]
@@ -68,6 +79,7 @@ app.command(rich_help_panel=PANEL_INSPECTING)(observe.metrics)
 app.command(rich_help_panel=PANEL_INSPECTING)(dashboard.dashboard)
 app.add_typer(dlq.app, rich_help_panel=PANEL_REPAIRING)
 app.command(rich_help_panel=PANEL_REPAIRING)(publish.publish)
+app.add_typer(scheduled.app, rich_help_panel=PANEL_REPAIRING)
 
 
 def main() -> None:

@@ -65,6 +65,8 @@ def queues(url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
         if is_event_log(info):
             kept = info.message_count
             caption += f" · event log {info.name}: {kept} event{'s' if kept != 1 else ''} kept"
+            if info.scheduled_messages:
+                caption += f", {info.scheduled_messages} scheduled"
     emit([queue_row(i) for i in infos], QUEUE_COLUMNS, as_json=as_json, caption=caption,
          empty=f"no queues under prefix {prefix!r} at {address}")
 

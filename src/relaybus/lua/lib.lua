@@ -259,3 +259,48 @@ local function release(ord, pk, ident)
   redis.call('HDEL', ord.order, pk)
   return 0
 end
+
+-- Appending events to a log partition, each identity (codec.dedup_record) once per
+-- dedup window: publish.lua and promote.lua (scheduled events, at their time).
+-- `state` = new_appends(): what this call appended so far.
+local function new_appends()
+  return {this_call = {}, keyed = {}}
+end
+
+-- Append one event (flat fields `...`) to `log` unless its identity `key` ('' = none)
+-- was published within `window` ms (zset `zset`: identity -> ms, hash `hash`: identity
+-- -> log id) or earlier in this call; returns its log id and whether it was a repeat.
+local function append_event(log, zset, hash, window, now, state, key, ...)
+  local id = nil
+  if key ~= '' then
+    id = state.this_call[key]
+    if not id then
+      local score = redis.call('ZSCORE', zset, key)
+      if score and tonumber(score) >= now - window then id = redis.call('HGET', hash, key) end
+    end
+  end
+  if id then return id, true end
+  id = redis.call('XADD', log, '*', ...)
+  if key ~= '' then
+    redis.call('HSET', hash, key, id)
+    state.keyed[#state.keyed + 1] = now
+    state.keyed[#state.keyed + 1] = key
+    state.this_call[key] = id
+  end
+  return id, false
+end
+
+-- Record the identities appended, and forget as many expired ones as were appended
+-- (at least 1000): the dedup set stays bounded.
+local function finish_appends(zset, hash, window, now, state)
+  local keyed = state.keyed
+  for c = 1, #keyed, 1000 do
+    redis.call('ZADD', zset, unpack(keyed, c, math.min(c + 999, #keyed)))
+  end
+  local old = redis.call('ZRANGEBYSCORE', zset, '-inf', '(' .. (now - window), 'LIMIT', 0,
+                         math.max(1000, #keyed))
+  if #old > 0 then
+    chunked('HDEL', hash, {}, old)
+    chunked('ZREM', zset, {}, old)
+  end
+end

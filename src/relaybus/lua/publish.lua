@@ -12,42 +12,15 @@ local log, zset, hash = KEYS[1], KEYS[2], KEYS[3]
 local window = tonumber(ARGV[1])
 local now = now_ms()
 local out, repeats = {}, {}
-local keyed = {}
-local this_call = {}  -- dedup identity -> log id, for repeats within this call
+local state = new_appends()
 local i = 2
 while i <= #ARGV do
-  local key = ARGV[i]
   local n = tonumber(ARGV[i + 1])
-  local id = nil
-  if key ~= '' then
-    id = this_call[key]
-    if not id then
-      local score = redis.call('ZSCORE', zset, key)
-      if score and tonumber(score) >= now - window then id = redis.call('HGET', hash, key) end
-    end
-  end
-  if id then
-    repeats[#repeats + 1] = #out + 1
-  else
-    id = redis.call('XADD', log, '*', unpack(ARGV, i + 2, i + 1 + n))
-    if key ~= '' then
-      redis.call('HSET', hash, key, id)
-      keyed[#keyed + 1] = now
-      keyed[#keyed + 1] = key
-      this_call[key] = id
-    end
-  end
+  local id, repeated = append_event(log, zset, hash, window, now, state, ARGV[i],
+                                    unpack(ARGV, i + 2, i + 1 + n))
+  if repeated then repeats[#repeats + 1] = #out + 1 end
   out[#out + 1] = id
   i = i + 2 + n
 end
-for c = 1, #keyed, 1000 do
-  redis.call('ZADD', zset, unpack(keyed, c, math.min(c + 999, #keyed)))
-end
--- forget as many expired ids as were published (and at least 1000): the set stays bounded
-local old = redis.call('ZRANGEBYSCORE', zset, '-inf', '(' .. (now - window), 'LIMIT', 0,
-                       math.max(1000, #keyed))
-if #old > 0 then
-  chunked('HDEL', hash, {}, old)
-  chunked('ZREM', zset, {}, old)
-end
+finish_appends(zset, hash, window, now, state)
 return {out, repeats}

@@ -1,22 +1,8 @@
-"""Poll-with-deadline: the one way tests here wait for something to happen."""
+"""Poll-with-deadline: the one way tests here wait for something to happen
+(:func:`relaybus.testing.wait_for`, which the library's users get too)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TypeVar
+from relaybus.testing import wait_for
 
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.01) -> T:
-    """Call ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["wait_for"]

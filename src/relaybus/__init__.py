@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from ._core.service import HandleResult
 from .aio import AsyncEventBus, AsyncMessageQueue, AsyncMicroservice, AsyncQueue, AsyncTransaction
 from .bus import EventBus
 from .codec import Message
@@ -76,6 +77,7 @@ __all__ = [
     "EventBus",
     "EventError",
     "EventValidationError",
+    "HandleResult",
     "HandlerOutcome",
     "InvalidNameError",
     "LeanMQ",

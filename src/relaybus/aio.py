@@ -58,7 +58,13 @@ from ._core.queue import (
     Settlement,
 )
 from ._core.replies import ids as _id_list
-from ._core.service import DEFAULT_START_TIMEOUT, WILDCARD, ServiceBase, returns_awaitable
+from ._core.service import (
+    DEFAULT_START_TIMEOUT,
+    WILDCARD,
+    HandleResult,
+    ServiceBase,
+    returns_awaitable,
+)
 from ._core.steps import Flow, Step, T
 from .codec import Message
 from .connection import ConnectionSettings
@@ -565,6 +571,50 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
             except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front
                 error = exc
             return self._conclude(message, event, result, error, started, time.time())
+
+    # -- testing ----------------------------------------------------------------------
+
+    async def handle(self, event: Event | Mapping[str, Any], *,
+                     attempt: int = 1) -> HandleResult:
+        """Run ``event`` through this service's handler as the worker would; no server.
+
+        As :meth:`relaybus.Microservice.handle`: ``async def`` handlers are awaited,
+        plain ones run in a thread (the service's pool once started).
+        """
+        prepared = self._unit_prepare(event, attempt)
+        if isinstance(prepared, HandleResult):
+            return prepared
+        message, received, handler = prepared
+        started = time.time()
+        result: object = None
+        error: Exception | None = None
+        with self._processing(message, received):
+            try:
+                if self._executor is None and not returns_awaitable(handler):
+                    result = await asyncio.to_thread(handler, received)  # not started
+                    if inspect.isawaitable(result):
+                        result = await result
+                else:
+                    result = await self._call(handler, received)
+            except Exception as exc:
+                error = exc
+        return self._unit_conclude(message, received, result, error, started)
+
+    async def wait_until_handled(self, count: int | None = None,
+                                 event_ids: str | Event | Iterable[str | Event] | None = None,
+                                 timeout: float = 10.0) -> None:
+        """Wait (the loop runs meanwhile) until this instance has handled ``count``
+        events in all and each of ``event_ids``: as
+        :meth:`relaybus.Microservice.wait_until_handled`."""
+        from .testing import wait_for_async
+
+        goal = self._handled_goal(count, event_ids)
+        await wait_for_async(goal.reached, timeout, what=goal.describe)
+
+    def _unsettled(self, message_ids: list[str]) -> bool:
+        worker = self._worker
+        return worker is not None and any(m in w.core.held for w in worker.workers
+                                          for m in message_ids)
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -56,11 +56,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 from ._core.consumer import Outcome
-from ._core.service import DEFAULT_START_TIMEOUT, STAT_NAMES, WILDCARD, ServiceBase
+from ._core.service import DEFAULT_START_TIMEOUT, STAT_NAMES, WILDCARD, HandleResult, ServiceBase
 from ._sync.worker import Worker, Workers
 from .bus import EventBus
 from .codec import Message
@@ -198,6 +199,55 @@ class Microservice(ServiceBase[EventBus]):
             except BaseException as exc:  # noqa: B036 - handlers run in worker threads
                 error = exc
             return self._conclude(message, event, result, error, started, time.time())
+
+    # -- testing ----------------------------------------------------------------------
+
+    def handle(self, event: Event | Mapping[str, Any], *, attempt: int = 1) -> HandleResult:
+        """Run ``event`` through this service's handler as the worker would; no server.
+
+        The event is encoded as the bus publishes it and validated as it arrives (a
+        dict is taken as the payload on the wire: an unknown type or invalid data is
+        ``invalid``), then handled as delivery number ``attempt``: the result says
+        handled, retried (with the retry policy's delay), dead-lettered (with the
+        reason) or invalid. Nothing is acknowledged or stored; ``stats`` count the
+        run's ``failed`` or ``invalid`` as the worker does. Exceptions that are not
+        :class:`Exception` (``KeyboardInterrupt``, ``pytest.fail``) propagate.
+        """
+        prepared = self._unit_prepare(event, attempt)
+        if isinstance(prepared, HandleResult):
+            return prepared
+        message, received, handler = prepared
+        started = time.time()
+        result: object = None
+        error: Exception | None = None
+        with self._processing(message, received):
+            try:
+                result = handler(received)
+            except Exception as exc:
+                error = exc
+        return self._unit_conclude(message, received, result, error, started)
+
+    def wait_until_handled(self, count: int | None = None,
+                           event_ids: str | Event | Iterable[str | Event] | None = None,
+                           timeout: float = 10.0) -> None:
+        """Block until this instance has handled ``count`` events in all (``stats
+        ["handled"]``) and each of ``event_ids`` (``Event.event_id`` values or events,
+        not the log ids ``publish`` returns), acknowledged; an ``AssertionError`` naming
+        what is missing after ``timeout`` seconds."""
+        from .testing import wait_for
+
+        goal = self._handled_goal(count, event_ids)
+        wait_for(goal.reached, timeout, what=goal.describe)
+
+    def _unsettled(self, message_ids: list[str]) -> bool:
+        worker = self._worker
+        if worker is None:
+            return False
+        for w in worker.workers:
+            with w._lock:  # the settler takes settled messages out under it
+                if any(m in w.core.held for m in message_ids):
+                    return True
+        return False
 
     # -- lifecycle --------------------------------------------------------------------
 

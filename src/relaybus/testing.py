@@ -1,4 +1,9 @@
-"""Helpers for testing code that uses relaybus against a real server.
+"""Helpers for testing code that uses relaybus (see docs/testing.md).
+
+``wait_for()`` (and ``wait_for_async()``) poll a condition with a deadline instead of
+sleeping; ``HandleResult`` is what ``svc.handle(event)`` returns. The pytest plugin
+(:mod:`relaybus.pytest_plugin`, enabled by installing relaybus) wraps the helpers below
+in fixtures: ``relaybus_url``, ``relaybus_prefix``, ``event_bus``.
 
 ``embedded_server()`` starts a private embedded Valkey in a temporary directory (or
 uses ``$RELAYBUS_TEST_URL``) and stops it afterwards; ``unique_prefix()`` and
@@ -13,13 +18,15 @@ uses ``$RELAYBUS_TEST_URL``) and stops it afterwards; ``unique_prefix()`` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -27,14 +34,55 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 
+from ._core.service import HandleResult
 from .connection import ConnectionSettings, cluster_seeds
 from .embedded import EmbeddedServer
 
-__all__ = ["TEST_URL_ENV", "delete_prefix", "embedded_server", "named_url", "plain_client",
-           "plain_async_client", "on_cluster", "one_server", "unique_prefix"]
+__all__ = ["TEST_URL_ENV", "HandleResult", "delete_prefix", "embedded_server", "named_url",
+           "plain_client", "plain_async_client", "on_cluster", "one_server", "unique_prefix",
+           "wait_for", "wait_for_async"]
 
 #: Environment variable naming an existing server to test against instead.
 TEST_URL_ENV = "RELAYBUS_TEST_URL"
+
+T = TypeVar("T")
+
+
+def _timed_out(timeout: float, what: str | Callable[[], str]) -> AssertionError:
+    return AssertionError(f"timed out after {timeout}s waiting for "
+                          f"{what() if callable(what) else what}")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0,
+             what: str | Callable[[], str] = "condition", interval: float = 0.01) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy,
+    and return that; after ``timeout`` seconds raise ``AssertionError`` naming ``what``
+    (a callable: called then, to say how far it got)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout, what)
+        time.sleep(interval)
+
+
+async def wait_for_async(predicate: Callable[[], T | Awaitable[T]], timeout: float = 10.0,
+                         what: str | Callable[[], str] = "condition",
+                         interval: float = 0.01) -> T:
+    """:func:`wait_for` on an event loop (which runs between checks); ``predicate`` may
+    be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return cast(T, value)
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout, what)
+        await asyncio.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@ subscription's types, and the two halves around a handler run:
   or dead-letter with the failure record.
 
 Each front only calls the handler its way in between (a thread, or the event loop).
+``svc.handle(event)`` (tests) goes through the same two halves, on a message made as the
+bus would deliver the event (:meth:`ServiceBase._unit_prepare`), and returns a
+:class:`HandleResult`; :class:`HandledGoal` is what ``wait_until_handled`` waits for.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
 
-from ..codec import Message, dedup_identity, payload_data
+from ..codec import Message, decode_entry, dedup_identity, encode_entry, payload_data
 from ..connection import DEFAULT_RETRY_TIMEOUT, redact
 from ..errors import (
     ConfigurationError,
@@ -50,7 +55,14 @@ from ..retry import (
     RetryPolicy,
 )
 from . import tracing
-from .bus import ALL_EVENTS, partition_refs, subscribe, subscription_queue_name, subscription_types
+from .bus import (
+    ALL_EVENTS,
+    event_fields,
+    partition_refs,
+    subscribe,
+    subscription_queue_name,
+    subscription_types,
+)
 from .consumer import DEFAULT_BLOCK_FOR_SECONDS, Consumer, Counters, Outcome, default_prefetch
 from .queue import Counts, QueueRef
 from .replies import text
@@ -58,7 +70,8 @@ from .steps import Flow
 from .telemetry import Telemetry
 
 __all__ = ["ServiceBase", "WILDCARD", "STAT_NAMES", "MAX_TRACEBACK_CHARS", "MAX_MESSAGE_CHARS",
-           "DEFAULT_START_TIMEOUT", "returns_awaitable"]
+           "DEFAULT_START_TIMEOUT", "HANDLED_IDS_KEPT", "HandleResult", "HandledGoal",
+           "returns_awaitable"]
 
 logger = logging.getLogger("relaybus.service")
 
@@ -77,6 +90,8 @@ MAX_MESSAGE_CHARS = 2000
 #: operation retries by default); ``run_forever``, ``run()`` and ``relaybus run`` wait
 #: for ever unless given a ``start_timeout``.
 DEFAULT_START_TIMEOUT = DEFAULT_RETRY_TIMEOUT
+#: How many of the latest handled event ids an instance remembers (``wait_until_handled``).
+HANDLED_IDS_KEPT = 10_000
 #: Reason a sync service dead-letters an event whose handler returned an awaitable.
 AWAITABLE_REASON = ("handler returned an awaitable, which a Microservice never awaits: "
                     "run async handlers in an AsyncMicroservice")
@@ -197,6 +212,8 @@ class ServiceBase(Generic[B]):
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._dispatch: dict[str, Callable[[Any], Any] | None] = {}
         self._counters = Counters(STAT_NAMES)
+        #: The latest event ids this instance handled -> their message ids (bounded).
+        self._handled_ids: OrderedDict[str, str] = OrderedDict()
         #: Labelled counts for the metrics (:mod:`relaybus.metrics`).
         self._telemetry = Telemetry()
         self._closed = False
@@ -511,6 +528,8 @@ class ServiceBase(Generic[B]):
         if error is None and result is not False and (result is None or
                                                       not inspect.isawaitable(result)):
             tracing.record_outcome(self.tracing, "handled", None)
+            if message.queue:  # read from the subscription (not one of handle()'s)
+                self._note_handled(event.event_id, message.id)
             routing = message.fields.get(b"e")  # its dedup identity: type and id
             return Outcome(_ACK, done_key=dedup_identity(
                 text(routing) if routing else event.event_type,
@@ -545,3 +564,173 @@ class ServiceBase(Generic[B]):
             logger.error("service %s: dead-lettering %s: %s", self.service_name, label,
                          decision.reason)
         return Outcome(decision, details=details, took=took)
+
+    # -- testing: one event through the handler, waiting for handled events -------------
+
+    def _note_handled(self, event_id: str, message_id: str) -> None:
+        """Remember that ``event_id`` (message ``message_id``) was handled here."""
+        handled = self._handled_ids
+        handled[event_id] = message_id
+        if len(handled) > HANDLED_IDS_KEPT:
+            handled.popitem(last=False)
+
+    def _unsettled(self, message_ids: list[str]) -> bool:
+        """Whether this instance still holds any of ``message_ids`` (handled, not yet
+        acknowledged); the front knows its workers."""
+        return False
+
+    def _unit_message(self, event: Event | Mapping[str, Any], attempt: int) -> Message:
+        """``event`` as the worker reads it: encoded as the bus publishes it (a mapping:
+        as the payload), then decoded as read from the subscription, at ``attempt``."""
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be an integer >= 1, not {attempt!r}")
+        now = time.time()
+
+        def encode(data: Mapping[str, Any], **keys: Any) -> dict[str, str | int]:
+            return encode_entry(data, now=now, **keys)
+
+        if isinstance(event, Event):
+            fields = event_fields(encode, event)
+        elif isinstance(event, Mapping):
+            kind, key, part = (event.get(k) for k in ("event_type", "event_id", "partition_key"))
+            fields = encode(event, dedup_key=str(key) if key else None,
+                            routing_key=kind if isinstance(kind, str) and kind else None,
+                            partition_key=part if isinstance(part, str) and part else None)
+        else:
+            raise TypeError(f"handle() takes an Event or a payload dict, not "
+                            f"{type(event).__name__}")
+        if attempt > 1:
+            fields["n"] = attempt - 1  # the attempts before this one
+        raw = {k.encode(): str(v).encode() for k, v in fields.items()}  # as the server replies
+        # no queue: handle()'s messages are not remembered as handled (wait_until_handled)
+        return decode_entry(f"{int(now * 1000)}-0", raw, 1, parse=False)
+
+    def _unit_prepare(self, event: Event | Mapping[str, Any], attempt: int
+                      ) -> tuple[Message, Event, Callable[[Any], Any]] | HandleResult:
+        """What ``handle()`` runs (its message, the event and its handler), or its result
+        when no handler is to run (an invalid event, none for its type)."""
+        message = self._unit_message(event, attempt)
+        prepared = self._prepare(message)
+        if isinstance(prepared, Outcome):
+            return HandleResult.of(prepared, attempt)
+        return message, prepared[0], prepared[1]
+
+    def _unit_conclude(self, message: Message, event: Event, result: object,
+                       error: BaseException | None, started: float) -> HandleResult:
+        """``handle()``'s result once the handler returned ``result`` or raised ``error``."""
+        outcome = self._conclude(message, event, result, error, started, time.time())
+        return HandleResult.of(outcome, message.attempts, event=event, result=result,
+                               error=error)
+
+    def _handled_goal(self, count: int | None,
+                      event_ids: str | Event | Iterable[str | Event] | None) -> HandledGoal:
+        return HandledGoal(self, count, event_ids)
+
+
+#: What ``handle()`` found an event's outcome to be.
+HandleOutcome = Literal["handled", "retried", "dead_lettered", "invalid"]
+
+
+@dataclass(frozen=True)
+class HandleResult:
+    """The outcome of one event run through a service's handler by ``svc.handle(event)``.
+
+    ``outcome``: ``"handled"`` (acknowledged), ``"retried"`` (after ``retry_delay``
+    seconds), ``"dead_lettered"`` (``reason`` says why: a ``Reject``'s reason, ``handler
+    returned False``, ``max attempts (N) reached: ...``, ``no handler for event type
+    ...``) or ``"invalid"`` (not a valid event: unknown type, failed validation; also
+    dead-lettered). ``error``: what the handler raised; ``result``: what it returned;
+    ``event``: the event it was given (None when it did not run); ``details``: the
+    failure record's details (empty when handled).
+    """
+
+    outcome: HandleOutcome
+    reason: str | None = None
+    retry_delay: float | None = None
+    error: BaseException | None = None
+    result: object = None
+    event: Event | None = None
+    attempt: int = 1
+    details: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def handled(self) -> bool:
+        """True when the event was handled (acknowledged)."""
+        return self.outcome == "handled"
+
+    @classmethod
+    def of(cls, outcome: Outcome, attempt: int, *, event: Event | None = None,
+           result: object = None, error: BaseException | None = None) -> HandleResult:
+        """The result of the worker's ``outcome`` for an event at ``attempt``."""
+        decision = outcome.decision
+        kind: HandleOutcome = ("invalid" if outcome.invalid else
+                               "handled" if decision.action is Action.ACK else
+                               "retried" if decision.action is Action.RETRY else "dead_lettered")
+        return cls(kind, reason=decision.reason or None,
+                   retry_delay=decision.delay if decision.action is Action.RETRY else None,
+                   error=error, result=result, event=event, attempt=attempt,
+                   details=dict(outcome.details or {}))
+
+
+class HandledGoal:
+    """What ``wait_until_handled`` waits for: ``count`` events handled by a service
+    instance in all (its ``stats["handled"]``), and each of ``event_ids`` handled
+    there and acknowledged."""
+
+    def __init__(self, service: ServiceBase[Any], count: int | None,
+                 event_ids: str | Event | Iterable[str | Event] | None) -> None:
+        if count is None and event_ids is None:
+            raise TypeError("wait_until_handled() needs a count or event_ids")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                  or count < 0):
+            raise ValueError(f"count must be an integer >= 0, not {count!r}")
+        if event_ids is None:
+            ids: list[str] = []
+        elif isinstance(event_ids, (str, Event)):
+            ids = [_event_id(event_ids)]
+        else:
+            ids = [_event_id(i) for i in event_ids]
+        self.service = service
+        self.count = count
+        self.event_ids = list(dict.fromkeys(ids))
+
+    def _missing(self) -> list[str]:
+        handled = self.service._handled_ids
+        return [i for i in self.event_ids if i not in handled]
+
+    def reached(self) -> bool:
+        """True once every part of the goal is met."""
+        svc = self.service
+        if self.count is not None and svc.stats["handled"] < self.count:
+            return False
+        if not self.event_ids:
+            return True
+        if self._missing():
+            return False
+        handled = svc._handled_ids
+        return not svc._unsettled([handled[i] for i in self.event_ids if i in handled])
+
+    def describe(self) -> str:
+        """The goal and how far it got (for the timeout's message)."""
+        svc = self.service
+        wanted = []
+        if self.count is not None:
+            wanted.append(f"{self.count} event(s) in all (handled so far: "
+                          f"{svc.stats['handled']})")
+        if self.event_ids:
+            missing = self._missing()
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                              if len(missing) > 5 else "")
+            wanted.append(f"{len(self.event_ids)} listed event(s) (" + (
+                f"{len(self.event_ids) - len(missing)} handled; not handled: {shown}"
+                if missing else "all handled, not yet acknowledged") + ")")
+        state = "" if svc.running else "; the service is not running"
+        return f"service {svc.service_name!r} to handle " + " and ".join(wanted) + state
+
+
+def _event_id(value: str | Event) -> str:
+    if isinstance(value, Event):
+        return value.event_id
+    if not isinstance(value, str):
+        raise TypeError(f"event_ids takes event ids (str) or events, not {type(value).__name__}")
+    return value

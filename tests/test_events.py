@@ -309,8 +309,12 @@ def test_strict_validation_error_names_type_and_fields() -> None:
         "items": [{"sku": "a"}, {"quantity": 2}],
         "surprise": True,
     }
+    with pytest.raises(EventValidationError) as tolerant:
+        deserialize_event_strict(data)  # a reader ignores the unknown field
+    assert {tuple(e["loc"]) for e in tolerant.value.errors} == {
+        ("order_id",), ("total",), ("items", 1, "sku")}
     with pytest.raises(EventValidationError) as info:
-        deserialize_event_strict(data)
+        deserialize_event_strict(data, tolerant=False)
     error = info.value
     assert isinstance(error, ValueError)
     assert error.event_type == ORDER_TYPE

@@ -45,6 +45,7 @@ __all__ = [
     "EmbeddedServerError",
     "EventError",
     "EventValidationError",
+    "NewerEventVersionError",
     "HandlerOutcome",
     "InvalidNameError",
     "MessageTooLargeError",
@@ -192,6 +193,23 @@ class EventValidationError(EventError, ValueError):
             loc = ".".join(str(p) for p in err.get("loc", ())) or "<root>"
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
         super().__init__(f"invalid {event_type!r} event: " + "; ".join(parts))
+
+
+class NewerEventVersionError(EventValidationError):
+    """A payload of a newer version than its class that does not validate as it.
+
+    ``version`` is the payload's, ``known_version`` the class's.
+    """
+
+    def __init__(self, event_type: str, version: int, known_version: int,
+                 errors: list[dict[str, Any]]) -> None:
+        super().__init__(event_type, errors)
+        self.version = version
+        self.known_version = known_version
+        details = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or '<root>'}: "
+                            f"{e.get('msg', 'invalid')}" for e in errors)
+        self.args = (f"{event_type} version {version} is newer than this consumer's version "
+                     f"{known_version} and does not validate: {details}",)
 
 
 class DuplicateEventTypeError(EventError, TypeError):

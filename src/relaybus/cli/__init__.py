@@ -3,7 +3,8 @@
 Commands, by help panel::
 
     Running     demo, run, maintain, server {start,stop,status}, bench
-    Inspecting  queues, subscriptions, tail, top, health, metrics, dashboard
+    Inspecting  queues, subscriptions, tail, top, health, metrics, dashboard,
+                schema {check}
     Repairing   dlq {list,show,requeue,purge}, publish, scheduled {list,cancel}
 
 Each command lives in the module of its concern and stays thin: it parses options,
@@ -29,6 +30,7 @@ from . import (
     publish,
     running,
     scheduled,
+    schema,
     server,
 )
 from ._common import PANEL_INSPECTING, PANEL_REPAIRING, PANEL_RUNNING
@@ -74,9 +76,10 @@ app.command(rich_help_panel=PANEL_INSPECTING)(inspect.queues)
 app.add_typer(inspect.subscriptions_app, rich_help_panel=PANEL_INSPECTING)
 app.command(rich_help_panel=PANEL_INSPECTING)(live.tail)
 app.command(rich_help_panel=PANEL_INSPECTING)(live.top)
+app.command(rich_help_panel=PANEL_INSPECTING)(dashboard.dashboard)
 app.command(rich_help_panel=PANEL_INSPECTING)(observe.health)
 app.command(rich_help_panel=PANEL_INSPECTING)(observe.metrics)
-app.command(rich_help_panel=PANEL_INSPECTING)(dashboard.dashboard)
+app.add_typer(schema.app, rich_help_panel=PANEL_INSPECTING)
 app.add_typer(dlq.app, rich_help_panel=PANEL_REPAIRING)
 app.command(rich_help_panel=PANEL_REPAIRING)(publish.publish)
 app.add_typer(scheduled.app, rich_help_panel=PANEL_REPAIRING)

@@ -51,7 +51,7 @@ def _validate(event_type: str, data: dict[str, Any], module: str) -> Event:
         fail(f"unknown event type {event_type!r} after importing {module} "
              f"(registered: {known})")
     try:
-        return deserialize_event_strict({**data, "event_type": event_type})
+        return deserialize_event_strict({**data, "event_type": event_type}, tolerant=False)
     except EventValidationError as exc:
         error(f"invalid {event_type!r} event, nothing published:")
         for err in exc.errors:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import os
 import re
@@ -56,7 +55,7 @@ from relaybus import (
 from relaybus._core.service import AWAITABLE_REASON
 from relaybus.keys import QueueKeys
 from relaybus.retry import FALSE_REASON
-from relaybus.testing import named_url, on_cluster, one_server, plain_async_client
+from relaybus.testing import named_url, on_cluster, one_server, plain_async_client, wait_for_async
 from waiting import wait_for
 
 T = TypeVar("T")
@@ -80,16 +79,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0,
                 what: str = "condition") -> Any:
     """Await ``predicate`` (a plain or an async callable) until it is truthy; fail after
     ``timeout`` seconds. The loop runs between checks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    return await wait_for_async(predicate, timeout, what)
 
 
 class Harness:

@@ -37,7 +37,7 @@ from faults.ledger import (
 )
 from faults.procs import FRONTS, command
 from relaybus.embedded import find_server_binary
-from relaybus.testing import plain_client
+from relaybus.testing import plain_client, wait_for
 
 T = TypeVar("T")
 
@@ -47,14 +47,7 @@ PREFIX = "events:"
 def wait_until(predicate: Callable[[], T], timeout: float, what: str,
                interval: float = 0.05) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)  # polling interval
+    return wait_for(predicate, timeout, what, interval)
 
 
 def skewed_clock(seconds: float) -> dict[str, str]:

@@ -203,9 +203,7 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
     the window, in this call or before) is not appended and gets its first log id; it
     is counted in ``counts`` (``publish_duplicates``) and logged; ``telemetry`` counts
     the appended ones by type (``published``)."""
-    groups: dict[int, list[int]] = {}
-    for i, fields in enumerate(encoded):
-        groups.setdefault(partition_of(fields, partitions), []).append(i)
+    groups = _by_partition(encoded, partitions)
     calls = []
     for partition, members in groups.items():
         log = _log(prefix, partition)
@@ -219,7 +217,7 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         ids = [""] * len(encoded)
         repeats: set[int] = set()
         for (partition, members), reply in zip(groups.items(), replies, strict=True):
-            shown = "" if partition == 0 else _log(prefix, partition).name + "/"
+            shown = _id_prefix(prefix, partition)
             for i, log_id in zip(members, reply[0], strict=True):
                 ids[i] = shown + text(log_id)
             for n in reply[1]:
@@ -236,6 +234,19 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
         return ids
 
     return Step(tuple(calls), parse, durable=True)
+
+
+def _by_partition(encoded: list[dict[str, str | int]], partitions: int) -> dict[int, list[int]]:
+    """The positions of ``encoded``'s entries by the partition each goes to."""
+    groups: dict[int, list[int]] = {}
+    for i, fields in enumerate(encoded):
+        groups.setdefault(partition_of(fields, partitions), []).append(i)
+    return groups
+
+
+def _id_prefix(prefix: str, partition: int) -> str:
+    """What precedes an id of ``partition`` when shown: nothing for 0, else ``all@N/``."""
+    return "" if partition == 0 else _log(prefix, partition).name + "/"
 
 
 def _entry_args(fields: Mapping[str, str | int]) -> list[Any]:
@@ -293,9 +304,7 @@ def schedule(prefix: str, encoded: list[dict[str, str | int]], due: tuple[str, i
     the server's clock)`` or ``("a", ms since the epoch)``. The value: each one's
     schedule id, its event id (``all@2/ID`` on partition 2), which
     :func:`cancel_scheduled` takes. Scheduling an event id again replaces it."""
-    groups: dict[int, list[int]] = {}
-    for i, fields in enumerate(encoded):
-        groups.setdefault(partition_of(fields, partitions), []).append(i)
+    groups = _by_partition(encoded, partitions)
     calls = []
     for partition, members in groups.items():
         log = _log(prefix, partition)
@@ -309,7 +318,7 @@ def schedule(prefix: str, encoded: list[dict[str, str | int]], due: tuple[str, i
     def parse(replies: list[Any]) -> list[str]:
         ids = [""] * len(encoded)
         for partition, members in groups.items():
-            shown = "" if partition == 0 else _log(prefix, partition).name + "/"
+            shown = _id_prefix(prefix, partition)
             for i in members:
                 ids[i] = shown + str(encoded[i]["k"])
         return ids
@@ -364,7 +373,7 @@ def scheduled(prefix: str, partitions: int, limit: int) -> Flow[list[ScheduledEn
                               for log, pairs in wanted), lambda replies: replies)
     out = []
     for (log, pairs), values in zip(wanted, packed, strict=True):
-        shown = "" if log.partition == 0 else log.name + "/"
+        shown = _id_prefix(prefix, log.partition)
         for (member, score), raw in zip(pairs, values, strict=True):
             if raw is None:
                 continue  # promoted or cancelled meanwhile

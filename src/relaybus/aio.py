@@ -445,7 +445,9 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         while True:
             now = time.monotonic()
             try:
-                due_in = await self.mq.driver.drive(self._maintenance_round(now >= next_trim))
+                due_in = await self.mq.driver.run(self._promote())
+                if now >= next_trim:
+                    await self.trim()
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))

@@ -230,7 +230,9 @@ class EventBus(EventBusBase[MessageQueue]):
         while not self._stop.wait(pause):
             now = time.monotonic()
             try:
-                due_in = self.mq.driver.drive(self._maintenance_round(now >= next_trim))
+                due_in = self.mq.driver.run(self._promote())
+                if now >= next_trim:
+                    self.trim()
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))

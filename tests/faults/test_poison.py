@@ -206,8 +206,10 @@ def poisons(draw: st.DrawFn) -> Poison:
         if key == "event_id":
             payload["event_id"] = probe  # keep the probe; break another field instead
             payload["correlation_id"] = 12
-    elif kind == "extra-field":
-        payload[draw(odd_text) + "_extra"] = draw(json_values)
+    elif kind == "extra-field":  # a field the class does not know: tolerated on read
+        key, value = draw(odd_text) + "_extra", draw(json_values)
+        payload[key] = value
+        expect = "either" if _has_surrogate(key) or _has_surrogate(value) else "handled"
     elif kind.startswith("handler-"):
         payload["n"] = {"handler-raises": RAISE, "handler-false": RETURN_FALSE,
                         "handler-rejects": REJECT, "handler-exits": SYSTEM_EXIT,

@@ -382,16 +382,9 @@ class EventBusBase(Generic[MQ]):
         return bus.schedule(self.prefix, encoded, due, self.partitions)
 
     def _promote(self) -> Step[float | None]:
+        """Promote the scheduled events that are due; the value: seconds until the next
+        one is (None: none is scheduled)."""
         return bus.promote(self.prefix, self.dedup_window, self.partitions)
-
-    def _maintenance_round(self, trim: bool) -> Flow[float | None]:
-        """One round of the bus's maintenance: promote the scheduled events that are due
-        and, when ``trim``, apply the retention; the value: seconds until the next
-        scheduled event (None: none)."""
-        due_in: float | None = yield self._promote()
-        if trim:
-            yield self._trim()
-        return due_in
 
     @contextlib.contextmanager
     def _sending(self, events: Iterable[Event]) -> Iterator[list[dict[str, str | int]]]:

@@ -25,6 +25,7 @@ an unfinished event: it is handed back, as in a graceful stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -338,6 +339,9 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
                                                            visibility_timeout=log.visibility_timeout))
         self._opened = False
         self._task: asyncio.Task[None] | None = None
+        # set to run a maintenance round now (this bus scheduled an event)
+        self._wake: asyncio.Event | None = None
+        self._due_in: float | None = None
 
     def _new_mq(self, url: str | None, **options: Any) -> AsyncMessageQueue:
         return AsyncMessageQueue(url, **options)
@@ -356,6 +360,8 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
             await self._open()
         with self._sending([event]) as encoded:
             [msg_id] = await self.mq.driver.run(self._publish_step(encoded, due))
+        if due is not None and self._wake is not None:
+            self._wake.set()  # this bus's maintenance learns its time
         return msg_id
 
     async def publish_many(self, events: Iterable[Event], *,
@@ -367,7 +373,10 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         if not self._opened:
             await self._open()
         with self._sending(events) as encoded:
-            return await self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+            ids = await self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+        if due is not None and self._wake is not None:
+            self._wake.set()  # this bus's maintenance learns their time
+        return ids
 
     async def cancel_scheduled(self, schedule_id: str) -> bool:
         """Cancel a scheduled event; True when it was still waiting."""
@@ -425,11 +434,13 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
         return await self.mq.create_queue_pair(subscription_queue_name(service_name))
 
     async def trim(self) -> int:
-        """Apply the log's retention now; return how many events were trimmed."""
+        """Apply the log's retention now (after publishing the scheduled events that are
+        due); return how many events were trimmed."""
         if not self._opened:
             await self._open()
-        trimmed, _ = await self.mq.driver.run(self._trim())
-        return trimmed
+        done = await self.mq.driver.run(self._trim())
+        self._due_in = done.due_in
+        return done.trimmed
 
     async def start(self) -> None:
         """Open the log and start the maintenance task (idempotent)."""
@@ -441,22 +452,26 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
 
     async def _maintain(self) -> None:
         incident = Incident("event bus maintenance", logger)
-        next_trim = 0.0
+        wake = self._wake = asyncio.Event()
+        pause, next_trim = 0.0, 0.0
         while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), pause)
+            wake.clear()
             now = time.monotonic()
             try:
-                due_in = await self.mq.driver.run(self._promote())
-                if now >= next_trim:
+                if now >= next_trim:  # a round: what is due is published, then the trim
                     await self.trim()
+                    due_in = self._due_in
+                    next_trim = now + self.maintenance_interval
+                else:  # woken early: a scheduled event is due, or this bus scheduled one
+                    due_in = await self.mq.driver.run(self._promote())
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))
-                await asyncio.sleep(pause)
                 continue
             incident.succeeded(time.monotonic())
-            if now >= next_trim:
-                next_trim = now + self.maintenance_interval
-            await asyncio.sleep(core_bus.maintenance_pause(time.monotonic(), next_trim, due_in))
+            pause = core_bus.maintenance_pause(time.monotonic(), next_trim, due_in)
 
     async def stop(self) -> None:
         """Stop the maintenance task (idempotent)."""

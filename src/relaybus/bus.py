@@ -72,6 +72,9 @@ class EventBus(EventBusBase[MessageQueue]):
         self.events_dlq = Queue(self.mq, self.mq._ref(EVENTS_QUEUE, is_dlq=True,
                                                       visibility_timeout=vt))
         self._stop = threading.Event()
+        # set to run a maintenance round now (this bus scheduled an event; a stop)
+        self._wake = threading.Event()
+        self._due_in: float | None = None
         self.processor_thread: threading.Thread | None = None
 
     def _new_mq(self, url: str | None, **options: Any) -> MessageQueue:
@@ -88,14 +91,18 @@ class EventBus(EventBusBase[MessageQueue]):
 
         ``delay`` (seconds, or a timedelta, by the server's clock) or ``at`` (an aware
         datetime) schedules it instead: it waits on the server (durably) and is
-        published, deduplicated as above, not before its time and normally within a
-        second after it, by the bus's maintenance (any service's, by default, or
-        ``relaybus maintain``). The value is then its schedule id, for
-        :meth:`cancel_scheduled`; scheduling an event id again replaces it.
+        published, deduplicated as above, not before its time, by the bus's maintenance
+        (any service's, by default, or ``relaybus maintain``): at its time when a
+        maintainer knows of it (this bus runs maintenance, or it was scheduled a round
+        ahead), else at the next round (``maintenance_interval``); see docs/design.md.
+        The value is then its schedule id, for :meth:`cancel_scheduled`; scheduling an
+        event id again replaces it.
         """
         due = core.due_of(delay, at)
         with self._sending([event]) as encoded:
             [msg_id] = self.mq.driver.run(self._publish_step(encoded, due))
+        if due is not None:
+            self._wake.set()  # this bus's maintenance (if it runs) learns its time
         logger.debug("published %s %s as %s", event.event_type, event.event_id, msg_id)
         return msg_id
 
@@ -110,7 +117,10 @@ class EventBus(EventBusBase[MessageQueue]):
         """
         due = core.due_of(delay, at)
         with self._sending(events) as encoded:
-            return self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+            ids = self.mq.driver.run(self._publish_step(encoded, due)) if encoded else []
+        if due is not None:
+            self._wake.set()  # this bus's maintenance (if it runs) learns their time
+        return ids
 
     def cancel_scheduled(self, schedule_id: str) -> bool:
         """Cancel a scheduled event; True when it was still waiting (False: published
@@ -185,14 +195,16 @@ class EventBus(EventBusBase[MessageQueue]):
     # -- maintenance ----------------------------------------------------------------
 
     def trim(self) -> int:
-        """Apply the log's retention now; return how many events were trimmed.
+        """Apply the log's retention now (after publishing the scheduled events that are
+        due); return how many events were trimmed.
 
         Never past an event some subscription has not read and acknowledged yet.
         """
-        trimmed, held = self.mq.driver.run(self._trim())
-        if held:
-            logger.debug("log trim held back by subscription %s", held)
-        return trimmed
+        done = self.mq.driver.run(self._trim())
+        if done.held:
+            logger.debug("log trim held back by subscription %s", done.held)
+        self._due_in = done.due_in
+        return done.trimmed
 
     def start(self) -> None:
         """Start the maintenance thread (idempotent)."""
@@ -211,6 +223,7 @@ class EventBus(EventBusBase[MessageQueue]):
             return
         self.running = False
         self._stop.set()
+        self._wake.set()
         thread = self.processor_thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout=timeout)
@@ -227,19 +240,24 @@ class EventBus(EventBusBase[MessageQueue]):
     def _maintain(self) -> None:
         incident = Incident("event bus maintenance", logger)
         pause, next_trim = 0.0, 0.0
-        while not self._stop.wait(pause):
+        while True:
+            self._wake.wait(pause)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             now = time.monotonic()
             try:
-                due_in = self.mq.driver.run(self._promote())
-                if now >= next_trim:
+                if now >= next_trim:  # a round: what is due is published, then the trim
                     self.trim()
+                    due_in = self._due_in
+                    next_trim = now + self.maintenance_interval
+                else:  # woken early: a scheduled event is due, or this bus scheduled one
+                    due_in = self.mq.driver.run(self._promote())
             except Exception as exc:  # nothing may end the loop
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))
                 continue
             incident.succeeded(time.monotonic())
-            if now >= next_trim:
-                next_trim = now + self.maintenance_interval
             pause = core.maintenance_pause(time.monotonic(), next_trim, due_in)
         logger.info("event bus maintenance stopped (prefix %r)", self.prefix)
 

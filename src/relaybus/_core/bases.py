@@ -402,9 +402,10 @@ class EventBusBase(Generic[MQ]):
                                routing_key=event_type,
                                partition_key=key if isinstance(key, str) else None)
 
-    def _trim(self) -> Step[tuple[int, str]]:
+    def _trim(self) -> Step[bus.TrimRound]:
         max_len = self.retention_max_len
-        return bus.trim(self.prefix, max_len, self.retention_seconds, self.partitions)
+        return bus.trim(self.prefix, max_len, self.retention_seconds, self.partitions,
+                        self.dedup_window)
 
     def _open_flow(self) -> Flow[float]:
         """Open the log and its partitions (``self.partitions`` set); the value: the

@@ -263,9 +263,6 @@ def _entry_args(fields: Mapping[str, str | int]) -> list[Any]:
 
 #: Most scheduled events one promote call appends per partition.
 PROMOTE_BATCH = 1000
-#: Longest pause of the maintenance loop: an event scheduled by another process is
-#: seen within this long, then promoted at its time (so at most about this late).
-PROMOTE_INTERVAL = 1.0
 
 
 def due_of(delay: float | timedelta | None, at: datetime | None) -> tuple[str, int] | None:
@@ -293,8 +290,9 @@ def due_of(delay: float | timedelta | None, at: datetime | None) -> tuple[str, i
 
 def maintenance_pause(now: float, next_trim: float, due_in: float | None) -> float:
     """How long the maintenance loop waits (``now``, ``next_trim``: monotonic): until
-    the next trim, the next scheduled event, or :data:`PROMOTE_INTERVAL`, soonest."""
-    pause = min(PROMOTE_INTERVAL, max(0.0, next_trim - now))
+    its next round (a trim, which also promotes what is due) or the next scheduled
+    event it knows of, whichever is sooner."""
+    pause = max(0.0, next_trim - now)
     return pause if due_in is None else max(0.0, min(pause, due_in))
 
 
@@ -352,13 +350,7 @@ def promote(prefix: str, dedup_window: float, partitions: int = 1) -> Step[float
                         [int(dedup_window * 1000), PROMOTE_BATCH])
              for log in (_log(prefix, i) for i in range(partitions))]
 
-    def parse(replies: list[Any]) -> float | None:
-        waits = [int(r[1]) / 1000 for r in replies if int(r[1]) >= 0]
-        if any(int(r[0]) >= PROMOTE_BATCH for r in replies):
-            return 0.0  # more are due: go on at once
-        return min(waits) if waits else None
-
-    return Step(tuple(calls), parse)
+    return Step(tuple(calls), lambda replies: _due_in([(r[0], r[1]) for r in replies]))
 
 
 def scheduled(prefix: str, partitions: int, limit: int) -> Flow[list[ScheduledEntry]]:
@@ -585,15 +577,41 @@ def read_subscription_table(prefix: str) -> Step[tuple[dict[str, list[str]], dic
 _reported: set[tuple[str, str]] = set()
 
 
-def trim(prefix: str, max_len: int, max_age: float | None, partitions: int = 1
-         ) -> Step[tuple[int, str]]:
-    """Apply the log's retention to each partition; the value: ``(entries trimmed, a
-    group one was held at)``."""
+@dataclass(frozen=True)
+class TrimRound:
+    """What a maintenance round did: entries trimmed, a group the trim was held at
+    (''), and seconds until the next scheduled event is due (None: none is)."""
+
+    trimmed: int
+    held: str
+    due_in: float | None
+
+
+def trim(prefix: str, max_len: int, max_age: float | None, partitions: int = 1,
+         dedup_window: float = 0.0) -> Step[TrimRound]:
+    """A maintenance round, one script call per partition: publish the scheduled events
+    that are due (deduplicated within ``dedup_window``), then apply the log's retention."""
     age = "" if max_age is None else int(max_age * 1000)
+    window = int(dedup_window * 1000)
 
-    def parse(replies: list[Any]) -> tuple[int, str]:
+    def parse(replies: list[Any]) -> TrimRound:
         held = next((text(r[1]) for r in replies if text(r[1])), "")
-        return sum(int(r[0]) for r in replies), held
+        return TrimRound(sum(int(r[0]) for r in replies), held,
+                         _due_in([(r[2], r[3]) for r in replies]))
 
-    return Step(tuple(ScriptCall(script("trim"), [_log(prefix, i).stream], [max_len, age])
-                      for i in range(partitions)), parse)
+    calls = []
+    for i in range(partitions):
+        log = _log(prefix, i)
+        calls.append(ScriptCall(script("trim"), [log.stream, log.published, log.published_ids,
+                                                 log.scheduled, log.scheduled_events],
+                                [max_len, age, window, PROMOTE_BATCH]))
+    return Step(tuple(calls), parse)
+
+
+def _due_in(rounds: list[tuple[Any, Any]]) -> float | None:
+    """Seconds until the next scheduled event of any partition, from each partition's
+    ``(events promoted, ms to the next or -1)``; 0 when a partition has more due."""
+    if any(int(promoted) >= PROMOTE_BATCH for promoted, _ in rounds):
+        return 0.0
+    waits = [int(ms) / 1000 for _, ms in rounds if int(ms) >= 0]
+    return min(waits) if waits else None

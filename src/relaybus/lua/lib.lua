@@ -304,3 +304,33 @@ local function finish_appends(zset, hash, window, now, state)
     chunked('ZREM', zset, {}, old)
   end
 end
+
+-- Append the scheduled events of `scheduled` (zset: member -> due ms) that are due by
+-- the server's clock to `log` (as publish.lua: dedup by `zset`/`hash` within `window`
+-- ms), at most `max`; each is appended before it leaves the set and the hash `packed`
+-- (member -> JSON {hex dedup record, N, fields...}), so a refused write (out of memory)
+-- leaves it scheduled. Returns the number promoted and the ms until the next scheduled
+-- one is due (-1: none left).
+local function promote_due(log, zset, hash, scheduled, packed, window, max)
+  local now = now_ms()
+  local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, max)
+  local promoted = 0
+  if #due > 0 then
+    local state = new_appends()
+    for _, member in ipairs(due) do
+      local raw = redis.call('HGET', packed, member)
+      if raw then
+        local e = cjson.decode(raw)
+        append_event(log, zset, hash, window, now, state, from_hex(e[1]),
+                     unpack(e, 3, 2 + tonumber(e[2])))
+        promoted = promoted + 1
+      end
+      redis.call('ZREM', scheduled, member)
+      redis.call('HDEL', packed, member)
+    end
+    finish_appends(zset, hash, window, now, state)
+  end
+  local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+  if #nxt == 0 then return promoted, -1 end
+  return promoted, math.max(0, tonumber(nxt[2]) - now)
+end

@@ -768,7 +768,9 @@ def _idle_calls(make: Factory, raw: redis.Redis, url: str) -> None:
     # server counts commands run inside scripts too
     scripts = used["evalsha"] + used["eval"]
     assert scripts <= 3, used
-    assert used["xreadgroup"] - scripts <= 3, used
+    # two 2 s reads fit in the window, and one more can end at each of its edges; a
+    # polling worker would send hundreds
+    assert used["xreadgroup"] - scripts <= 4, used
     svc.close()
 
 

@@ -580,14 +580,14 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         started = time.time()
         result: object = None
         error: BaseException | None = None
-        with self._processing(message, event):
+        with self._processing(message, event) as traced:
             try:
                 result = await self._call(handler, event)
             except asyncio.CancelledError:
                 raise  # not an outcome: the message is handed back
             except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front
                 error = exc
-            return self._conclude(message, event, result, error, started, time.time())
+            return self._conclude(message, event, result, error, started, time.time(), traced)
 
     # -- testing ----------------------------------------------------------------------
 

@@ -193,12 +193,12 @@ class Microservice(ServiceBase[EventBus]):
         started = time.time()
         result: object = None
         error: BaseException | None = None
-        with self._processing(message, event):
+        with self._processing(message, event) as traced:
             try:
                 result = handler(event)
             except BaseException as exc:  # noqa: B036 - handlers run in worker threads
                 error = exc
-            return self._conclude(message, event, result, error, started, time.time())
+            return self._conclude(message, event, result, error, started, time.time(), traced)
 
     # -- testing ----------------------------------------------------------------------
 

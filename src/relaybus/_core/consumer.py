@@ -47,7 +47,7 @@ from ..errors import BrokerCommandError, BrokerError, RelaybusError, Serializati
 from ..retry import Action, Decision
 from . import queue as q
 from .steps import Flow
-from .telemetry import OTHER, Labels, Telemetry, type_label
+from .telemetry import OTHER, Labels, Telemetry, by_type, type_label
 
 __all__ = ["Outcome", "Counters", "Consumer", "StopReport", "SettleBatch",
            "DEFAULT_BLOCK_FOR_SECONDS", "BUSY_BLOCK_FOR_SECONDS", "DEFAULT_PREFETCH_PER_HANDLER"]
@@ -233,7 +233,7 @@ class Consumer:
     def fetched(self, messages: list[Message], now: float) -> int:
         """Take fetched messages in; return how many are new here."""
         new = 0
-        types: collections.Counter[Labels] = collections.Counter()
+        types: dict[Any, int] = {}  # by the entries' raw type (labelled once per batch)
         if self._next_lease is None:
             self._next_lease = now + self.lease_interval
         for m in messages:
@@ -243,14 +243,15 @@ class Consumer:
             self.held[m.id] = m
             self.leased[m.id] = now
             self.buffer.append(m)
-            types[(type_label(m.fields.get(b"e")),)] += 1
+            kind = m.fields.get(b"e")
+            types[kind] = types.get(kind, 0) + 1
             new += 1
         if self._skip_inbox:
             self.skipped += self._skip_inbox
             self._skip_inbox.clear()
         if new:
             self.counters.incr("received", new)
-            self.telemetry.add("received", types)
+            self.telemetry.add("received", by_type(types))
         dups = self.queue_counts.values.get("duplicates", 0)
         if dups != self._duplicates_seen:  # copies of handled events the fetch dropped
             self.counters.incr("duplicates", dups - self._duplicates_seen)
@@ -445,18 +446,24 @@ class Consumer:
             if mid in leased:
                 leased[mid] = batch.built_at
         handled = 0
-        outcomes: collections.Counter[Labels] = collections.Counter()
-        durations: list[tuple[Labels, float]] = []
+        # by the entries' raw type, labelled once per batch (the hot path)
+        acked: dict[Any, int] = {}
+        others: collections.Counter[Labels] = collections.Counter()
+        durations: dict[Any, list[float]] = {}
         for m, o in batch.items:
             held.pop(m.id, None)
             leased.pop(m.id, None)
             action = o.decision.action
-            label = type_label(m.fields.get(b"e"))
+            kind = m.fields.get(b"e")
             if o.took is not None:
-                durations.append(((label,), o.took))
+                took = durations.get(kind)
+                if took is None:
+                    durations[kind] = [o.took]
+                else:
+                    took.append(o.took)
             if action is Action.ACK:
                 handled += 1
-                outcomes[(label, "handled")] += 1
+                acked[kind] = acked.get(kind, 0) + 1
             elif m.id in missing:
                 logger.warning("%s: message %s was no longer in the queue (taken over and "
                                "settled elsewhere?); not %s", self.name, m.id,
@@ -464,9 +471,13 @@ class Consumer:
             else:
                 outcome = "retried" if action is Action.RETRY else "dead_lettered"
                 self.counters.incr(outcome)
-                outcomes[(label, "invalid" if o.invalid else outcome)] += 1
-        self.telemetry.add("outcomes", outcomes)
-        self.telemetry.observe_many("handler_seconds", durations)
+                others[(type_label(kind), "invalid" if o.invalid else outcome)] += 1
+        others.update(by_type(acked, "handled"))
+        self.telemetry.add("outcomes", others)
+        runs: dict[Labels, list[float]] = {}
+        for kind, took in durations.items():  # types without a class: all under "other"
+            runs.setdefault((type_label(kind),), []).extend(took)
+        self.telemetry.observe_groups("handler_seconds", runs)
         self.telemetry.count("settles")
         if handled:
             self.counters.incr("handled", handled)

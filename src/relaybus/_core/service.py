@@ -98,7 +98,7 @@ AWAITABLE_REASON = ("handler returned an awaitable, which a Microservice never a
 
 
 _ACK = Decision(Action.ACK)
-_UNTRACED: AbstractContextManager[None] = nullcontext()
+_UNTRACED: AbstractContextManager[bool] = nullcontext(False)
 
 
 def _clip(value: str, limit: int, keep_end: bool = False) -> str:
@@ -508,8 +508,9 @@ class ServiceBase(Generic[B]):
             return self._conclude(message, event, None, Reject(reason), time.time(), time.time())
         return event, handler
 
-    def _processing(self, message: Message, event: Event) -> AbstractContextManager[None]:
-        """The ``process`` span of a handler run (see :mod:`._core.tracing`)."""
+    def _processing(self, message: Message, event: Event) -> AbstractContextManager[bool]:
+        """The ``process`` span of a handler run (see :mod:`._core.tracing`); it gives
+        whether it traces, for :meth:`_conclude`."""
         if not tracing.active(self.tracing):
             return _UNTRACED  # the hot path when not tracing: no generator per event
         return tracing.processing(self.tracing, event.headers, event_id=event.event_id,
@@ -522,12 +523,15 @@ class ServiceBase(Generic[B]):
                 "enqueued_at": message.timestamp}
 
     def _conclude(self, message: Message, event: Event, result: object,
-                  error: BaseException | None, started: float, finished: float) -> Outcome:
-        """The outcome of a handler run that returned ``result`` or raised ``error``."""
+                  error: BaseException | None, started: float, finished: float,
+                  traced: bool = False) -> Outcome:
+        """The outcome of a handler run that returned ``result`` or raised ``error``
+        (``traced``: inside a ``process`` span, which gets the outcome)."""
         took = max(0.0, finished - started)
         if error is None and result is not False and (result is None or
                                                       not inspect.isawaitable(result)):
-            tracing.record_outcome(self.tracing, "handled", None)
+            if traced:
+                tracing.record_outcome("handled", None)
             if message.queue:  # read from the subscription (not one of handle()'s)
                 self._note_handled(event.event_id, message.id)
             routing = message.fields.get(b"e")  # its dedup identity: type and id
@@ -541,8 +545,9 @@ class ServiceBase(Generic[B]):
                 close()  # a never-awaited coroutine: no "never awaited" warning
             error = Reject(AWAITABLE_REASON)
         decision = self.retry_policy.decide(attempt, result=result, error=error)
-        tracing.record_outcome(self.tracing, "retried" if decision.action is Action.RETRY
-                               else "dead_lettered", error)
+        if traced:
+            tracing.record_outcome("retried" if decision.action is Action.RETRY
+                                   else "dead_lettered", error)
         label = f"{event.event_type} {event.event_id} (attempt {attempt}/{self.max_attempts})"
         details = dict(self._base_details(message), handler=self._handler_name(event.event_type),
                        event_type=event.event_type, event_id=event.event_id,

@@ -61,9 +61,14 @@ class Histogram:
             self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
+        self.observe_all((value,))
+
+    def observe_all(self, values: Sequence[float]) -> None:
+        counts, bounds, place = self.counts, self.bounds, bisect.bisect_left
+        for value in values:
+            counts[place(bounds, value)] += 1
+        self.total += sum(values)
+        self.count += len(values)
 
     def cumulative(self) -> list[tuple[str, int]]:
         """``(upper bound, observations at or under it)`` pairs, ``+Inf`` last."""
@@ -75,6 +80,16 @@ class Histogram:
 
     def copy(self) -> Histogram:
         return Histogram(self.bounds, list(self.counts), self.total, self.count)
+
+
+def by_type(counts: Mapping[str | bytes | None, int], *labels: str) -> dict[Labels, int]:
+    """Counts by raw event type as counts by ``(type label, *labels)`` (types without
+    a class add up under ``other``)."""
+    out: dict[Labels, int] = {}
+    for kind, n in counts.items():
+        key = (type_label(kind), *labels)
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 #: The label values of one series, in the order of its metric's label names.
@@ -110,15 +125,22 @@ class Telemetry:
 
     def observe_many(self, name: str, values: Sequence[tuple[Labels, float]]) -> None:
         """Record each ``(labels, value)`` in histogram ``name``, under one lock."""
-        if not values:
+        groups: dict[Labels, list[float]] = {}
+        for labels, value in values:
+            groups.setdefault(labels, []).append(value)
+        self.observe_groups(name, groups)
+
+    def observe_groups(self, name: str, groups: Mapping[Labels, Sequence[float]]) -> None:
+        """Record the values of each labels in histogram ``name``, under one lock."""
+        if not groups:
             return
         with self._lock:
             histograms = self._histograms.setdefault(name, {})
-            for labels, value in values:
+            for labels, values in groups.items():
                 histogram = histograms.get(labels)
                 if histogram is None:
                     histogram = histograms[labels] = Histogram()
-                histogram.observe(value)
+                histogram.observe_all(values)
 
     def counters(self, name: str) -> dict[Labels, int]:
         """A copy of counter ``name``'s values by labels."""

@@ -96,12 +96,12 @@ def sending(enabled: bool, events: Sequence[Any], destination: str
 
 @contextlib.contextmanager
 def processing(enabled: bool, headers: Mapping[str, str], *, event_id: str, event_type: str,
-               subscription: str, service: str, attempt: int) -> Iterator[None]:
+               subscription: str, service: str, attempt: int) -> Iterator[bool]:
     """The CONSUMER span of one handler run, current for the block (spans the handler
     makes are its children; events it publishes carry its context); its parent is
-    the producer's span, from ``headers``."""
+    the producer's span, from ``headers``. Yields whether it traces."""
     if not active(enabled):
-        yield
+        yield False
         return
     parent = propagate.extract(dict(headers))
     with _tracer().start_as_current_span(
@@ -113,14 +113,13 @@ def processing(enabled: bool, headers: Mapping[str, str], *, event_id: str, even
                 "messaging.destination.subscription.name": service,
                 "messaging.consumer.group.name": service, "messaging.message.id": event_id,
                 "relaybus.event.type": event_type, "relaybus.delivery.attempt": attempt}):
-        yield
+        yield True
 
 
-def record_outcome(enabled: bool, outcome: str, error: BaseException | None) -> None:
+def record_outcome(outcome: str, error: BaseException | None) -> None:
     """Mark the current ``process`` span with the run's outcome (``handled``,
-    ``retried``, ``dead_lettered``) and, when the handler raised, its exception."""
-    if not active(enabled):
-        return
+    ``retried``, ``dead_lettered``) and, when the handler raised, its exception (call it
+    only where :func:`processing` traces)."""
     span = trace.get_current_span()
     span.set_attribute("relaybus.outcome", outcome)
     if error is not None:

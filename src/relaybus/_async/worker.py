@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._core.consumer import Consumer, Outcome, SettleBatch, Stopped, StopReport
+from .._core.consumer import Consumer, Outcome, SettleBatch, StopReport
 from .._core.incidents import Incident
 from .._core.queue import QueueRef, Settlement
 from .._core.steps import Flow
@@ -134,8 +134,6 @@ class AsyncWorker:
             try:
                 messages = await self.driver.drive(
                     core.fetch(core.fetch_count(), time.monotonic, self.recover))
-            except Stopped:
-                return  # stopped while it waited: nothing recreated
             except Exception as exc:  # a broker outage, or a bug: the loop goes on
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..codec import Message
-from ..errors import BrokerCommandError, BrokerError, RelaybusError, SerializationError
+from ..errors import BrokerCommandError, BrokerError, SerializationError
 from ..retry import Action, Decision
 from . import queue as q
 from .steps import Flow
@@ -98,10 +98,6 @@ class Outcome:
     invalid: bool = False
     #: Seconds the handler ran (None: it did not run), for the metrics' histogram.
     took: float | None = None
-
-
-class Stopped(RelaybusError):
-    """A stopping consumer's fetch found its queue gone and did not recreate it."""
 
 
 class Counters:
@@ -215,20 +211,8 @@ class Consumer:
         block = self.block_for_seconds if not self.held else \
             min(self.block_for_seconds, BUSY_BLOCK_FOR_SECONDS)
         return q.get_messages(self.ref, self.read, self.consumer_id, count, block, clock,
-                              self.queue_counts, self._unless_stopping(recover or q.recreate),
-                              parse=False, skipped=self._skip_inbox.extend,
-                              stopped=lambda: self.stopping)
-
-    def _unless_stopping(self, recover: Callable[[q.QueueRef], Flow[Any]]
-                         ) -> Callable[[q.QueueRef], Flow[Any]]:
-        """``recover``, unless this consumer is stopping by then: a fetch still waiting
-        when its service stopped must not recreate what was deleted since (a test's
-        prefix, a removed subscription)."""
-        def guarded(ref: q.QueueRef) -> Flow[Any]:
-            if self.stopping:
-                raise Stopped(f"{self.name}: stopped; not recreating {ref.name}")
-            return (yield from recover(ref))
-        return guarded
+                              self.queue_counts, recover, parse=False,
+                              skipped=self._skip_inbox.extend, stopped=lambda: self.stopping)
 
     def fetched(self, messages: list[Message], now: float) -> int:
         """Take fetched messages in; return how many are new here."""

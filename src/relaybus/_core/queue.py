@@ -467,7 +467,9 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
                  parse: bool = True, skipped: Callable[[list[str]], None] | None = None,
                  stopped: Callable[[], bool] | None = None) -> Flow[list[Message]]:
     """Deliver up to ``count`` messages (see ``Queue.get_messages``); ``clock`` is monotonic.
-    ``stopped`` (a consumer stopping) ends the flow, with nothing, before its next step.
+    ``stopped`` (a consumer stopping) ends the flow, with nothing, before its next step
+    and instead of a recovery (a fetch still waiting at a stop must not recreate what
+    was deleted since).
 
     A plain queue is read by the fetch script alone. A subscription's new log entries
     are read with a plain XREADGROUP (and, when waiting, a blocking one), its own
@@ -481,7 +483,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
     is needed (default: the pair, see :func:`ensure_pair`) and the fetch runs again.
     ``parse=False`` leaves payloads undecoded (a consumer validating them from JSON).
     """
-    recover = recover or recreate
+    recover = recover or _recreate
     sub = ref.log is not None
     blocking = bool(block_for_seconds) and block_for_seconds is not None \
         and block_for_seconds > 0
@@ -502,6 +504,8 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             try:
                 got = yield fetch(ref, consumer, count, state, periodic, prune)
             except GroupMissing:
+                if stopped is not None and stopped():
+                    return []  # stopped meanwhile: what was deleted stays deleted
                 counts.add("groups_recreated", 1)
                 yield from recover(ref)
                 periodic = True
@@ -591,7 +595,7 @@ def get_messages(ref: QueueRef, state: ReadState, consumer: str, count: int,
             return []
 
 
-def recreate(ref: QueueRef) -> Flow[Any]:
+def _recreate(ref: QueueRef) -> Flow[Any]:
     """Recreate a queue pair the server lost (the default recovery of a fetch)."""
     import time  # created_at only: a label, not a decision
 
@@ -1050,4 +1054,4 @@ __all__ += ["failure_record", "send", "send_many", "fetch", "wait", "decode", "g
             "requeue_where", "delete",
             "purge", "ensure_pair", "visibility", "queue_names", "delete_pair",
             "entries_added", "infos", "consumers", "ConsumerInfo", "ping", "recheck_interval",
-            "Counts", "recreate"]
+            "Counts"]

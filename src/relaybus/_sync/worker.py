@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._core.consumer import Consumer, Outcome, Stopped, StopReport
+from .._core.consumer import Consumer, Outcome, StopReport
 from .._core.incidents import Incident
 from .._core.queue import QueueRef
 from .._core.steps import Flow
@@ -180,8 +180,6 @@ class Worker:
                 flow = self.core.fetch(self.core.fetch_count(), time.monotonic, self.recover)
             try:
                 messages = self.driver.drive(flow)
-            except Stopped:
-                return  # stopped while it waited: nothing recreated
             except Exception as exc:  # a broker outage, or a bug: the loop goes on
                 pause = incident.failed(exc, time.monotonic(),
                                         expected=isinstance(exc, BrokerError))

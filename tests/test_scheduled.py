@@ -25,7 +25,7 @@ from relaybus import AsyncEventBus, EventBus
 from relaybus.cli import app
 from relaybus.embedded import EmbeddedServer
 from relaybus.errors import ConfigurationError
-from relaybus.testing import plain_client
+from relaybus.testing import plain_client, wait_for_async
 from waiting import wait_for
 
 #: How late a scheduled event may reach the log here: a loaded CI machine's slack (the
@@ -83,6 +83,21 @@ def test_an_event_scheduled_elsewhere_is_found_at_the_next_maintenance_round(
         [waiting] = publisher.scheduled()
     [entry] = wait_for(lambda: _log_ids(bus), 15, "the event, promoted by the maintainer")
     assert waiting.due_ms <= _ms(entry) <= waiting.due_ms + LATE_MS
+
+
+def test_an_async_bus_promotes_a_delayed_event_at_its_time(redis_url: str, prefix: str,
+                                                          bus: EventBus) -> None:
+    async def main() -> tuple[int, list[str]]:
+        async with AsyncEventBus(redis_url, prefix=prefix) as abus:
+            await abus.start()  # its maintenance task promotes scheduled events
+            await abus.publish(Ping(n=4), delay=0.5)
+            [waiting] = await abus.scheduled()
+            ids = await wait_for_async(lambda: _log_ids(bus), 15, "the event in the log")
+            return waiting.due_ms, ids
+
+    due, ids = asyncio.run(main())
+    [entry] = ids
+    assert due <= _ms(entry) <= due + LATE_MS
 
 
 def test_an_async_bus_schedules_publishes_many_and_cancels(redis_url: str, prefix: str) -> None:

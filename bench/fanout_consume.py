@@ -48,11 +48,12 @@ def cpu_time() -> float:
     return t.user + t.system
 
 
-def run_sync(url: str, n: int) -> None:
+def run_sync(url: str, n: int, prefetch: int | None = None) -> None:
     counts = [0, 0, 0]
     running = []
     for i in range(3):
-        svc = Microservice(f"s{i}", url=url, prefix=PREFIX, maintenance=False)
+        svc = Microservice(f"s{i}", url=url, prefix=PREFIX, maintenance=False,
+                           prefetch=prefetch)
 
         def handle(event: BenchEvent, i: int = i) -> None:
             counts[i] += 1
@@ -69,12 +70,13 @@ def run_sync(url: str, n: int) -> None:
         svc.stop()
 
 
-async def run_async(url: str, n: int) -> None:
+async def run_async(url: str, n: int, prefetch: int | None = None) -> None:
     counts = [0, 0, 0]
     done = asyncio.Event()
     running = []
     for i in range(3):
-        svc = AsyncMicroservice(f"s{i}", url=url, prefix=PREFIX, maintenance=False)
+        svc = AsyncMicroservice(f"s{i}", url=url, prefix=PREFIX, maintenance=False,
+                                prefetch=prefetch)
 
         async def handle(event: BenchEvent, i: int = i) -> None:
             counts[i] += 1
@@ -111,15 +113,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("events", nargs="?", type=int, default=60_000)
     parser.add_argument("--front", choices=("sync", "async"), default="sync")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="each service's prefetch (default: the services' default)")
     args = parser.parse_args()
     with testing.embedded_server() as url:
         preload(url, args.events)
         with redis.Redis.from_url(url) as r:
             r.config_resetstat()
         if args.front == "sync":
-            run_sync(url, args.events)
+            run_sync(url, args.events, args.prefetch)
         else:
-            asyncio.run(run_async(url, args.events))
+            asyncio.run(run_async(url, args.events, args.prefetch))
         report_calls(url, args.events)
 
 

@@ -148,8 +148,8 @@ def test_retry_policy_rejects_bad_settings(kwargs: dict[str, Any]) -> None:
 def test_constructor_validates_and_does_not_connect() -> None:
     svc = Microservice("lazy", url="redis://127.0.0.1:1/0")  # nothing listens there
     assert svc.subscription_queue_name == "sub:lazy" and not svc.running
-    assert svc.prefetch == 100  # fetch and settle in batches, still a bound
-    assert Microservice("c", concurrency=64).prefetch == 128
+    assert svc.prefetch == 200  # fetch and settle in batches, still a bound
+    assert Microservice("c", concurrency=128).prefetch == 256
     bad_options: list[dict[str, Any]] = [
         dict(concurrency=0), dict(concurrency=2, prefetch=1), dict(event_types=[]),
         dict(visibility_timeout=0), dict(shutdown_timeout=-1), dict(max_attempts=0)]

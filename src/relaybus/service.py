@@ -94,7 +94,7 @@ class Microservice(ServiceBase[EventBus]):
     (every type if one of them is ``"*"``); else every type.
 
     Work: ``concurrency`` handler threads; at most ``prefetch`` events (default
-    ``max(100, 2 * concurrency)``) held at once by this instance, counting running
+    ``max(200, 2 * concurrency)``) held at once by this instance, counting running
     ones and those waiting to be acknowledged. ``visibility_timeout`` (seconds): how
     long after this instance dies its events are taken over by another instance.
     ``block_for_seconds``: longest blocking wait when idle (an idle instance sends

@@ -60,11 +60,11 @@ DEFAULT_BLOCK_FOR_SECONDS = 2.0
 #: Longest blocking wait, in seconds, while messages are held (a running handler may
 #: schedule a retry due sooner than an idle-length wait would notice).
 BUSY_BLOCK_FOR_SECONDS = 0.1
-#: Default prefetch per handler slot (``prefetch = max(100, 2 * concurrency)``): enough
+#: Default prefetch per handler slot (``prefetch = max(200, 2 * concurrency)``): enough
 #: to fetch and settle in batches, and still a bound on what a slow instance holds.
 DEFAULT_PREFETCH_PER_HANDLER = 2
 #: Smallest default prefetch.
-DEFAULT_PREFETCH_MIN = 100
+DEFAULT_PREFETCH_MIN = 200
 #: Longest time, in seconds, a finished message waits for its batch to fill before it
 #: is settled (a batch also goes out at half the prefetch, or when nothing else is to
 #: be handled).

@@ -187,10 +187,13 @@ class AsyncWorker:
                 self._room.set()
                 continue
             now = time.monotonic()
+            first = not core.finished
             core.finish(message, outcome, now)
             since_yield += 1
-            if core.wants_settle(now) or since_yield >= YIELD_EVERY:
+            due = core.wants_settle(now)
+            if due or first:  # wake the settler when a batch is due or its delay starts
                 self._to_settle.set()
+            if due or since_yield >= YIELD_EVERY:
                 since_yield = 0
                 await asyncio.sleep(0)  # let the settler send (and replies be read)
 

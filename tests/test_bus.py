@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import pydantic
 import pytest
 import redis
 
@@ -38,6 +39,7 @@ from relaybus import (
     InvalidNameError,
     Message,
     Queue,
+    SerializationError,
 )
 from relaybus.bus import ALL_EVENTS
 from relaybus.codec import dedup_record
@@ -413,6 +415,44 @@ def test_publish_takes_events_only(make_bus: Callable[..., EventBus],
     with pytest.raises(TypeError):
         bus.publish_many([OrderPlaced(order_id="1"), "nope"])  # type: ignore[list-item]
     assert raw.xlen(log_key(prefix)) == 0  # all-or-nothing encoding: not even the first
+
+
+class Reading(Event, event_type="bustest.reading"):
+    value: float
+    series: list[float] = []
+    label: str = ""
+
+
+class Sensor(pydantic.BaseModel):  # a nested model: its own config, the dict path
+    value: float
+
+
+class Sensed(Event, event_type="bustest.sensed"):
+    sensor: Sensor
+
+
+@pytest.mark.parametrize("bad", [
+    Reading(value=float("nan")), Reading(value=float("inf")),
+    Reading(value=1.0, series=[1.0, -float("inf")]), Sensed(sensor=Sensor(value=float("nan")))])
+def test_publish_refuses_what_json_cannot_carry(make_bus: Callable[..., EventBus],
+                                                raw: redis.Redis, prefix: str,
+                                                bad: Event) -> None:
+    bus = make_bus()
+    with pytest.raises(SerializationError):
+        bus.publish(bad)
+    with pytest.raises(SerializationError):
+        bus.publish_many([Reading(value=1.0), bad])
+    assert raw.xlen(log_key(prefix)) == 0  # all or nothing
+
+
+def test_published_payloads_read_back_equal(make_bus: Callable[..., EventBus],
+                                            raw: redis.Redis, prefix: str) -> None:
+    sent = [Reading(value=0.1, series=[1e16, -2.5e-7, 3.0], label="NaN and Infinity, é"),
+            Reading(value=2.0, label="a\ud800b"),  # a lone surrogate: written as \u escapes
+            Sensed(sensor=Sensor(value=1.5))]
+    make_bus().publish_many(sent)
+    payloads = [fields[b"d"] for _, fields in log_rows(raw, prefix)]
+    assert [type(e).from_dict(json.loads(p)) for e, p in zip(sent, payloads, strict=True)] == sent
 
 
 def test_out_of_memory_server_refuses_publish_and_nothing_is_written(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import uuid
 from collections.abc import Mapping
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 import pytest
@@ -23,6 +25,7 @@ from relaybus.events import (
     Event,
     deserialize_event,
     deserialize_event_strict,
+    event_json,
     event_type_name,
     resolve_event_type,
     serialize_event,
@@ -277,6 +280,70 @@ def test_serialize_unrepresentable_value_raises_serialization_error() -> None:
 
     with pytest.raises(SerializationError):
         serialize_event(Blob(payload=Opaque()))
+
+
+# --- event_json: the publish path's encoding ----------------------------------------
+
+
+class Flat(Event, event_type=unique("flat")):
+    when: datetime.datetime
+    ref: uuid.UUID
+    price: decimal.Decimal
+    status: Status
+    ratios: list[float]
+    counts: dict[str, int] = {}
+    pair: tuple[int, str] = (1, "a")
+    maybe: int | None = None
+    kind: Literal["a", "b"] = "a"
+
+
+class Flat2(Event, event_type=unique("flat2"), version=2):
+    n: int
+
+
+def test_event_json_is_the_document_serialize_event_gives() -> None:
+    flat = Flat(when=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+                ref=uuid.uuid4(), price=decimal.Decimal("1.10"), status=Status.PAID,
+                ratios=[0.1, 1e16, -2.5e-7], counts={"é": 1}, headers={"h": "ü"})
+    read_back = Flat2.from_dict({**serialize_event(Flat2(n=1)), "newer": [1, {"x": None}]})
+    for event in (flat, Flat2(n=3), read_back):
+        text = event_json(event)
+        assert text is not None and json.loads(text) == serialize_event(event)
+    assert json.loads(event_json(read_back) or "")["newer"] == [1, {"x": None}]
+    assert json.loads(event_json(Flat2(n=3)) or "")["event_version"] == 2
+
+
+class WithModel(Event, event_type=unique("with_model")):
+    item: Item
+
+
+class WithAny(Event, event_type=unique("with_any")):
+    anything: Any = None
+
+
+class WithSerializer(Event, event_type=unique("with_serializer")):
+    value: Annotated[float, pydantic.PlainSerializer(lambda v: v * 2, return_type=float)]
+
+
+class Plain(Event, event_type=unique("plain")):
+    label: str = ""
+    value: float = 0.0
+
+
+class NullInfNan(Event, event_type=unique("null_inf_nan")):
+    model_config = pydantic.ConfigDict(ser_json_inf_nan="null")
+    value: float = 0.0
+
+
+def test_event_json_leaves_to_the_dict_path_what_it_cannot_vouch_for() -> None:
+    # classes whose text may hide a NaN as null (a nested model's own config, Any, a
+    # custom serializer, the config changed), and values JSON cannot carry
+    for event in (WithModel(item=Item(sku="a")), WithAny(anything=Item(sku="b")),
+                  WithSerializer(value=1.0), NullInfNan(),
+                  Plain(value=float("nan")), Plain(value=-float("inf")),
+                  Plain(label="Infinity")):  # maybe a number: the dict path decides
+        assert event_json(event) is None, event
+    assert event_json(Plain(label="finite", value=1.5)) is not None
 
 
 def test_deserialize_returns_none_for_unknown_or_missing_type() -> None:

@@ -30,8 +30,8 @@ from typing import Any
 
 from .errors import MessageTooLargeError, SerializationError
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Message", "decode_entry", "encode_entry", "dumps",
-           "payload_data"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "JsonText", "Message", "decode_entry", "encode_entry",
+           "dumps", "payload_data"]
 
 #: Largest accepted encoded payload, in bytes (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -57,6 +57,14 @@ def dumps(data: Any, *, lossy: bool = False) -> str:
         return text
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"payload cannot be encoded as JSON: {exc}") from exc
+
+
+class JsonText(str):
+    """A payload already encoded: the JSON text of an object, valid UTF-8, no NaN or
+    infinity (what :func:`dumps` would write for it; :func:`relaybus.events.event_json`
+    makes one). :func:`encode_entry` takes it as it is."""
+
+    __slots__ = ()
 
 
 #: Between an event's type and its id in its dedup identity.
@@ -132,7 +140,7 @@ class Message:
 
 
 def encode_entry(
-    data: Mapping[str, Any],
+    data: Mapping[str, Any] | JsonText,
     *,
     now: float,
     headers: Mapping[str, str] | None = None,
@@ -142,10 +150,14 @@ def encode_entry(
     partition_key: str | None = None,
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> dict[str, str | int]:
-    """Build the stream fields for one message (see the module docstring)."""
-    if not isinstance(data, Mapping):
+    """Build the stream fields for one message (see the module docstring); ``data`` is
+    the payload: a dict, or its :class:`JsonText`."""
+    if isinstance(data, JsonText):
+        payload = str(data)
+    elif isinstance(data, Mapping):
+        payload = dumps(dict(data))
+    else:
         raise SerializationError(f"a message payload must be a dict, not {type(data).__name__}")
-    payload = dumps(dict(data))
     fields: dict[str, str | int] = {"d": payload, "t": int(now * 1000)}
     size = len(payload.encode("utf-8"))
     if headers:

@@ -159,7 +159,7 @@ class MessageQueueBase(Generic[C, D]):
             self._generated_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return self._generated_id
 
-    def _encode(self, data: Mapping[str, Any], *, ttl: float | None = None,
+    def _encode(self, data: Mapping[str, Any] | codec.JsonText, *, ttl: float | None = None,
                 headers: Mapping[str, str] | None = None, dedup_key: str | None = None,
                 routing_key: str | None = None, partition_key: str | None = None
                 ) -> dict[str, str | int]:

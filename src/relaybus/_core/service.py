@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
-from ..codec import Message, decode_entry, dedup_identity, encode_entry, payload_data
+from ..codec import JsonText, Message, decode_entry, dedup_identity, encode_entry, payload_data
 from ..connection import DEFAULT_RETRY_TIMEOUT, redact
 from ..errors import (
     ConfigurationError,
@@ -591,7 +591,7 @@ class ServiceBase(Generic[B]):
             raise ValueError(f"attempt must be an integer >= 1, not {attempt!r}")
         now = time.time()
 
-        def encode(data: Mapping[str, Any], **keys: Any) -> dict[str, str | int]:
+        def encode(data: Mapping[str, Any] | JsonText, **keys: Any) -> dict[str, str | int]:
             return encode_entry(data, now=now, **keys)
 
         if isinstance(event, Event):

@@ -214,7 +214,6 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
 
         client = bus.mq.client
         raw_key = prefix + "raw"
-        rates: dict[str, list[float]] = collections.defaultdict(list)
         abus = AsyncEventBus(url, prefix=prefix)
         loop = asyncio.new_event_loop()
 
@@ -223,6 +222,8 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
                 await abus.publish_many(batch[i: i + 100])
 
         loop.run_until_complete(apublish(make_events(10)))
+        one = n // 5  # one per call: fewer
+
         def raw_xadd(batch: list[BenchEvent]) -> None:  # the same fields each round
             for i in range(0, n, 100):
                 pipe = client.pipeline(transaction=False)
@@ -230,34 +231,48 @@ def encode(url: str, spid: int | None, args: argparse.Namespace) -> None:
                     pipe.xadd(raw_key, f)
                 pipe.execute()
 
-        runs: dict[str, Any] = {
-            "publish_many": lambda batch: publish_all(bus, batch, 100),
-            "AsyncEventBus.publish_many": lambda batch: loop.run_until_complete(
-                apublish(batch)),
-            "raw pipelined XADD": raw_xadd}
-        cpu: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        def publish_each(batch: list[BenchEvent]) -> None:
+            for event in batch:
+                bus.publish(event)
+
+        def raw_xadd_each(batch: list[BenchEvent]) -> None:
+            for f in fields[:one]:
+                client.xadd(raw_key, f)
+
+        groups: dict[str, tuple[int, dict[str, Any]]] = {
+            "batches of 100": (n, {
+                "publish_many": lambda batch: publish_all(bus, batch, 100),
+                "AsyncEventBus.publish_many": lambda batch: loop.run_until_complete(
+                    apublish(batch)),
+                "raw pipelined XADD": raw_xadd}),
+            "one per call": (one, {"publish": publish_each, "raw XADD": raw_xadd_each})}
+        figures: dict[str, list[tuple[float, float, float]]] = collections.defaultdict(list)
         try:
             for _ in range(args.rounds):
-                for label, run in runs.items():
-                    batch = make_events(n)  # new ids: none is a duplicate
-                    c0, s0, t = time.process_time(), cpu_seconds(spid), time.perf_counter()
-                    run(batch)
-                    rates[label].append(n / (time.perf_counter() - t))
-                    cpu[label].append((1e6 * (time.process_time() - c0) / n,
-                                       1e6 * (cpu_seconds(spid) - s0) / n))
-                client.delete(raw_key)
+                for count, runs in groups.values():
+                    for label, run in runs.items():
+                        batch = make_events(count)  # new ids: none is a duplicate
+                        c0, s0, t = (time.process_time(), cpu_seconds(spid),
+                                     time.perf_counter())
+                        run(batch)
+                        figures[label].append((count / (time.perf_counter() - t),
+                                               1e6 * (time.process_time() - c0) / count,
+                                               1e6 * (cpu_seconds(spid) - s0) / count))
+                    client.delete(raw_key)
         finally:
             loop.run_until_complete(abus.close())
             loop.close()
-        raw = statistics.median(rates["raw pipelined XADD"])
-        print(f"batches of 100, median of {args.rounds} rounds (CPU per event: this "
-              f"process / the server{'' if spid else ', unknown for --url'}):")
-        for label, values in rates.items():
-            med = statistics.median(values)
-            ccpu = statistics.median(c for c, _ in cpu[label])
-            scpu = statistics.median(sv for _, sv in cpu[label])
-            print(f"  {label:30s} {med:9,.0f} events/s  {100 * med / raw:4.0f}% of raw   "
-                  f"CPU {ccpu:5.1f} / {scpu:5.1f} us")
+        print(f"median of {args.rounds} rounds (CPU per event: this process / the server"
+              f"{'' if spid else ', unknown for --url'}):")
+        for title, (_, runs) in groups.items():
+            labels = list(runs)
+            raw = statistics.median(f[0] for f in figures[labels[-1]])
+            print(f"  {title}:")
+            for label in labels:
+                rate, ccpu, scpu = (statistics.median(f[k] for f in figures[label])
+                                    for k in range(3))
+                print(f"    {label:28s} {rate:9,.0f} events/s  {100 * rate / raw:4.0f}% of raw"
+                      f"   CPU {ccpu:5.1f} / {scpu:5.1f} us")
     finally:
         bus.close()
         delete_prefix(url, prefix)

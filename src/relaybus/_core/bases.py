@@ -386,11 +386,18 @@ class EventBusBase(Generic[MQ]):
         one is (None: none is scheduled)."""
         return bus.promote(self.prefix, self.dedup_window, self.partitions)
 
-    @contextlib.contextmanager
-    def _sending(self, events: Iterable[Event]) -> Iterator[list[dict[str, str | int]]]:
+    def _sending(self, events: Iterable[Event]
+                 ) -> contextlib.AbstractContextManager[list[dict[str, str | int]]]:
         """The log entries of ``events``; when tracing, each carries the context of its
         producer span, which ends with the block (see :mod:`._core.tracing`)."""
         events = list(events)
+        if not tracing.active(self.tracing):  # the hot path: no generator per publish
+            return contextlib.nullcontext([bus.event_fields(self.mq._encode, e)
+                                           for e in events])
+        return self._traced_sending(events)
+
+    @contextlib.contextmanager
+    def _traced_sending(self, events: list[Event]) -> Iterator[list[dict[str, str | int]]]:
         with tracing.sending(self.tracing, events, EVENTS_QUEUE) as carriers:
             yield [bus.event_fields(self.mq._encode, e, carriers[i] if carriers else None)
                    for i, e in enumerate(events)]

@@ -24,7 +24,7 @@ slot. The log is trimmed by retention, never past what a group has not acknowled
 
 from __future__ import annotations
 
-import collections
+import functools
 import json
 import logging
 import math
@@ -54,7 +54,7 @@ from ..scripts import script
 from .queue import Counts, QueueRef, QueueSettings, delete_pair, ensure_pair
 from .replies import text
 from .steps import Call, Command, Flow, ScriptCall, Step
-from .telemetry import Telemetry, type_label
+from .telemetry import Telemetry, by_type
 
 logger = logging.getLogger("relaybus.bus")
 
@@ -196,7 +196,9 @@ def raw_event(event_type: str, data: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
+@functools.lru_cache(maxsize=1024)
 def _log(prefix: str, partition: int = 0) -> QueueKeys:
+    """The keys of the event log's ``partition`` (kept: their names are computed once)."""
     return QueueKeys(prefix, partition_name(EVENTS_QUEUE, partition))
 
 
@@ -234,9 +236,12 @@ def publish(prefix: str, encoded: list[dict[str, str | int]], dedup_window: floa
                             "window: not appended (its log id is %s)", encoded[i].get("k"),
                             encoded[i].get("e"), ids[i])
         if telemetry is not None:
-            telemetry.add("published", collections.Counter(
-                (type_label(str(f.get("e", ""))),) for i, f in enumerate(encoded)
-                if i not in repeats))
+            types: dict[Any, int] = {}  # by the entries' type (labelled once per type)
+            for i, f in enumerate(encoded):
+                if i not in repeats:
+                    kind = f.get("e")
+                    types[kind] = types.get(kind, 0) + 1
+            telemetry.add("published", by_type(types))
         return ids
 
     return Step(tuple(calls), parse, durable=True)

@@ -561,6 +561,39 @@ def test_concurrency_with_a_bounded_prefetch(redis_url: str, prefix: str) -> Non
     run(main())
 
 
+def test_a_finished_event_is_acknowledged_while_another_handler_still_runs(
+        redis_url: str, prefix: str) -> None:
+    # the settler wakes when a batch's first event finishes (its delay starts then),
+    # not only when the batch is due: else this ack would wait for the lease extension
+
+    async def main() -> None:
+        async with Harness(redis_url, prefix) as h:
+            svc = h.service("acks", concurrency=2, visibility_timeout=60)
+            gates = [asyncio.Event(), asyncio.Event()]
+            running: set[int] = set()
+
+            @svc.on(Ping)
+            async def handle(event: Ping) -> None:
+                running.add(event.n)
+                await gates[event.n].wait()
+
+            await svc.start()
+            ids = await h.publish(Ping(n=0), Ping(n=1))
+            await until(lambda: running == {0, 1}, what="both handlers running")
+            gates[1].set()  # n=1 finishes long after its fetch, while n=0 runs on
+
+            async def only_the_gated_one_pending() -> bool:
+                rows = await h.log_pending("acks")
+                return [r["message_id"].decode() for r in rows] == [ids[0]]
+
+            await until(only_the_gated_one_pending, timeout=5, what="n=1 acknowledged")
+            assert svc.stats["handled"] == 1
+            gates[0].set()
+            await until(lambda: svc.stats["handled"] == 2)
+
+    run(main())
+
+
 def test_a_plain_def_handler_runs_in_a_thread_and_does_not_block_the_loop(
         redis_url: str, prefix: str) -> None:
     async def main() -> None:

@@ -525,6 +525,31 @@ def test_concurrency_with_a_bounded_prefetch(make: Factory, bus: EventBus) -> No
     assert peak == 3
 
 
+def test_a_finished_event_is_acknowledged_while_another_handler_still_runs(
+        make: Factory, bus: EventBus, raw: redis.Redis) -> None:
+    # the settler wakes when a batch's first event finishes (its delay starts then),
+    # not only when the batch is due: else this ack would wait for the lease extension
+    svc = make("acks", concurrency=2, visibility_timeout=60)
+    gates = [threading.Event(), threading.Event()]
+    running: set[int] = set()
+
+    @svc.on(Ping)
+    def handle(event: Ping) -> None:
+        running.add(event.n)
+        gates[event.n].wait(30)
+
+    svc.start()
+    publish(bus, Ping(n=0), Ping(n=1))
+    wait_for(lambda: running == {0, 1}, what="both handlers running")
+    gates[1].set()  # n=1 finishes long after its fetch, while n=0 runs on
+    log = QueueKeys(svc.prefix, "all").stream
+    wait_for(lambda: len(raw.xpending_range(log, "sub:acks", "-", "+", 10)) == 1,
+             timeout=5, what="n=1 acknowledged")
+    assert svc.stats["handled"] == 1
+    gates[0].set()
+    wait_for(lambda: svc.stats["handled"] == 2)
+
+
 # -- shutdown, crashes and leases ------------------------------------------------------------
 
 

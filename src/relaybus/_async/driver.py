@@ -21,7 +21,7 @@ import redis.asyncio
 
 from .._core import cluster
 from .._core.outage import role_changed
-from .._core.running import IO, Pause, StepRunner
+from .._core.running import IO, DriverBase, Pause
 from .._core.steps import (
     Call,
     Flow,
@@ -30,14 +30,7 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import (
-    address_of,
-    cluster_address,
-    cluster_seeds,
-    pool_of,
-    sentinel_clients,
-    server_name,
-)
+from ..connection import pool_of, sentinel_clients, server_name
 
 __all__ = ["AsyncDriver"]
 
@@ -51,34 +44,18 @@ else:  # pragma: no cover - Python 3.10
     from async_timeout import timeout as _timeout
 
 
-class AsyncDriver:
+class AsyncDriver(DriverBase):
     """Runs steps and flows on an asyncio ``client``'s connections (see the module docstring)."""
 
     def __init__(self, client: redis.asyncio.Redis, *, retry_timeout: float, url: str = "",
                  replication: Replication | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
-        self.pool = client.connection_pool
-        seeds = cluster_seeds(url) if url else None
-        #: The slot map of a cluster (None: one server).
-        self.slots = cluster.SlotMap(seeds) if seeds else None
-        self.address = cluster_address(seeds) if seeds else address_of(client)
-        self.url = url
-        #: ``durability="replicated"``: durable steps wait for the replicas (None: not).
-        self.replication = replication
-        self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
-                                 address=self.address, url=url)
-        self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
-        self._idle: dict[cluster.Node | None, list[Any]] = {None: []}  # redis-py connections
-        self._taken: list[Any] = []
+        super().__init__(client, retry_timeout=retry_timeout, url=url,
+                         replication=replication, clock=clock)
+        self.client: redis.asyncio.Redis = client
         self._readers: dict[int, tuple[Any, Any]] = {}  # connection -> (writer, hiredis reader)
         self.socket_timeout = float(client.connection_pool.connection_kwargs.get(
             "socket_timeout") or 10.0)
-
-    @property
-    def retry_timeout(self) -> float:
-        """Longest time, in seconds, one step retries an outage."""
-        return self.runner.retry_timeout
 
     async def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""

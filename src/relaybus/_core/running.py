@@ -11,7 +11,8 @@ thrown back in. :meth:`StepRunner.drive` does the same for a whole flow, and
 started before its broker).
 
 A driver is then one loop (``send`` the replies or the pause's end, ``throw`` what the
-exchange raised) over its own IO.
+exchange raised) over its own IO; :class:`DriverBase` holds what both drivers keep
+(the runner, a cluster's slot map, connections by node).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..connection import check_version, redact
+from ..connection import address_of, check_version, cluster_address, cluster_seeds, redact
 from ..errors import BrokerUnavailableError
+from . import cluster
 from .outage import Retrying
 from .steps import Call, Flow, ScriptCall, Step, first_error, noscript, request_size
 
-__all__ = ["Pause", "IO", "StepRunner"]
+__all__ = ["Pause", "IO", "StepRunner", "DriverBase"]
 
 T = TypeVar("T")
 
@@ -137,3 +139,32 @@ class StepRunner:
             yield Pause(pause)
             if abandon is not None and abandon():
                 return False
+
+
+class DriverBase:
+    """What both drivers keep: the ``client`` (a ``redis.Redis`` or
+    ``redis.asyncio.Redis``), the :class:`StepRunner`, a cluster's slot map (a
+    ``redis+cluster://`` ``url``), and redis-py connections by node (idle ones, and
+    every one taken from a pool, to close)."""
+
+    def __init__(self, client: Any, *, retry_timeout: float, url: str = "",
+                 replication: Any = None, clock: Callable[[], float]) -> None:
+        self.client = client
+        self.pool = client.connection_pool
+        seeds = cluster_seeds(url) if url else None
+        #: The slot map of a cluster (None: one server).
+        self.slots = cluster.SlotMap(seeds) if seeds else None
+        self.address = cluster_address(seeds) if seeds else address_of(client)
+        self.url = url
+        #: ``durability="replicated"``: durable steps wait for the replicas (None: not).
+        self.replication = replication
+        self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
+                                 address=self.address, url=url)
+        self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
+        self._idle: dict[cluster.Node | None, list[Any]] = {None: []}  # redis-py connections
+        self._taken: list[Any] = []
+
+    @property
+    def retry_timeout(self) -> float:
+        """Longest time, in seconds, one step retries an outage."""
+        return self.runner.retry_timeout

@@ -25,7 +25,7 @@ import redis
 
 from .._core import cluster
 from .._core.outage import role_changed
-from .._core.running import IO, Pause, StepRunner
+from .._core.running import IO, DriverBase, Pause
 from .._core.steps import (
     Call,
     Flow,
@@ -34,14 +34,7 @@ from .._core.steps import (
     unwrap,
     wire,
 )
-from ..connection import (
-    address_of,
-    cluster_address,
-    cluster_seeds,
-    pool_of,
-    sentinel_clients,
-    server_name,
-)
+from ..connection import pool_of, sentinel_clients, server_name
 
 __all__ = ["Driver"]
 
@@ -56,7 +49,7 @@ def _take(pool: Any) -> Any:
     return conn
 
 
-class Driver:
+class Driver(DriverBase):
     """Runs steps and flows on ``client``'s connections (see the module docstring).
 
     ``retry_timeout``: longest time, in seconds, one step retries an outage.
@@ -67,28 +60,12 @@ class Driver:
                  replication: Replication | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
-        self.pool = client.connection_pool
-        seeds = cluster_seeds(url) if url else None
-        #: The slot map of a cluster (None: one server).
-        self.slots = cluster.SlotMap(seeds) if seeds else None
-        self.address = cluster_address(seeds) if seeds else address_of(client)
-        self.url = url
-        #: ``durability="replicated"``: durable steps wait for the replicas (None: not).
-        self.replication = replication
+        super().__init__(client, retry_timeout=retry_timeout, url=url,
+                         replication=replication, clock=clock)
+        self.client: redis.Redis = client
         self.sleep = sleep
-        self.runner = StepRunner(retry_timeout=retry_timeout, clock=clock,
-                                 address=self.address, url=url)
-        self._pools: dict[cluster.Node | None, Any] = {None: self.pool}
-        self._idle: dict[cluster.Node | None, list[Any]] = {None: []}  # redis-py connections
-        self._taken: list[Any] = []
 
     # -- running ---------------------------------------------------------------------
-
-    @property
-    def retry_timeout(self) -> float:
-        """Longest time, in seconds, one step retries an outage."""
-        return self.runner.retry_timeout
 
     def run(self, step: Step[T], *, retry_timeout: float | None = None) -> T:
         """Send ``step`` and return its value; outages are retried within the bound."""

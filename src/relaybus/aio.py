@@ -582,7 +582,10 @@ class AsyncMicroservice(ServiceBase[AsyncEventBus]):
         error: BaseException | None = None
         with self._processing(message, event) as traced:
             try:
-                result = await self._call(handler, event)
+                if self._awaited.get(handler):  # the hot path: one coroutine less
+                    result = await handler(event)
+                else:
+                    result = await self._call(handler, event)
             except asyncio.CancelledError:
                 raise  # not an outcome: the message is handed back
             except BaseException as exc:  # noqa: B036 - SystemExit too, as in the sync front

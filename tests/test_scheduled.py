@@ -155,6 +155,31 @@ def test_the_cli_shows_and_cancels_scheduled_events(redis_url: str, prefix: str,
     assert queues.exit_code == 0 and "1 scheduled" in queues.output
 
 
+def test_raw_events_are_scheduled_too_on_both_fronts_and_by_the_cli(
+        redis_url: str, prefix: str, bus: EventBus) -> None:
+    data = {"n": 7, "event_id": "raw-1"}
+    assert bus.publish_raw("test.service.ping", data, delay=3600) == "raw-1"
+
+    async def schedule_async() -> str:
+        async with AsyncEventBus(redis_url, prefix=prefix) as abus:
+            return await abus.publish_raw("test.service.ping", {"n": 8, "event_id": "raw-2"},
+                                          at=datetime.now(timezone.utc) + timedelta(hours=1))
+
+    assert asyncio.run(schedule_async()) == "raw-2"
+    shown = CliRunner().invoke(app, ["publish", "test.service.ping",
+                                     '{"n": 9, "event_id": "raw-3"}', "--delay", "3600",
+                                     "--url", redis_url, "--prefix", prefix])
+    assert shown.exit_code == 0, shown.output
+    assert "scheduled test.service.ping raw-3 in 3600 s as raw-3" in shown.output
+    assert {(e.schedule_id, e.event_type) for e in bus.scheduled()} == \
+        {(i, "test.service.ping") for i in ("raw-1", "raw-2", "raw-3")}
+    assert _log_ids(bus) == []  # none published yet
+    refused = CliRunner().invoke(app, ["publish", "test.service.ping", "{}", "--delay", "-1",
+                                       "--url", redis_url, "--prefix", prefix])
+    assert refused.exit_code == 2  # a usage error: nothing scheduled
+    assert len(bus.scheduled()) == 3
+
+
 def test_a_scheduled_event_survives_a_server_restart(tmp_path: Path) -> None:
     server = EmbeddedServer(tmp_path / "server", appendfsync="always")
     url = server.start().url

@@ -388,11 +388,18 @@ class AsyncEventBus(EventBusBase[AsyncMessageQueue]):
             await self._open()
         return await self.mq.driver.drive(core_bus.scheduled(self.prefix, self.partitions, limit))
 
-    async def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
-        """Publish ``data`` as an event of ``event_type`` with no event class."""
+    async def publish_raw(self, event_type: str, data: Mapping[str, Any], *,
+                          delay: float | timedelta | None = None,
+                          at: datetime | None = None) -> str:
+        """Publish ``data`` as an event of ``event_type`` with no event class (see
+        :meth:`relaybus.EventBus.publish_raw`)."""
+        due = core_bus.due_of(delay, at)
         if not self._opened:
             await self._open()
-        [msg_id] = await self.mq.driver.run(self._publish([self._raw_fields(event_type, data)]))
+        [msg_id] = await self.mq.driver.run(
+            self._publish_step([self._raw_fields(event_type, data)], due))
+        if due is not None and self._wake is not None:
+            self._wake.set()  # this bus's maintenance learns its time
         return msg_id
 
     async def subscribe(self, service_name: str,

@@ -132,16 +132,23 @@ class EventBus(EventBusBase[MessageQueue]):
         first, with their due times by the server's clock."""
         return self.mq.driver.drive(core.scheduled(self.prefix, self.partitions, limit))
 
-    def publish_raw(self, event_type: str, data: Mapping[str, Any]) -> str:
+    def publish_raw(self, event_type: str, data: Mapping[str, Any], *,
+                    delay: float | timedelta | None = None, at: datetime | None = None) -> str:
         """Publish ``data`` as an event of ``event_type`` with no event class; return its log id.
 
         For tools and bridges that have no class for the type (``relaybus publish``).
         ``event_id`` (a new uuid4) and ``timestamp`` (now) are filled in when absent; an
         ``event_type`` in ``data`` must equal ``event_type``. The fields are not validated
         here: a subscriber with a class for the type validates them on receipt and
-        dead-letters what does not fit. Deduplicated by ``event_id`` like :meth:`publish`.
+        dead-letters what does not fit. Deduplicated by ``event_id`` like :meth:`publish`;
+        ``delay`` / ``at`` schedule it as there (the value is then its schedule id).
         """
-        return self.mq.driver.run(self._publish([self._raw_fields(event_type, data)]))[0]
+        due = core.due_of(delay, at)
+        [msg_id] = self.mq.driver.run(self._publish_step([self._raw_fields(event_type, data)],
+                                                         due))
+        if due is not None:
+            self._wake.set()  # this bus's maintenance (if it runs) learns its time
+        return msg_id
 
     # -- subscriptions --------------------------------------------------------------
 

@@ -72,6 +72,10 @@ def publish(
     app_module: Annotated[str | None, typer.Option(
         "--app", metavar="MODULE",
         help="Import MODULE so its Event classes validate the payload first.")] = None,
+    delay: Annotated[float | None, typer.Option(
+        "--delay", metavar="SECONDS", min=0.0,
+        help="Schedule it: published SECONDS from now by the server's clock, by the "
+             "bus's maintenance (relaybus scheduled list shows it).")] = None,
     url: UrlOption = DEFAULT_URL, prefix: PrefixOption = DEFAULT_PREFIX,
     timeout: TimeoutOption = DEFAULT_TIMEOUT, as_json: JsonOption = False,
 ) -> None:
@@ -82,17 +86,24 @@ def publish(
     reported field by field and exits 1. For example:
 
         relaybus publish order.created '{"order_id": "A-1", "amount": 9.5}' --app shop.events
+
+    With --delay the event waits on the server and the id shown is its schedule id
+    (for `relaybus scheduled cancel`).
     """
     data = _payload(payload, event_type)
     event = _validate(event_type, data, app_module) if app_module else None
     event_id = event.event_id if event else str(data.setdefault("event_id", str(uuid.uuid4())))
     with EventBus(url, prefix=prefix, retry_timeout=timeout) as bus:
-        msg_id = bus.publish(event) if event else bus.publish_raw(event_type, data)
+        msg_id = bus.publish(event, delay=delay) if event else \
+            bus.publish_raw(event_type, data, delay=delay)
     if event is None:
         typer.echo(f"warning: no class validated this {event_type!r} event (give --app "
                    "MODULE to check it against its Event class); subscribers validate it on "
                    "receipt and dead-letter it if it does not fit", err=True)
     if as_json:
-        print_json([{"id": msg_id, "event_type": event_type, "event_id": event_id}])
+        print_json([{"id": msg_id, "event_type": event_type, "event_id": event_id,
+                     **({"delay": delay} if delay is not None else {})}])
+    elif delay is not None:
+        console().print(Text(f"scheduled {event_type} {event_id} in {delay:g} s as {msg_id}"))
     else:
         console().print(Text(f"published {event_type} {event_id} as {msg_id}"))

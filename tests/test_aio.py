@@ -1100,6 +1100,19 @@ def test_async_queue_round_trip(redis_url: str, prefix: str) -> None:
     run(main())
 
 
+def test_async_consumers_lists_each_consumer_once(redis_url: str, prefix: str) -> None:
+    async def main() -> dict[str, Any]:
+        async with AsyncMessageQueue(redis_url, prefix=prefix) as mq:
+            orders, _ = await mq.create_queue_pair("orders")
+            await orders.send_messages([{"n": 1}, {"n": 2}])
+            await orders.get_messages(count=2, consumer_id="worker-a")
+            return await mq.consumers(["orders", "missing"])
+
+    found = run(main())
+    assert [(c.name, c.pending) for c in found["orders"]] == [("worker-a", 2)]
+    assert found["missing"] == []
+
+
 def test_cancelled_blocking_get_leaves_the_queue_usable(redis_url: str, prefix: str) -> None:
     """redis-py#2579: a command cancelled mid-read must not leave its reply for the next."""
     if not one_server(redis_url):

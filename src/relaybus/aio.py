@@ -55,6 +55,7 @@ from ._core.bus import (
 from ._core.consumer import Outcome
 from ._core.incidents import Incident
 from ._core.queue import (
+    ConsumerInfo,
     QueueInfo,
     Settlement,
 )
@@ -290,6 +291,12 @@ class AsyncMessageQueue(MessageQueueBase[redis.asyncio.Redis, AsyncDriver]):
         return await self.driver.drive(core.infos(
             self._pair_refs(names, given=True) if names is not None
             else self._pair_refs(await self.queue_names(), given=False)))
+
+    async def consumers(self, names: Iterable[str]) -> dict[str, list[ConsumerInfo]]:
+        """The consumers of each named main queue, in one round trip (see
+        :meth:`relaybus.MessageQueue.consumers`)."""
+        refs = [self._ref(validate_name(n)) for n in names]
+        return await self.driver.run(core.consumers(refs)) if refs else {}
 
     async def entries_added(self, names: Iterable[str]) -> dict[str, int | None]:
         """How many entries each named queue ever received (one round trip)."""

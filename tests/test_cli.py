@@ -311,6 +311,20 @@ def test_subscriptions_remove_says_what_it_deletes_and_asks_first(
     assert rows(cli("subscriptions", "--json"))[0]["service"] == "kept"
 
 
+def test_subscriptions_remove_counts_every_partition(cli: Invoke, redis_url: str,
+                                                     raw: redis.Redis, prefix: str) -> None:
+    with EventBus(redis_url, prefix=prefix, partitions=3) as parted:
+        parted.subscribe("retired", ["cli.Old"])
+        for n in range(12):  # keys spread over the partitions
+            parted.publish_raw("cli.Old", {"n": n, "partition_key": f"k{n}"})
+        assert sum(parted.mq.get_queue(f"sub:retired@{i}" if i else "sub:retired")
+                   .get_info().waiting_messages > 0 for i in range(3)) > 1
+    declined = cli("subscriptions", "remove", "retired", input="n\n")
+    assert "12 waiting" in declined.stdout and "over 3 partitions" in declined.stdout
+    ok(cli("subscriptions", "remove", "retired", "--yes"))
+    assert not raw.keys(f"{prefix}*sub:retired*")  # every partition's keys are gone
+
+
 def test_unreadable_subscription_entries_are_shown_apart_and_can_be_removed(
         cli: Invoke, bus: EventBus, raw: redis.Redis, prefix: str) -> None:
     """Entries another tool (or a hand) wrote that are no valid subscription: listed as

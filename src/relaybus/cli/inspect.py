@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .._core.bus import read_subscription_table
+from .._core.bus import read_subscription_table, stored_partitions
 from ..bus import ALL_EVENTS, EventBus, subscription_queue_name
 from ..inspection import is_event_log, queue_row
+from ..keys import partition_name
 from ._common import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT,
@@ -117,17 +118,21 @@ def remove(
     with open_mq(url, prefix, timeout, read_only=True) as mq:
         subs, unreadable = mq.driver.run(read_subscription_table(prefix))
         if service in unreadable:  # stored by another tool or by hand: removed as it is
-            queue = None
             what = f"an unreadable entry ({unreadable[service]})"
         else:
-            queue = mq.get_queue(subscription_queue_name(service))
-            if queue is None and service not in subs:
+            # every partition's pair (sub:NAME, sub:NAME@1, ...): all of them are deleted
+            partitions = mq.driver.run(stored_partitions(prefix))
+            names = [partition_name(subscription_queue_name(service), i)
+                     for i in range(partitions)]
+            infos = [q.get_info() for q in map(mq.get_queue, names) if q is not None]
+            if not infos and service not in subs:
                 fail(f"no subscription {service!r} under prefix {prefix!r}")
-            info = queue.get_info() if queue is not None else None
-            what = (f"{info.waiting_messages} waiting (unread events in the log included), "
-                    f"{info.pending_messages} delivered and not settled, "
-                    f"{info.delayed_messages} retries, {info.dlq_messages} in its dead-letter "
-                    "queue" if info is not None else "no queue")
+            what = (f"{sum(i.waiting_messages for i in infos)} waiting (unread events in the "
+                    f"log included), {sum(i.pending_messages for i in infos)} delivered and "
+                    f"not settled, {sum(i.delayed_messages for i in infos)} retries, "
+                    f"{sum(i.dlq_messages for i in infos)} in its dead-letter queue"
+                    + (f" (over {partitions} partitions)" if partitions > 1 else "")
+                    if infos else "no queue")
         typer.echo(f"subscription {service!r} under prefix {prefix!r}: {what}, and its done "
                    "records; all of it will be deleted.")
         if not yes and not typer.confirm("Delete it?", default=False):

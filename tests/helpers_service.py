@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import sys
 import threading
@@ -192,10 +193,34 @@ def _run(url: str, prefix: str, name: str) -> None:
     print(f"exited stats={service.stats}", flush=True)
 
 
+class SignalledInStart(Microservice):
+    """A service that gets SIGTERM from itself while its start() has not returned."""
+
+    def start(self, *, start_timeout: float | None = None) -> None:
+        super().start(start_timeout=start_timeout)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line
+        print(f"start returned running={self.running}", flush=True)
+
+
+def _signal_in_start(url: str, prefix: str, name: str) -> None:
+    import logging
+
+    from relaybus.runner import run_service
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    svc = SignalledInStart(name, url=url, prefix=prefix, maintenance=False,
+                           block_for_seconds=0.2)
+    svc.on(Ping)(lambda event: None)
+    run_service(svc)
+    print(f"exited running={svc.running}", flush=True)
+
+
 def main(argv: list[str]) -> None:
     """Entry point of a child process (see the module docstring)."""
     command, *args = argv
-    commands: dict[str, Callable[..., None]] = {"hold": _hold, "run": _run}
+    commands: dict[str, Callable[..., None]] = {"hold": _hold, "run": _run,
+                                                "signal-in-start": _signal_in_start}
     commands[command](*args)
 
 

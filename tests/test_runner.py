@@ -254,6 +254,17 @@ def _capture(into: list[BaseException], fn: Callable[[], object]) -> None:
         into.append(exc)
 
 
+def test_a_signal_while_start_runs_only_asks_for_the_stop(redis_url: str, prefix: str) -> None:
+    """SIGTERM before run_forever's start() returned: start() finishes with the service
+    running (the stop is not run inside the signal handler), then it stops gracefully."""
+    done = subprocess.run(child_command("signal-in-start", redis_url, prefix, "early"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["start returned running=True", "exited running=False"]
+    assert "stop requested; stopping gracefully" in done.stderr
+    assert "stopped on SIGTERM" in done.stderr
+
+
 def test_sigterm_lets_the_in_flight_handler_finish(redis_url: str, prefix: str,
                                                    raw: redis.Redis) -> None:
     """A real process: SIGTERM while a handler runs; it finishes, is acked, the rest stays."""

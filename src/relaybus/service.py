@@ -277,8 +277,8 @@ class Microservice(ServiceBase[EventBus]):
                 raise RelaybusError(f"service {self.service_name!r} is closed")
             self._check_startable()
             self._stop_requested.clear()
-            self._signal_stop = False
-            self._force = False
+            if not self._in_forever_wait:  # run_forever reset them before a signal could come
+                self._force = False
             reached = self._reach(bound)
             if reached is None:
                 return
@@ -323,7 +323,7 @@ class Microservice(ServiceBase[EventBus]):
             driver = mq.driver
             try:
                 answered = driver.reach(bound, self._on_broker_wait(driver, bound),
-                                        abandon=self._stop_requested.is_set)
+                                        abandon=self._stopping)
             except BaseException:
                 if made:
                     mq.close()  # the bus being built is dropped: release its queue layer
@@ -345,6 +345,10 @@ class Microservice(ServiceBase[EventBus]):
         except _Abandoned:
             return None
         return bus
+
+    def _stopping(self) -> bool:
+        """A stop was asked for: by :meth:`stop`, or by a signal during :meth:`run_forever`."""
+        return self._stop_requested.is_set() or self._signal_stop
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop gracefully: no new fetches, in-flight handlers finish and are settled.
@@ -419,9 +423,12 @@ class Microservice(ServiceBase[EventBus]):
         """
         self._run_start_timeout = (self._start_bound(start_timeout),)  # for start()
         self._forever_thread = threading.get_ident()
+        self._signal_stop = self._force = False
+        # from here a signal only asks for the stop, during start() too: a stop run inside
+        # a signal handler that interrupted start() would wait for in-flight handlers there
+        self._in_forever_wait = True
         try:
             self.start()
-            self._in_forever_wait = True
             while not self._signal_stop and not self._stop_requested.wait(0.25):
                 pass
             if self._signal_stop:

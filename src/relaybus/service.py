@@ -277,8 +277,7 @@ class Microservice(ServiceBase[EventBus]):
                 raise RelaybusError(f"service {self.service_name!r} is closed")
             self._check_startable()
             self._stop_requested.clear()
-            if not self._in_forever_wait:  # run_forever reset them before a signal could come
-                self._force = False
+            self._force = False
             reached = self._reach(bound)
             if reached is None:
                 return
@@ -423,7 +422,7 @@ class Microservice(ServiceBase[EventBus]):
         """
         self._run_start_timeout = (self._start_bound(start_timeout),)  # for start()
         self._forever_thread = threading.get_ident()
-        self._signal_stop = self._force = False
+        self._signal_stop = False
         # from here a signal only asks for the stop, during start() too: a stop run inside
         # a signal handler that interrupted start() would wait for in-flight handlers there
         self._in_forever_wait = True

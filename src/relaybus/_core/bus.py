@@ -166,11 +166,8 @@ def event_fields(encode: Any, event: Event, headers: Mapping[str, str] | None = 
     ``headers`` are added to the event's own (a trace context), not to ``event``."""
     if not isinstance(event, Event):
         raise TypeError(f"publish takes an Event, not {type(event).__name__}")
-    text = None if headers else event_json(event)  # the fast path; else the dict's
-    data: Mapping[str, Any] | JsonText
-    if text is not None:
-        data = JsonText(text)
-    else:
+    data: Mapping[str, Any] | JsonText | None = None if headers else event_json(event)
+    if data is None:  # the dict path: a trace context to add, or text not vouched for
         payload = serialize_event(event)
         if headers:
             payload["headers"] = {**payload.get("headers", {}), **headers}

@@ -561,6 +561,11 @@ def test_concurrency_with_a_bounded_prefetch(redis_url: str, prefix: str) -> Non
     run(main())
 
 
+def test_the_default_prefetch_fetches_and_settles_in_batches_of_100() -> None:
+    assert AsyncMicroservice("lazy", url="redis://127.0.0.1:1/0").prefetch == 200
+    assert AsyncMicroservice("c", url="redis://127.0.0.1:1/0", concurrency=128).prefetch == 256
+
+
 def test_a_finished_event_is_acknowledged_while_another_handler_still_runs(
         redis_url: str, prefix: str) -> None:
     # the settler wakes when a batch's first event finishes (its delay starts then),

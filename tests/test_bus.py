@@ -445,6 +445,22 @@ def test_publish_refuses_what_json_cannot_carry(make_bus: Callable[..., EventBus
     assert raw.xlen(log_key(prefix)) == 0  # all or nothing
 
 
+@pytest.mark.parametrize("bad", [
+    Reading(value=float("nan")), Reading(value=1.0, series=[-float("inf")]),
+    Sensed(sensor=Sensor(value=float("nan")))])
+def test_an_async_publish_refuses_what_json_cannot_carry(redis_url: str, raw: redis.Redis,
+                                                         prefix: str, bad: Event) -> None:
+    async def main() -> None:
+        async with AsyncEventBus(redis_url, prefix=prefix) as bus:
+            with pytest.raises(SerializationError):
+                await bus.publish(bad)
+            with pytest.raises(SerializationError):
+                await bus.publish_many([Reading(value=1.0), bad])
+
+    asyncio.run(main())
+    assert raw.xlen(log_key(prefix)) == 0  # all or nothing
+
+
 def test_published_payloads_read_back_equal(make_bus: Callable[..., EventBus],
                                             raw: redis.Redis, prefix: str) -> None:
     sent = [Reading(value=0.1, series=[1e16, -2.5e-7, 3.0], label="NaN and Infinity, é"),
